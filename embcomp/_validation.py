@@ -1,0 +1,92 @@
+"""Input checks shared by every entry point: one place decides what a bad array is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .exceptions import DimensionMismatchError, InputError, NotFittedError
+
+_FLOAT_KINDS = (np.float16, np.float32, np.float64)
+
+
+def check_matrix(
+    X: Any, *, name: str = "X", d: int | None = None, allow_empty: bool = False
+) -> np.ndarray:
+    """Check that ``X`` is a 2-D float array of width ``d``; return it without copying.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, d), float16, float32 or float64
+    name : what to call the array in messages.
+    d : required width, or ``None`` to accept any.
+    allow_empty : accept ``n == 0`` (encoding nothing is fine; fitting on nothing is not).
+
+    Raises
+    ------
+    InputError
+        Not an array, not 2-D, not a float dtype, empty.
+    DimensionMismatchError
+        Width differs from ``d``.
+
+    Finiteness is checked block by block where the data is processed
+    (:func:`check_finite`), so large inputs are not read twice.
+    """
+    if not isinstance(X, np.ndarray):
+        try:
+            X = np.asarray(X)
+        except Exception as exc:  # noqa: BLE001 - any conversion failure is bad input
+            raise InputError(f"{name} must be a 2-D float array; could not convert: {exc}") from exc
+    if X.ndim != 2:
+        raise InputError(
+            f"{name} must be 2-D (n_vectors, dim); got {X.ndim}-D with shape {X.shape}; "
+            "reshape a single vector with x[None, :]"
+        )
+    if X.dtype not in _FLOAT_KINDS:
+        raise InputError(
+            f"{name} must be float16, float32 or float64; got dtype {X.dtype}; "
+            "convert with X.astype(np.float32)"
+        )
+    if X.shape[0] == 0 and not allow_empty:
+        raise InputError(f"{name} is empty (shape {X.shape}); pass at least one vector")
+    if d is not None and X.shape[1] != d:
+        raise DimensionMismatchError(
+            f"{name} has {X.shape[1]} dims but the codec was fitted on {d}-dim vectors"
+        )
+    return X
+
+
+def check_finite(block: np.ndarray, *, name: str = "X", row_offset: int = 0) -> None:
+    """Raise ``InputError`` naming the first row of ``block`` holding NaN or inf."""
+    if not np.isfinite(block).all():
+        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        first = int(bad_rows[0]) + row_offset
+        raise InputError(
+            f"{name} row {first} contains NaN or inf ({bad_rows.size} bad rows in this block); "
+            "drop or repair non-finite vectors before encoding"
+        )
+
+
+def check_codes(codes: Any, *, code_size: int, name: str = "codes") -> np.ndarray:
+    """Check that ``codes`` is a uint8 array of shape (n, code_size)."""
+    if not isinstance(codes, np.ndarray):
+        codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise InputError(f"{name} must be uint8 as produced by encode(); got dtype {codes.dtype}")
+    if codes.ndim != 2:
+        raise InputError(f"{name} must be 2-D (n_vectors, code_size); got shape {codes.shape}")
+    if codes.shape[1] != code_size:
+        raise DimensionMismatchError(
+            f"{name} have {codes.shape[1]} bytes per vector but this codec's code_size is "
+            f"{code_size}; were they encoded with another codec?"
+        )
+    return codes
+
+
+def check_is_fitted(obj: object, attribute: str) -> None:
+    """Raise ``NotFittedError`` unless ``obj`` has the fitted ``attribute``."""
+    if getattr(obj, attribute, None) is None:
+        raise NotFittedError(
+            f"this {type(obj).__name__} is not fitted yet; call fit(X) with training vectors first"
+        )

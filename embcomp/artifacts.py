@@ -1,0 +1,225 @@
+"""Codec artifacts: one self-checking file, data only, never a pickle.
+
+Layout (all integers little-endian)::
+
+    0   8 bytes   magic b"EMBCODEC"
+    8   uint32    format version (FORMAT_VERSION)
+    12  uint32    manifest length L
+    16  32 bytes  sha256 of the manifest
+    48  L bytes   manifest, UTF-8 JSON: spec, d_in, d_out, code_size, options,
+                  library versions, and per array: name, dtype, shape, offset,
+                  nbytes, sha256
+    48+L ...      array data, each array 64-byte aligned from the data start
+                  (zero padding; the manifest also holds the sha256 of the whole section)
+
+The same fit always produces the same bytes (no timestamps inside), so the sha256
+of the file is a content address. Loading checks magic, version, lengths and every
+checksum, and raises ``ArtifactError`` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import struct
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from ._atomic import atomic_write_bytes
+from ._version import __version__
+from .codec import Codec
+from .exceptions import ArtifactError, EmbcompError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "codec_from_bytes",
+    "codec_to_bytes",
+    "load_codec",
+    "read_manifest",
+    "save_codec",
+]
+
+MAGIC = b"EMBCODEC"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sII32s")
+_ALIGN = 64
+# Only plain numeric dtypes may be stored: nothing that could carry objects.
+_ALLOWED_DTYPES = {"<f4", "<f8", "<i8", "<i4", "<u1", "<u2", "<f2"}
+
+
+def _stage_arrays(codec: Codec) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    if codec.reducer is not None:
+        for name, value in codec.reducer.state_arrays().items():
+            arrays[f"reducer/{name}"] = value
+    for name, value in codec.quantizer.state_arrays().items():
+        arrays[f"quantizer/{name}"] = value
+    return arrays
+
+
+def codec_to_bytes(codec: Codec) -> bytes:
+    """Serialize a fitted codec to artifact bytes (deterministic for a given fit)."""
+    d_in = codec._check_fitted()
+    entries, chunks, offset = [], [], 0
+    for name, value in _stage_arrays(codec).items():
+        array = np.array(value, order="C")  # keeps 0-d arrays 0-d
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        dtype = array.dtype.str.replace("|", "<")
+        if dtype not in _ALLOWED_DTYPES:
+            raise ArtifactError(f"array {name!r} has dtype {dtype}, which artifacts cannot store")
+        data = array.tobytes()
+        padding = (-offset) % _ALIGN
+        chunks.append(b"\0" * padding + data)
+        offset += padding
+        entries.append(
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": list(array.shape),
+                "offset": offset,
+                "nbytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+        offset += len(data)
+    manifest = {
+        "format": "embcomp-codec",
+        "format_version": FORMAT_VERSION,
+        "spec": str(codec.spec),
+        "d_in": d_in,
+        "d_out": codec.d_out,
+        "code_size": codec.code_size,
+        "options": codec.options,
+        "versions": {
+            "embcomp": __version__,
+            "numpy": np.__version__,
+            "ml_dtypes": ml_dtypes.__version__,
+            "python": platform.python_version(),
+        },
+        "arrays": entries,
+        "data_length": offset,
+        "data_sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
+    }
+    try:
+        manifest_bytes = json.dumps(manifest, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"codec options must be plain JSON values: {exc}") from exc
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest()
+    )
+    return header + manifest_bytes + b"".join(chunks)
+
+
+def _parse_manifest(blob: bytes, source: str) -> tuple[dict[str, Any], int]:
+    if len(blob) < _HEADER.size:
+        raise ArtifactError(f"{source}: truncated: {len(blob)} bytes is shorter than the header")
+    magic, version, length, digest = _HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise ArtifactError(f"{source}: not an embcomp codec file (bad magic {magic!r})")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{source}: format version {version} is newer than this embcomp ({__version__}) "
+            f"reads (up to {FORMAT_VERSION}); upgrade embcomp"
+        )
+    if version < 1:
+        raise ArtifactError(f"{source}: invalid format version {version}")
+    start = _HEADER.size
+    manifest_bytes = blob[start : start + length]
+    if len(manifest_bytes) != length:
+        raise ArtifactError(f"{source}: truncated inside the manifest")
+    if hashlib.sha256(manifest_bytes).digest() != digest:
+        raise ArtifactError(f"{source}: manifest checksum mismatch (file corrupted)")
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise ArtifactError(f"{source}: manifest is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != "embcomp-codec":
+        raise ArtifactError(f"{source}: manifest does not describe an embcomp codec")
+    return manifest, start + length
+
+
+def _read_arrays(blob: bytes, manifest: dict[str, Any], data_start: int, source: str) -> dict:
+    data = memoryview(blob)[data_start:]
+    if len(data) != manifest.get("data_length"):
+        raise ArtifactError(
+            f"{source}: truncated or padded: {len(data)} data bytes, manifest says "
+            f"{manifest.get('data_length')}"
+        )
+    if hashlib.sha256(data).hexdigest() != manifest.get("data_sha256"):
+        raise ArtifactError(f"{source}: data checksum mismatch (file corrupted)")
+    arrays: dict[str, np.ndarray] = {}
+    for entry in manifest["arrays"]:
+        name, dtype = entry["name"], entry["dtype"]
+        if dtype not in _ALLOWED_DTYPES:
+            raise ArtifactError(f"{source}: array {name!r} has disallowed dtype {dtype!r}")
+        start, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        chunk = data[start : start + nbytes]
+        if len(chunk) != nbytes or hashlib.sha256(chunk).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{source}: checksum mismatch in array {name!r} (file corrupted)")
+        shape = tuple(int(s) for s in entry["shape"])
+        array = np.frombuffer(chunk, dtype=np.dtype(dtype))
+        if array.size != int(np.prod(shape)):
+            raise ArtifactError(f"{source}: array {name!r} size does not match shape {shape}")
+        arrays[name] = array.reshape(shape).astype(array.dtype.newbyteorder("="))
+    return arrays
+
+
+def codec_from_bytes(blob: bytes, *, source: str = "<bytes>") -> Codec:
+    """Rebuild a fitted codec from artifact bytes, verifying every checksum."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise ArtifactError(f"{source}: expected bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    manifest, data_start = _parse_manifest(blob, source)
+    try:
+        arrays = _read_arrays(blob, manifest, data_start, source)
+        codec = Codec(manifest["spec"], **manifest["options"])
+        groups: dict[str, dict[str, np.ndarray]] = {"reducer": {}, "quantizer": {}}
+        for name, array in arrays.items():
+            group, _, attribute = name.partition("/")
+            if group not in groups:
+                raise ArtifactError(f"{source}: unexpected array {name!r}")
+            groups[group][attribute] = array
+        if codec.reducer is not None:
+            codec.reducer.set_state(groups["reducer"])
+        elif groups["reducer"]:
+            raise ArtifactError(f"{source}: reducer arrays present but the spec has no reducer")
+        codec.quantizer.set_state(groups["quantizer"])
+        codec.d_in = int(manifest["d_in"])
+    except ArtifactError:
+        raise
+    except (EmbcompError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{source}: inconsistent codec manifest: {exc}") from exc
+    if codec.code_size != manifest["code_size"] or codec.d_out != manifest["d_out"]:
+        raise ArtifactError(f"{source}: stored code_size/d_out disagree with the arrays")
+    return codec
+
+
+def save_codec(codec: Codec, path: str | os.PathLike[str]) -> Path:
+    """Write a fitted codec to ``path`` atomically (temp file + rename)."""
+    atomic_write_bytes(path, codec_to_bytes(codec))
+    return Path(path)
+
+
+def _read_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"codec file {str(path)!r} does not exist") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ArtifactError(f"cannot read codec file {str(path)!r}: {exc.strerror}") from exc
+
+
+def load_codec(path: str | os.PathLike[str]) -> Codec:
+    """Load a codec saved by :func:`save_codec`; raises ``ArtifactError`` if it is bad."""
+    return codec_from_bytes(_read_file(path), source=str(path))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a codec file, after checking the header and manifest checksum."""
+    manifest, _ = _parse_manifest(_read_file(path), str(path))
+    return manifest

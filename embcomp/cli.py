@@ -1,0 +1,215 @@
+"""The ``embcomp`` command line: ``main(argv) -> exit code``.
+
+Core commands live here. Other parts of the package add theirs through a
+``register(subparsers)`` function listed in ``_EXTENSIONS``; those modules import
+their heavy dependencies only when their command runs, so ``embcomp --help`` works
+with the core install alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .artifacts import load_codec, read_manifest, save_codec
+from .codec import make_codec
+from .evaluation import exact_knn, recall_at_k
+from .exceptions import EmbcompError, InputError
+from .io import read_vectors, write_vectors
+from .spec import STAGES
+
+# Modules that add subcommands; each defines register(subparsers).
+_EXTENSIONS = ("embcomp.service.cli", "embcomp.batch_cli", "bench.cli")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, true, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"option {text!r} must look like key=value, e.g. percentile=99.9")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def sample_rows(X: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """A seeded uniform sample of ``n`` rows (sorted, so memory maps read forward)."""
+    if n is None or n >= X.shape[0]:
+        return np.asarray(X)
+    if n < 1:
+        raise InputError(f"--sample must be >= 1; got {n}")
+    rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], size=n, replace=False))
+    return np.asarray(X[rows])
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    options = dict(parse_option(o) for o in args.option)
+    options.setdefault("seed", args.seed)
+    codec = make_codec(args.spec, **options)
+    train = sample_rows(read_vectors(args.train), args.sample, args.seed)
+    codec.fit(train)
+    save_codec(codec, args.output)
+    print(
+        f"fitted {codec.spec} on {train.shape[0]} x {codec.d_in}: "
+        f"{codec.code_size} bytes/vector ({codec.compression_ratio:.1f}x) -> {args.output}"
+    )
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    codec = load_codec(args.codec)
+    codes = codec.encode(read_vectors(args.input))
+    write_vectors(args.output, codes)
+    print(f"encoded {codes.shape[0]} vectors -> {codes.nbytes} bytes in {args.output}")
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    codec = load_codec(args.codec)
+    try:
+        codes = np.load(args.input, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{args.input!r} is not a readable .npy file of codes: {exc}") from exc
+    vectors = codec.decode(codes)
+    write_vectors(args.output, vectors)
+    print(f"decoded {vectors.shape[0]} vectors -> {args.output}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.codec)
+    load_codec(args.codec)  # verifies every array checksum too
+    summary = {k: manifest[k] for k in ("spec", "d_in", "d_out", "code_size", "options")}
+    summary["compression_ratio"] = round(4 * manifest["d_in"] / manifest["code_size"], 3)
+    summary["format_version"] = manifest["format_version"]
+    summary["versions"] = manifest["versions"]
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    codec = load_codec(args.codec)
+    base = np.ascontiguousarray(read_vectors(args.base), dtype=np.float32)
+    queries = np.ascontiguousarray(read_vectors(args.queries), dtype=np.float32)
+    true_ids, _ = exact_knn(base, queries, args.k, metric=args.metric)
+    decoded = codec.decode(codec.encode(base))
+    found_ids, _ = exact_knn(decoded, queries, args.k, metric=args.metric)
+    recall = recall_at_k(
+        found_ids, true_ids, args.k, base=base, queries=queries, metric=args.metric
+    )
+    print(f"spec               {codec.spec}")
+    print(f"bytes/vector       {codec.code_size}")
+    print(f"compression ratio  {codec.compression_ratio:.2f}x")
+    print(f"recall@{args.k:<11d} {recall:.4f}")
+    return 0
+
+
+DEMO_SPECS = ("fp16", "int8", "fp8", "int4", "fp4", "pca192,int8", "pca192,fp8", "bin")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .sample import load_sample
+
+    base, queries = load_sample()
+    true_ids, _ = exact_knn(base, queries, 10)
+    print(
+        f"bundled sample: {base.shape[0]} x {base.shape[1]} all-MiniLM-L6-v2 embeddings, "
+        f"{queries.shape[0]} queries; fit on the first half, recall@10 on all"
+    )
+    print(f"{'spec':<14}{'bytes/vec':>10}{'ratio':>8}{'recall@10':>11}")
+    for spec in args.spec or DEMO_SPECS:
+        codec = make_codec(spec).fit(base[: base.shape[0] // 2])
+        found, _ = exact_knn(codec.decode(codec.encode(base)), queries, 10)
+        recall = recall_at_k(found, true_ids, 10, base=base, queries=queries)
+        print(
+            f"{str(codec.spec):<14}{codec.code_size:>10d}{codec.compression_ratio:>7.1f}x"
+            f"{recall:>11.3f}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stage_help = "; ".join(f"{name}: {info.help}" for name, info in STAGES.items())
+    parser = argparse.ArgumentParser(
+        prog="embcomp", description="Fit, save and apply embedding codecs."
+    )
+    parser.add_argument("--version", action="version", version=f"embcomp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="fit a codec on training vectors and save it")
+    fit.add_argument("--spec", required=True, help=f"codec spec, e.g. pca256,fp8. {stage_help}")
+    fit.add_argument("--train", required=True, help="training vectors (.npy or .fvecs)")
+    fit.add_argument("-o", "--output", required=True, help="codec file to write")
+    fit.add_argument("--sample", type=int, default=None, help="fit on N random rows")
+    fit.add_argument("--seed", type=int, default=0, help="seed for sampling and fitting")
+    fit.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training option, e.g. percentile=99.9 or scale=global (repeatable)",
+    )
+    fit.set_defaults(func=_cmd_fit)
+
+    for name, func, what in (
+        ("encode", _cmd_encode, "vectors -> codes (.npy uint8)"),
+        ("decode", _cmd_decode, "codes (.npy) -> vectors"),
+    ):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("-c", "--codec", required=True, help="codec file from 'embcomp fit'")
+        cmd.add_argument("input")
+        cmd.add_argument("output")
+        cmd.set_defaults(func=func)
+
+    inspect_cmd = sub.add_parser("inspect", help="print a codec file's manifest")
+    inspect_cmd.add_argument("codec")
+    inspect_cmd.set_defaults(func=_cmd_inspect)
+
+    ev = sub.add_parser("eval", help="recall@k of decoded vectors vs exact float32 search")
+    ev.add_argument("-c", "--codec", required=True)
+    ev.add_argument("--base", required=True)
+    ev.add_argument("--queries", required=True)
+    ev.add_argument("--k", type=int, default=10)
+    ev.add_argument("--metric", choices=("ip", "l2"), default="ip")
+    ev.set_defaults(func=_cmd_eval)
+
+    demo = sub.add_parser("demo", help="fit and evaluate codecs on the bundled sample")
+    demo.add_argument("--spec", action="append", help="spec to try (repeatable)")
+    demo.set_defaults(func=_cmd_demo)
+
+    for module_name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # that part of the package is not present in this install
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 on a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EmbcompError as exc:
+        print(f"embcomp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"embcomp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

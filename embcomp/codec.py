@@ -1,0 +1,234 @@
+"""Codec = optional L2 normalization + optional reducer + one quantizer.
+
+>>> codec = make_codec("pca256,fp8").fit(train)      # doctest: +SKIP
+>>> codes = codec.encode(X)           # uint8 (n, codec.code_size)
+>>> approx = codec.decode(codes)      # float32 (n, d_in)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._blocks import for_each_block, rows_per_block
+from ._validation import check_codes, check_finite, check_matrix
+from .exceptions import NotFittedError, SpecError
+from .quantizers import BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
+from .reducers import LinearReducer, PCAReducer, RandomRotation
+from .spec import CodecSpec, Stage, parse_spec
+
+__all__ = ["Codec", "make_codec"]
+
+# stage name -> (class, structural constructor arguments derived from the spec)
+StageFactory = Callable[[Stage], tuple[type, dict[str, Any]]]
+STAGE_FACTORIES: dict[str, StageFactory] = {
+    "pca": lambda s: (PCAReducer, {"n_components": s.arg}),
+    "rot": lambda s: (RandomRotation, {}),
+    "int8": lambda s: (IntQuantizer, {"bits": 8}),
+    "int4": lambda s: (IntQuantizer, {"bits": 4}),
+    "bin": lambda s: (BinaryQuantizer, {}),
+    **{
+        name: (lambda s: (FloatQuantizer, {"fmt": s.name}))
+        for name in ("fp32", "fp16", "bf16", "fp8", "fp8e5m2", "fp4")
+    },
+}
+
+# Options every codec accepts even when no stage uses them, so callers (CLI,
+# service) can always pass them.
+_UNIVERSAL_OPTIONS = {"seed": 0}
+
+
+def _tunable_params(cls: type, structural: dict[str, Any]) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        name: p
+        for name, p in params.items()
+        if name != "self" and name not in structural and p.kind is p.KEYWORD_ONLY
+    }
+
+
+def _build_stage(stage: Stage, options: dict[str, Any]) -> Any:
+    cls, structural = STAGE_FACTORIES[stage.name](stage)
+    kwargs = {k: v for k, v in options.items() if k in _tunable_params(cls, structural)}
+    return cls(**structural, **kwargs)
+
+
+class Codec:
+    """A fitted (or fittable) codec named by a spec string.
+
+    Parameters
+    ----------
+    spec : spec string or CodecSpec, e.g. ``"pca256,fp8"``.
+    **options : training knobs of the spec's stages (``seed``, ``scale``,
+        ``percentile``, ``whiten``, MPAD's ``alpha``/``b``...). Unknown names raise
+        ``SpecError`` listing the valid ones. Stored in the artifact manifest.
+
+    Attributes
+    ----------
+    spec : CodecSpec
+    reducer : LinearReducer or None
+    quantizer : Quantizer
+    d_in, d_out, code_size : int, available after ``fit``.
+    """
+
+    def __init__(self, spec: str | CodecSpec, **options: Any) -> None:
+        self.spec = parse_spec(spec)
+        valid = dict(_UNIVERSAL_OPTIONS)
+        for stage in self.spec.stages:
+            if stage.name in STAGE_FACTORIES:
+                cls, structural = STAGE_FACTORIES[stage.name](stage)
+                for name, p in _tunable_params(cls, structural).items():
+                    valid.setdefault(name, p.default)
+            elif stage.name != "l2norm":
+                raise SpecError(f"stage {stage.name!r} has no implementation registered")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise SpecError(
+                f"unknown option(s) {unknown} for spec {str(self.spec)!r}; "
+                f"valid options: {sorted(valid)}"
+            )
+        self.options: dict[str, Any] = {**valid, **options}
+        self.reducer: LinearReducer | None = (
+            _build_stage(self.spec.reducer, self.options) if self.spec.reducer else None
+        )
+        self.quantizer: Quantizer = _build_stage(self.spec.quantizer, self.options)
+        self.d_in: int | None = None
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self.d_in is not None
+
+    def _check_fitted(self) -> int:
+        if self.d_in is None:
+            raise NotFittedError(
+                f"codec {str(self.spec)!r} is not fitted yet; call fit(X) with training vectors"
+            )
+        return self.d_in
+
+    @property
+    def d_out(self) -> int:
+        """Width of the reduced vectors the quantizer stores."""
+        return self.spec.d_out(self._check_fitted())
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per encoded vector: exactly the width of ``encode``'s output."""
+        self._check_fitted()
+        return self.quantizer.code_size
+
+    @property
+    def compression_ratio(self) -> float:
+        """float32 bytes per vector divided by ``code_size``."""
+        return 4 * self._check_fitted() / self.code_size
+
+    # -- fit / encode / decode ---------------------------------------------------------
+    def fit(self, X: Any) -> Codec:
+        """Fit every stage on training vectors ``X`` (n, d_in) float; returns ``self``."""
+        X = check_matrix(X, name="training vectors")
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        check_finite(X32, name="training vectors")
+        if self.spec.normalize:
+            X32 = _l2_normalize(X32.copy())
+        if self.reducer is not None:
+            self.reducer.fit(X32)
+            X32 = self.reducer.transform(X32)
+        self.quantizer.fit(X32)
+        self.d_in = X.shape[1]
+        return self
+
+    def _reduce_block(self, block: np.ndarray) -> np.ndarray:
+        if self.spec.normalize:
+            block = _l2_normalize(block if block.flags.writeable else block.copy())
+        if self.reducer is not None:
+            block = self.reducer.transform_block(block)
+        return block
+
+    def encode(self, X: Any) -> np.ndarray:
+        """Encode ``X`` (n, d_in) float -> uint8 codes (n, code_size).
+
+        Works block by block (normalize, reduce, quantize fused per block), so memory
+        beyond the output is one block whatever ``n`` is.
+        """
+        d_in = self._check_fitted()
+        X = check_matrix(X, d=d_in, allow_empty=True)
+        out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
+
+        def work(start: int, stop: int) -> None:
+            block = X[start:stop]
+            owned = block.dtype != np.float32 or not block.flags.c_contiguous
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            check_finite(block, row_offset=start)
+            if self.spec.normalize and not owned:
+                block = block.copy()
+            out[start:stop] = self.quantizer._encode_block(self._reduce_block(block))
+
+        for_each_block(X.shape[0], rows_per_block(4 * d_in), work)
+        return out
+
+    def decode(self, codes: Any, *, reduced: bool = False) -> np.ndarray:
+        """Decode uint8 codes (n, code_size) -> float32 (n, d_in).
+
+        With ``reduced=True`` return the (n, d_out) vectors in the reducer's space,
+        for search against :meth:`project_queries`.
+        """
+        d_in = self._check_fitted()
+        codes = check_codes(codes, code_size=self.code_size)
+        width = self.d_out if reduced or self.reducer is None else d_in
+        out = np.empty((codes.shape[0], width), dtype=np.float32)
+
+        def work(start: int, stop: int) -> None:
+            z = self.quantizer._decode_block(np.ascontiguousarray(codes[start:stop]))
+            if self.reducer is not None and not reduced:
+                z = self.reducer.inverse_transform_block(z)
+            out[start:stop] = z
+
+        for_each_block(codes.shape[0], rows_per_block(4 * d_in), work)
+        return out
+
+    def project_queries(self, Q: Any, *, metric: str = "ip") -> np.ndarray:
+        """Map float queries (n, d_in) into the reduced space: (n, d_out) float32.
+
+        For ``metric="ip"``, ``project_queries(Q) @ decode(c, reduced=True).T`` ranks
+        every base vector exactly as ``Q @ decode(c).T`` does: the two differ by
+        ``Q @ mean_``, a constant per query. (Centering the query would instead add a
+        term that depends on the base vector and change the ranking.) For
+        ``metric="l2"`` the query is centered, which is exact for orthonormal reducers
+        (PCA without whitening, rotations).
+        """
+        d_in = self._check_fitted()
+        Q = check_matrix(Q, name="queries", d=d_in, allow_empty=True)
+        Q32 = np.ascontiguousarray(Q, dtype=np.float32)
+        check_finite(Q32, name="queries")
+        if self.reducer is None:
+            return Q32.copy() if Q32 is Q else Q32
+        if metric == "ip":
+            return Q32 @ self.reducer.inverse_components_.T
+        if metric == "l2":
+            if not self.reducer.has_orthonormal_rows:
+                raise SpecError(
+                    f"metric='l2' query projection is exact only for orthonormal reducers; "
+                    f"{str(self.spec)!r} is not one: search decoded vectors instead"
+                )
+            return self.reducer.transform(Q32)
+        raise SpecError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+
+    def __repr__(self) -> str:
+        fitted = f"d_in={self.d_in}, code_size={self.code_size}" if self.is_fitted else "unfitted"
+        return f"Codec({str(self.spec)!r}, {fitted})"
+
+
+def _l2_normalize(X: np.ndarray) -> np.ndarray:
+    """Scale rows of a writable float32 array to unit norm in place (zero rows stay zero)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    norms[norms == 0] = 1.0
+    X /= norms[:, None]
+    return X
+
+
+def make_codec(spec: str | CodecSpec, **options: Any) -> Codec:
+    """Build an unfitted :class:`Codec` from a spec string and training options."""
+    return Codec(spec, **options)

@@ -1,0 +1,197 @@
+"""Search-quality measures: exact k-NN ground truth, recall@k with ties, nDCG@k."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from os import PathLike
+from typing import Any
+
+import numpy as np
+
+from ._validation import check_matrix
+from .exceptions import InputError
+
+__all__ = ["exact_knn", "load_qrels", "ndcg_at_k", "recall_at_k", "relevance_recall_at_k"]
+
+_Q_BLOCK = 256
+_B_BLOCK = 65536
+
+
+def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
+    """Larger is better: inner product, or minus the squared L2 distance."""
+    ip = queries @ base.T
+    if metric == "ip":
+        return ip
+    if metric == "l2":
+        base_sq = np.einsum("ij,ij->i", base, base)
+        query_sq = np.einsum("ij,ij->i", queries, queries)
+        return 2 * ip - base_sq[None, :] - query_sq[:, None]
+    raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k per row by score, ties broken by lower id (deterministic)."""
+    k = min(k, scores.shape[1])
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        # Include every entry tied with the k-th score so the id tie-break is exact.
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+        candidates = scores >= kth
+        if candidates.sum() > scores.shape[0] * k:  # ties cross the partition boundary
+            order = np.lexsort((ids, -scores), axis=1)[:, :k]
+            return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, 1)
+        scores_k = np.take_along_axis(scores, part, axis=1)
+        ids_k = np.take_along_axis(ids, part, axis=1)
+    else:
+        scores_k, ids_k = scores, ids
+    order = np.lexsort((ids_k, -scores_k), axis=1)
+    return np.take_along_axis(ids_k, order, axis=1), np.take_along_axis(scores_k, order, axis=1)
+
+
+def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by brute force in float32, blocked over both arrays.
+
+    Parameters
+    ----------
+    base : (n, d) float array; may be a memory map.
+    queries : (m, d) float array.
+    k : neighbours per query (capped at n).
+    metric : ``"ip"`` (inner product, larger is nearer) or ``"l2"``.
+
+    Returns
+    -------
+    ids : (m, k) int64, nearest first; ties broken by lower index.
+    scores : (m, k) float32: inner products, or squared L2 distances for ``"l2"``.
+    """
+    base = check_matrix(base, name="base")
+    queries = check_matrix(queries, name="queries", d=base.shape[1], allow_empty=True)
+    if k < 1:
+        raise InputError(f"k must be >= 1; got {k}")
+    k = min(k, base.shape[0])
+    m = queries.shape[0]
+    best_ids = np.empty((m, k), dtype=np.int64)
+    best_scores = np.empty((m, k), dtype=np.float32)
+    for q0 in range(0, m, _Q_BLOCK):
+        q = np.ascontiguousarray(queries[q0 : q0 + _Q_BLOCK], dtype=np.float32)
+        run_ids = np.empty((q.shape[0], 0), dtype=np.int64)
+        run_scores = np.empty((q.shape[0], 0), dtype=np.float32)
+        for b0 in range(0, base.shape[0], _B_BLOCK):
+            b = np.ascontiguousarray(base[b0 : b0 + _B_BLOCK], dtype=np.float32)
+            block_scores = _scores(q, b, metric)
+            block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
+            ids_k, scores_k = _top_k(block_scores, block_ids, k)
+            run_ids, run_scores = _top_k(
+                np.concatenate([run_scores, scores_k], axis=1),
+                np.concatenate([run_ids, ids_k], axis=1),
+                k,
+            )
+        best_ids[q0 : q0 + q.shape[0]] = run_ids
+        best_scores[q0 : q0 + q.shape[0]] = run_scores if metric == "ip" else -run_scores
+    return best_ids, best_scores
+
+
+def recall_at_k(
+    found_ids: Any,
+    true_ids: Any,
+    k: int,
+    *,
+    base: Any = None,
+    queries: Any = None,
+    metric: str = "ip",
+    eps: float = 1e-5,
+) -> float:
+    """Mean fraction of the true top-k found among the first k results.
+
+    Parameters
+    ----------
+    found_ids : (m, >=k) int, results of the search under test, best first.
+    true_ids : (m, >=k) int, exact neighbours, best first.
+    base, queries : the float32 vectors; when given, a found id whose exact score is
+        within ``eps`` of the true k-th score also counts as a hit (ties are not misses).
+
+    Returns
+    -------
+    float in [0, 1].
+    """
+    found = np.asarray(found_ids)[:, :k]
+    true = np.asarray(true_ids)[:, :k]
+    if found.shape[0] != true.shape[0] or true.shape[1] < k:
+        raise InputError(
+            f"found_ids {found.shape} and true_ids {true.shape} must have the same rows "
+            f"and at least k={k} columns"
+        )
+    hits = (found[:, :, None] == true[:, None, :]).any(axis=2)
+    if base is not None and queries is not None:
+        base = np.asarray(base)
+        q = np.asarray(queries, dtype=np.float32)
+        valid = found >= 0
+        safe = np.where(valid, found, 0)
+        found_scores = np.einsum("mkd,md->mk", base[safe].astype(np.float32), q)
+        kth_scores = np.einsum("md,md->m", base[true[:, -1]].astype(np.float32), q)
+        if metric == "l2":
+            found_scores = -((base[safe] - q[:, None, :]) ** 2).sum(axis=2)
+            kth_scores = -((base[true[:, -1]] - q) ** 2).sum(axis=1)
+        hits |= valid & (found_scores >= kth_scores[:, None] - eps)
+    # Duplicate ids in a result list must not count twice.
+    unique_hits = [len(set(row[mask].tolist())) for row, mask in zip(found, hits, strict=True)]
+    return float(np.mean(np.minimum(unique_hits, k)) / k) if len(unique_hits) else 0.0
+
+
+def load_qrels(path: str | PathLike[str]) -> dict[int, dict[int, float]]:
+    """Read ``query<TAB>doc[<TAB>grade]`` lines into ``{query: {doc: grade}}``."""
+    qrels: dict[int, dict[int, float]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (2, 3):
+                raise InputError(f"{path}:{line_no}: expected 'query<TAB>doc[<TAB>grade]'")
+            try:
+                grade = float(parts[2]) if len(parts) == 3 else 1.0
+                qrels.setdefault(int(parts[0]), {})[int(parts[1])] = grade
+            except ValueError as exc:
+                raise InputError(f"{path}:{line_no}: {exc}") from exc
+    return qrels
+
+
+def _as_graded(rel: Any) -> Mapping[int, float]:
+    return rel if isinstance(rel, Mapping) else {int(doc): 1.0 for doc in rel}
+
+
+def ndcg_at_k(ids: Any, qrels: Mapping[int, Any], k: int = 10) -> float:
+    """Mean nDCG@k over the queries that have relevance labels.
+
+    Parameters
+    ----------
+    ids : (m, >=k) int, ranked results per query (row i is query i).
+    qrels : ``{query: {doc: grade}}`` or ``{query: set_of_docs}`` (binary).
+    """
+    ids = np.asarray(ids)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    values = []
+    for query, rel in qrels.items():
+        if not 0 <= query < ids.shape[0]:
+            continue
+        graded = _as_graded(rel)
+        gains = [graded.get(int(doc), 0.0) for doc in ids[query, :k]]
+        dcg = float(np.dot(gains, discounts[: len(gains)]))
+        ideal = sorted(graded.values(), reverse=True)[:k]
+        idcg = float(np.dot(ideal, discounts[: len(ideal)]))
+        if idcg > 0:
+            values.append(dcg / idcg)
+    return float(np.mean(values)) if values else math.nan
+
+
+def relevance_recall_at_k(ids: Any, qrels: Mapping[int, Any], k: int = 10) -> float:
+    """Mean fraction of each query's relevant documents found in its top k."""
+    ids = np.asarray(ids)
+    values = []
+    for query, rel in qrels.items():
+        if not 0 <= query < ids.shape[0]:
+            continue
+        relevant = {doc for doc, grade in _as_graded(rel).items() if grade > 0}
+        if relevant:
+            values.append(len(relevant & set(ids[query, :k].tolist())) / len(relevant))
+    return float(np.mean(values)) if values else math.nan

@@ -1,0 +1,53 @@
+"""1-bit quantizer: one bit per dimension, the sign of x about a fitted center."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import Quantizer
+
+
+class BinaryQuantizer(Quantizer):
+    """bit = x > center_, packed 8 per byte (little bit order).
+
+    Decoding returns, per dimension, the mean of the training values on the bit's
+    side of the center (``low_`` or ``high_``): the least-squares reconstruction
+    from one bit.
+
+    Attributes
+    ----------
+    center_ : ndarray (d,) float32, per-dimension median of the training data.
+    low_, high_ : ndarray (d,) float32, decoded value for bit 0 / bit 1.
+    """
+
+    bits = 1
+    _state = ("center_", "low_", "high_")
+    center_: np.ndarray | None = None
+    low_: np.ndarray | None = None
+    high_: np.ndarray | None = None
+
+    def __init__(self) -> None:
+        pass
+
+    def _fit(self, X: np.ndarray) -> None:
+        center = np.median(X, axis=0)
+        above = X > center
+        n_above = above.sum(axis=0)
+        n_below = X.shape[0] - n_above
+        sum_above = np.where(above, X, 0).sum(axis=0, dtype=np.float64)
+        sum_below = X.sum(axis=0, dtype=np.float64) - sum_above
+        self.center_ = center.astype(np.float32)
+        self.high_ = np.where(n_above > 0, sum_above / np.maximum(n_above, 1), center).astype(
+            np.float32
+        )
+        self.low_ = np.where(n_below > 0, sum_below / np.maximum(n_below, 1), center).astype(
+            np.float32
+        )
+
+    def _encode_block(self, X: np.ndarray) -> np.ndarray:
+        return np.packbits(X > self.center_, axis=1, bitorder="little")
+
+    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+        assert self.d_ is not None
+        bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little").astype(bool)
+        return np.where(bits, self.high_, self.low_).astype(np.float32, copy=False)

@@ -1,0 +1,7 @@
+"""Reducers: float vectors -> fewer floats (``fit`` / ``transform`` / ``inverse_transform``)."""
+
+from ._base import LinearReducer
+from ._pca import PCAReducer
+from ._rotation import RandomRotation
+
+__all__ = ["LinearReducer", "PCAReducer", "RandomRotation"]

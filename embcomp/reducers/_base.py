@@ -1,0 +1,142 @@
+"""The reducer contract (scikit-learn ``fit`` / ``transform`` / ``inverse_transform``).
+
+Every reducer here is linear: ``transform(X) = (X - mean_) @ components_.T`` and
+``inverse_transform(Z) = Z @ inverse_components_ + mean_``. Keeping that one shape
+lets the codec project queries exactly and fuse reduction into encoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._blocks import for_each_block, rows_per_block
+from .._stage import FittedStage
+from .._validation import check_finite, check_matrix
+
+
+class LinearReducer(FittedStage):
+    """Base class: subclasses implement ``_fit(X)`` to set the fitted arrays.
+
+    Attributes (after ``fit``)
+    --------------------------
+    components_ : ndarray (d_out, d_in) float32, rows are the projection directions.
+    mean_ : ndarray (d_in,) float32, subtracted before projecting.
+    inverse_components_ : ndarray (d_out, d_in) float32, maps reduced vectors back.
+    """
+
+    _state: Any = ("components_", "mean_", "inverse_components_")
+    components_: np.ndarray | None = None
+    mean_: np.ndarray | None = None
+    inverse_components_: np.ndarray | None = None
+
+    @property
+    def n_features_in_(self) -> int:
+        self._check_fitted()
+        assert self.components_ is not None
+        return int(self.components_.shape[1])
+
+    @property
+    def n_components_(self) -> int:
+        self._check_fitted()
+        assert self.components_ is not None
+        return int(self.components_.shape[0])
+
+    @property
+    def has_orthonormal_rows(self) -> bool:
+        """Whether ``inverse_components_ == components_`` has orthonormal rows (PCA, rot)."""
+        return False
+
+    def fit(self, X: Any, y: Any = None) -> LinearReducer:
+        """Fit on training vectors ``X`` (n, d_in) float; returns ``self``."""
+        X = check_matrix(X, name="training vectors")
+        self._fit(X)
+        self._after_load()
+        return self
+
+    def _after_load(self) -> None:
+        assert self.components_ is not None and self.mean_ is not None
+        self._projection = np.ascontiguousarray(self.components_.T, dtype=np.float32)
+        # (X - mean) @ P  ==  X @ P - mean @ P: no centered copy of X.
+        self._offset = (self.mean_.astype(np.float64) @ self._projection.astype(np.float64)).astype(
+            np.float32
+        )
+
+    def transform_block(self, X: np.ndarray) -> np.ndarray:
+        """Project one validated, contiguous float32 block; no checks (hot path)."""
+        Z = X @ self._projection
+        Z -= self._offset
+        return Z
+
+    def inverse_transform_block(self, Z: np.ndarray) -> np.ndarray:
+        """Map one float32 block of reduced vectors back to the input space."""
+        X = Z @ self.inverse_components_
+        X += self.mean_
+        return X
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Project ``X`` (n, d_in) float -> (n, d_out) float32."""
+        self._check_fitted()
+        X = check_matrix(X, d=self.n_features_in_, allow_empty=True)
+        out = np.empty((X.shape[0], self.n_components_), dtype=np.float32)
+
+        def work(start: int, stop: int) -> None:
+            block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
+            check_finite(block, row_offset=start)
+            out[start:stop] = self.transform_block(block)
+
+        for_each_block(X.shape[0], rows_per_block(4 * X.shape[1]), work)
+        return out
+
+    def inverse_transform(self, Z: Any) -> np.ndarray:
+        """Map reduced vectors ``Z`` (n, d_out) float back to (n, d_in) float32."""
+        self._check_fitted()
+        Z = check_matrix(Z, name="reduced vectors", d=self.n_components_, allow_empty=True)
+        out = np.empty((Z.shape[0], self.n_features_in_), dtype=np.float32)
+
+        def work(start: int, stop: int) -> None:
+            out[start:stop] = self.inverse_transform_block(
+                np.ascontiguousarray(Z[start:stop], dtype=np.float32)
+            )
+
+        for_each_block(Z.shape[0], rows_per_block(4 * self.n_features_in_), work)
+        return out
+
+    def _fit(self, X: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+def streamed_mean_cov(X: np.ndarray, block_rows: int = 8192) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean (d,) and covariance (d, d) in float64 of ``X`` (n, d), one block at a time.
+
+    Memory is O(d^2 + block_rows * d) whatever n is (X may be a memory map). Sums are
+    taken about the first block's mean (a shifted single pass), which avoids the
+    cancellation of the naive ``E[xx^T] - mu mu^T`` when the mean is large.
+
+    Returns the mean, the unbiased covariance (divided by n - 1) and n.
+    """
+    n, d = X.shape
+    first = np.asarray(X[:block_rows], dtype=np.float64)
+    check_finite(first, name="training vectors")
+    shift = first.mean(axis=0)
+    total = np.zeros(d)
+    scatter = np.zeros((d, d))
+    for start in range(0, n, block_rows):
+        block = np.asarray(X[start : start + block_rows], dtype=np.float32)
+        check_finite(block, name="training vectors", row_offset=start)
+        centered = block.astype(np.float64) - shift
+        total += centered.sum(axis=0)
+        scatter += centered.T @ centered
+    delta = total / n
+    mean = shift + delta
+    cov = (scatter - n * np.outer(delta, delta)) / max(n - 1, 1)
+    return mean, cov, n
+
+
+def flip_signs(components: np.ndarray) -> np.ndarray:
+    """Deterministic signs: the largest-|.| entry of each row is positive (sklearn svd_flip)."""
+    rows = np.arange(components.shape[0])
+    signs = np.sign(components[rows, np.argmax(np.abs(components), axis=1)])
+    signs[signs == 0] = 1.0
+    return components * signs[:, None]

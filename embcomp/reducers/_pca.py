@@ -1,0 +1,64 @@
+"""PCA reducer, fitted from a streamed float64 covariance."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..exceptions import DimensionMismatchError, InputError
+from ._base import LinearReducer, flip_signs, streamed_mean_cov
+
+
+class PCAReducer(LinearReducer):
+    """Principal component analysis.
+
+    Parameters
+    ----------
+    n_components : int or None
+        Dimensions to keep; ``None`` keeps all (a rotation onto the principal axes).
+    whiten : bool
+        Divide each component by its standard deviation (and multiply back in
+        ``inverse_transform``).
+
+    Attributes
+    ----------
+    components_ : ndarray (n_components, d_in) float32
+        Principal axes, by decreasing variance, signs fixed deterministically.
+    explained_variance_ : ndarray (n_components,) float32
+    mean_ : ndarray (d_in,) float32
+    """
+
+    _state = ("components_", "mean_", "inverse_components_", "explained_variance_")
+    explained_variance_: np.ndarray | None = None
+
+    def __init__(self, n_components: int | None = None, *, whiten: bool = False) -> None:
+        self.n_components = n_components
+        self.whiten = whiten
+
+    @property
+    def has_orthonormal_rows(self) -> bool:
+        return not self.whiten
+
+    def _fit(self, X: np.ndarray) -> None:
+        d = X.shape[1]
+        k = d if self.n_components is None else int(self.n_components)
+        if k > d:
+            raise DimensionMismatchError(
+                f"pca{k} keeps more dimensions than the {d} the training vectors have; "
+                f"use at most pca{d}"
+            )
+        if X.shape[0] < 2:
+            raise InputError(f"PCA needs at least 2 training vectors; got {X.shape[0]}")
+        mean, cov, _ = streamed_mean_cov(X)
+        eigvals, eigvecs = np.linalg.eigh(cov)
+        order = np.argsort(eigvals)[::-1][:k]
+        components = flip_signs(eigvecs[:, order].T)
+        variance = np.maximum(eigvals[order], 0.0)
+        self.mean_ = mean.astype(np.float32)
+        self.explained_variance_ = variance.astype(np.float32)
+        if self.whiten:
+            std = np.sqrt(np.maximum(variance, 1e-12))
+            self.components_ = (components / std[:, None]).astype(np.float32)
+            self.inverse_components_ = (components * std[:, None]).astype(np.float32)
+        else:
+            self.components_ = components.astype(np.float32)
+            self.inverse_components_ = self.components_

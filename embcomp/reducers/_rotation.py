@@ -1,0 +1,34 @@
+"""Seeded random orthogonal rotation (no reduction): spreads variance across dims."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._base import LinearReducer
+
+
+class RandomRotation(LinearReducer):
+    """Center, then rotate by a Haar-random orthogonal matrix drawn from ``seed``.
+
+    Attributes
+    ----------
+    components_ : ndarray (d, d) float32, orthogonal.
+    mean_ : ndarray (d,) float32.
+    """
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+
+    @property
+    def has_orthonormal_rows(self) -> bool:
+        return True
+
+    def _fit(self, X: np.ndarray) -> None:
+        d = X.shape[1]
+        mean = np.asarray(X, dtype=np.float32).mean(axis=0, dtype=np.float64)
+        gaussian = np.random.default_rng(self.seed).standard_normal((d, d))
+        q, r = np.linalg.qr(gaussian)
+        q *= np.sign(np.diag(r))  # makes the draw Haar-uniform and deterministic
+        self.mean_ = mean.astype(np.float32)
+        self.components_ = q.T.astype(np.float32)
+        self.inverse_components_ = self.components_

@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+
+from embcomp import load_codec
+from embcomp.cli import main
+from embcomp.io import read_vectors, write_fvecs
+
+
+@pytest.fixture()
+def files(tmp_path, rng_data):
+    train = tmp_path / "train.npy"
+    np.save(train, rng_data)
+    return tmp_path, train
+
+
+def test_fit_encode_decode_inspect_eval(files, rng_data, capsys):
+    tmp, train = files
+    codec_path = tmp / "c.codec"
+    assert (
+        main(
+            [
+                "fit",
+                "--spec",
+                "pca16,int8",
+                "--train",
+                str(train),
+                "-o",
+                str(codec_path),
+                "--sample",
+                "500",
+                "--option",
+                "percentile=99.9",
+            ]
+        )
+        == 0
+    )
+    codec = load_codec(codec_path)
+    assert codec.options["percentile"] == 99.9
+    assert main(["encode", "-c", str(codec_path), str(train), str(tmp / "codes.npy")]) == 0
+    codes = np.load(tmp / "codes.npy")
+    np.testing.assert_array_equal(codes, codec.encode(rng_data))
+    assert (
+        main(["decode", "-c", str(codec_path), str(tmp / "codes.npy"), str(tmp / "back.npy")]) == 0
+    )
+    np.testing.assert_array_equal(np.load(tmp / "back.npy"), codec.decode(codes))
+    capsys.readouterr()
+    assert main(["inspect", str(codec_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["spec"] == "pca16,int8" and info["code_size"] == 16
+    assert (
+        main(
+            [
+                "eval",
+                "-c",
+                str(codec_path),
+                "--base",
+                str(train),
+                "--queries",
+                str(train),
+                "--k",
+                "5",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "bytes/vector       16" in out and "recall@5" in out
+
+
+def test_fvecs_input(files, rng_data, tmp_path):
+    path = tmp_path / "x.fvecs"
+    write_fvecs(path, rng_data)
+    np.testing.assert_array_equal(read_vectors(path), rng_data)
+    assert main(["fit", "--spec", "int4", "--train", str(path), "-o", str(tmp_path / "c")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["fit", "--spec", "pca16,fp9", "--train", "{train}", "-o", "{tmp}/c"], "fp9"),
+        (
+            ["fit", "--spec", "int8", "--train", "{tmp}/missing.npy", "-o", "{tmp}/c"],
+            "does not exist",
+        ),
+        (["fit", "--spec", "int8", "--train", "{train}", "-o", "{tmp}/nodir/c"], "does not exist"),
+        (
+            ["fit", "--spec", "int8", "--train", "{train}", "-o", "{tmp}/c", "--option", "x"],
+            "key=value",
+        ),
+        (["inspect", "{train}"], "not an embcomp codec"),
+    ],
+)
+def test_errors_are_one_line_exit_2(files, argv, message, capsys):
+    tmp, train = files
+    argv = [a.format(tmp=tmp, train=train) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp / "c").exists()
+
+
+def test_nan_input_leaves_no_output(files, rng_data, tmp_path, capsys):
+    tmp, train = files
+    assert main(["fit", "--spec", "int8", "--train", str(train), "-o", str(tmp / "c")]) == 0
+    bad = rng_data.copy()
+    bad[42, 1] = np.nan
+    np.save(tmp / "bad.npy", bad)
+    assert main(["encode", "-c", str(tmp / "c"), str(tmp / "bad.npy"), str(tmp / "o.npy")]) == 2
+    assert "row 42" in capsys.readouterr().err
+    assert not (tmp / "o.npy").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["bad.npy", "c", "train.npy"]
+
+
+def test_truncated_npy_is_a_clear_error(files, tmp_path, capsys):
+    tmp, train = files
+    data = train.read_bytes()
+    (tmp / "cut.npy").write_bytes(data[: len(data) // 2])
+    assert (
+        main(["fit", "--spec", "int8", "--train", str(tmp / "cut.npy"), "-o", str(tmp / "c")]) == 2
+    )
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--spec", "int8", "--spec", "pca96,fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "int8" in out and "pca96,fp8" in out

@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import pytest
+
+from embcomp.evaluation import (
+    exact_knn,
+    load_qrels,
+    ndcg_at_k,
+    recall_at_k,
+    relevance_recall_at_k,
+)
+
+
+def brute_force(base, queries, k, metric):
+    if metric == "ip":
+        scores = queries.astype(np.float64) @ base.T.astype(np.float64)
+    else:
+        scores = -((queries[:, None, :].astype(np.float64) - base[None]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(base)), scores.shape), -scores), axis=1)
+    return order[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_knn_matches_brute_force(metric, rng_data):
+    base, queries = rng_data[:500], rng_data[500:]
+    ids, scores = exact_knn(base, queries, 7, metric=metric)
+    np.testing.assert_array_equal(ids, brute_force(base, queries, 7, metric))
+    expected = np.take_along_axis(
+        queries @ base.T if metric == "ip" else ((queries[:, None] - base[None]) ** 2).sum(-1),
+        ids,
+        axis=1,
+    )
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_knn_breaks_ties_by_lower_index():
+    base = np.array([[1.0, 0], [0, 1], [1.0, 0], [1.0, 0]], dtype=np.float32)
+    ids, _ = exact_knn(base, np.array([[1.0, 0]], dtype=np.float32), 2)
+    assert ids.tolist() == [[0, 2]]
+
+
+def test_exact_knn_blocks_agree(monkeypatch, rng_data):
+    import embcomp.evaluation as ev
+
+    full, _ = exact_knn(rng_data[:500], rng_data[500:], 10)
+    monkeypatch.setattr(ev, "_B_BLOCK", 37)
+    monkeypatch.setattr(ev, "_Q_BLOCK", 9)
+    blocked, _ = exact_knn(rng_data[:500], rng_data[500:], 10)
+    np.testing.assert_array_equal(full, blocked)
+
+
+def test_recall_counts_overlap_and_ties():
+    base = np.array([[3.0], [2.0], [2.0], [1.0]], dtype=np.float32)
+    queries = np.array([[1.0]], dtype=np.float32)
+    true = np.array([[0, 1]])
+    assert recall_at_k(np.array([[0, 1]]), true, 2) == 1.0
+    assert recall_at_k(np.array([[0, 3]]), true, 2) == 0.5
+    # id 2 ties with the true 2nd neighbour: a hit only when scores are consulted
+    assert recall_at_k(np.array([[0, 2]]), true, 2) == 0.5
+    assert recall_at_k(np.array([[0, 2]]), true, 2, base=base, queries=queries) == 1.0
+    # duplicates never count twice
+    assert recall_at_k(np.array([[0, 0]]), true, 2, base=base, queries=queries) == 0.5
+
+
+def test_recall_matches_brute_force_reference(rng_data):
+    rng = np.random.default_rng(0)
+    true = brute_force(rng_data[:300], rng_data[300:340], 10, "ip")
+    found = true.copy()
+    found[:, 5:] = rng.integers(0, 300, size=(40, 5))
+    expected = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, true, strict=True)])
+    assert recall_at_k(found, true, 10) == pytest.approx(expected)
+
+
+def test_ndcg_and_relevance_recall(tmp_path):
+    ids = np.array([[5, 1, 2], [7, 8, 9]])
+    qrels = {0: {1: 1.0}, 1: {9: 1.0, 4: 1.0}}
+    expected0 = (1 / math.log2(3)) / 1.0
+    expected1 = (1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert ndcg_at_k(ids, qrels, 3) == pytest.approx((expected0 + expected1) / 2)
+    assert relevance_recall_at_k(ids, qrels, 3) == pytest.approx((1 + 0.5) / 2)
+    path = tmp_path / "q.tsv"
+    path.write_text("0\t1\n1\t9\n1\t4\n")
+    assert load_qrels(path) == qrels
+    assert ndcg_at_k(ids, {0: {1}}, 3) == pytest.approx(expected0)

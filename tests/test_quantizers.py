@@ -1,0 +1,76 @@
+import ml_dtypes
+import numpy as np
+import pytest
+
+from embcomp import make_codec
+from embcomp.quantizers import FloatQuantizer, IntQuantizer, pack_nibbles, unpack_nibbles
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 8, 33])
+def test_nibble_packing_round_trips(d):
+    values = np.random.default_rng(d).integers(0, 16, size=(5, d), dtype=np.uint8)
+    packed = pack_nibbles(values)
+    assert packed.shape == (5, (d + 1) // 2)
+    np.testing.assert_array_equal(unpack_nibbles(packed, d), values)
+    assert packed[0, 0] == values[0, 0] | ((values[0, 1] << 4) if d > 1 else 0)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8e5m2", "fp4", "fp16", "bf16"])
+def test_out_of_range_values_clip_instead_of_nan(fmt):
+    train = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    q = FloatQuantizer(fmt).fit(train)
+    huge = np.full((2, 8), 3e38, dtype=np.float32)
+    huge[1] *= -1
+    decoded = q.decode(q.encode(huge))
+    assert np.isfinite(decoded).all()
+    assert (decoded[0] >= np.abs(train).max(axis=0) * (1 - 1e-6)).all()
+    assert (decoded[1] <= -np.abs(train).max(axis=0) * (1 - 1e-6)).all()
+    if q.format.bits <= 8:  # the tight formats saturate at the format's max
+        fmt_max = float(ml_dtypes.finfo(q.format.dtype).max)
+        np.testing.assert_allclose(decoded[0], fmt_max * q.scale_, rtol=1e-6)
+
+
+def test_unscaled_fp8_loses_small_components_to_subnormals():
+    """Why the default fits a scale: unit-norm 768-d vectors sit near 2**-6 in E4M3."""
+    x = np.random.default_rng(0).standard_normal((2000, 768)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    subnormal = np.abs(x) < 2.0**-6
+    assert 0.25 < subnormal.mean() < 0.45
+    small = x[subnormal]
+    err = {}
+    for scale in ("none", "dim"):
+        q = FloatQuantizer("fp8", scale=scale).fit(x)
+        err[scale] = float(np.mean(np.abs(q.decode(q.encode(x))[subnormal] - small)))
+    # Scaled, those components are normal E4M3 numbers with 3 mantissa bits.
+    assert err["dim"] < 0.5 * err["none"]
+
+
+def test_int_quantizer_rounds_to_nearest_and_clips():
+    train = np.array([[0.0], [255.0]], dtype=np.float32)
+    q = IntQuantizer(8).fit(train)
+    x = np.array([[0.49], [0.51], [254.6], [-1000.0], [1e9]], dtype=np.float32)
+    np.testing.assert_array_equal(q.encode(x)[:, 0], [0, 1, 255, 0, 255])
+
+
+def test_int_constant_dimension_decodes_exactly():
+    train = np.ones((50, 3), dtype=np.float32) * np.array([0.5, -2.0, 0.0], dtype=np.float32)
+    for bits in (8, 4):
+        q = IntQuantizer(bits).fit(train)
+        np.testing.assert_array_equal(q.decode(q.encode(train)), train)
+
+
+def test_int_percentile_clipping_narrows_range():
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((5000, 4)).astype(np.float32)
+    train[0] = 50.0
+    plain = IntQuantizer(4).fit(train)
+    clipped = IntQuantizer(4, percentile=99.5).fit(train)
+    assert (clipped.step_ < plain.step_ / 5).all()
+    err = lambda q: np.mean((q.decode(q.encode(train[1:])) - train[1:]) ** 2)  # noqa: E731
+    assert err(clipped) < err(plain) / 5
+
+
+def test_global_scale_is_one_number():
+    train = np.random.default_rng(0).standard_normal((100, 6)).astype(np.float32)
+    codec = make_codec("fp8", scale="global").fit(train)
+    assert np.unique(codec.quantizer.scale_).size == 1

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from embcomp import InputError, NotFittedError, PCAReducer, RandomRotation
+from embcomp.reducers._base import streamed_mean_cov
+
+
+def test_pca_matches_svd_and_is_orthonormal(rng_data):
+    pca = PCAReducer(10).fit(rng_data)
+    centered = rng_data - rng_data.mean(axis=0)
+    _, s, vt = np.linalg.svd(centered.astype(np.float64), full_matrices=False)
+    np.testing.assert_allclose(np.abs(pca.components_), np.abs(vt[:10]), atol=1e-4)
+    np.testing.assert_allclose(
+        pca.explained_variance_, s[:10] ** 2 / (len(rng_data) - 1), rtol=1e-4
+    )
+    gram = pca.components_ @ pca.components_.T
+    np.testing.assert_allclose(gram, np.eye(10), atol=1e-5)
+    rows = np.arange(10)
+    assert (pca.components_[rows, np.abs(pca.components_).argmax(axis=1)] > 0).all()
+
+
+def test_pca_full_round_trip(rng_data):
+    pca = PCAReducer().fit(rng_data)
+    np.testing.assert_allclose(pca.inverse_transform(pca.transform(rng_data)), rng_data, atol=1e-4)
+
+
+def test_pca_whitening_gives_unit_variance(rng_data):
+    pca = PCAReducer(8, whiten=True).fit(rng_data)
+    z = pca.transform(rng_data)
+    np.testing.assert_allclose(z.var(axis=0, ddof=1), 1.0, rtol=1e-3)
+    plain = PCAReducer(8).fit(rng_data)
+    np.testing.assert_allclose(
+        pca.inverse_transform(z), plain.inverse_transform(plain.transform(rng_data)), atol=1e-4
+    )
+
+
+def test_streamed_covariance_is_exact_with_a_large_mean():
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((20000, 5)) * 1e-3 + 1e3).astype(np.float32)
+    mean, cov, n = streamed_mean_cov(X, block_rows=1000)
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(mean, X64.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(X64, rowvar=False), rtol=1e-6, atol=1e-12)
+    assert n == 20000
+
+
+def test_pca_fit_on_memmap_streams(tmp_path, rng_data):
+    path = tmp_path / "x.npy"
+    np.save(path, rng_data)
+    mm = np.load(path, mmap_mode="r")
+    np.testing.assert_allclose(
+        PCAReducer(5).fit(mm).components_, PCAReducer(5).fit(rng_data).components_, atol=1e-6
+    )
+
+
+def test_rotation_is_orthogonal_and_seeded(rng_data):
+    a = RandomRotation(seed=1).fit(rng_data)
+    b = RandomRotation(seed=1).fit(rng_data)
+    c = RandomRotation(seed=2).fit(rng_data)
+    np.testing.assert_allclose(a.components_ @ a.components_.T, np.eye(48), atol=1e-5)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    assert not np.allclose(a.components_, c.components_)
+
+
+def test_reducer_errors(rng_data):
+    with pytest.raises(NotFittedError):
+        PCAReducer(4).transform(rng_data)
+    with pytest.raises(InputError, match="at least 2"):
+        PCAReducer(1).fit(rng_data[:1])
+    assert PCAReducer(4).get_params() == {"n_components": 4, "whiten": False}
