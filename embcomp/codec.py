@@ -42,7 +42,7 @@ _UNIVERSAL_OPTIONS = {"seed": 0}
 
 
 def _tunable_params(cls: type, structural: dict[str, Any]) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return {
         name: p
         for name, p in params.items()
@@ -206,6 +206,7 @@ class Codec:
         if self.reducer is None:
             return Q32.copy() if Q32 is Q else Q32
         if metric == "ip":
+            assert self.reducer.inverse_components_ is not None
             return Q32 @ self.reducer.inverse_components_.T
         if metric == "l2":
             if not self.reducer.has_orthonormal_rows:

@@ -7,7 +7,7 @@ lets the codec project queries exactly and fuse reduction into encoding.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class LinearReducer(FittedStage):
     inverse_components_ : ndarray (d_out, d_in) float32, maps reduced vectors back.
     """
 
-    _state: Any = ("components_", "mean_", "inverse_components_")
+    _state: ClassVar[tuple[str, ...]] = ("components_", "mean_", "inverse_components_")
     components_: np.ndarray | None = None
     mean_: np.ndarray | None = None
     inverse_components_: np.ndarray | None = None
