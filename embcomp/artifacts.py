@@ -38,6 +38,7 @@ from .exceptions import ArtifactError, EmbcompError
 __all__ = [
     "FORMAT_VERSION",
     "codec_from_bytes",
+    "codec_id",
     "codec_to_bytes",
     "load_codec",
     "read_manifest",
@@ -113,6 +114,15 @@ def codec_to_bytes(codec: Codec) -> bytes:
         MAGIC, FORMAT_VERSION, len(manifest_bytes), hashlib.sha256(manifest_bytes).digest()
     )
     return header + manifest_bytes + b"".join(chunks)
+
+
+def codec_id(codec: Codec) -> str:
+    """Content address of a fitted codec: the first 24 hex digits of the artifact's sha256.
+
+    Artifact bytes are deterministic for a fit, so equal ids mean equal codecs; the
+    batch compressor records it in its outputs and the service names codecs by it.
+    """
+    return hashlib.sha256(codec_to_bytes(codec)).hexdigest()[:24]
 
 
 def _parse_manifest(blob: bytes, source: str) -> tuple[dict[str, Any], int]:
