@@ -1,0 +1,416 @@
+"""A Python client for the embcomp gRPC service, numpy in and out (needs the ``service`` extra).
+
+>>> from embcomp.client import CompressionClient              # doctest: +SKIP
+>>> with CompressionClient("localhost:50051") as client:
+...     info = client.fit("pca256,fp8", train)                 # float (n, d) -> CodecInfo
+...     codes = client.encode(info.id, X)                      # uint8 (n, info.code_size)
+...     approx = client.decode(info.id, codes)                 # float32 (n, info.d_in)
+
+Arrays larger than one message (``message_bytes``, 4 MiB by default) go through the
+streaming RPCs in chunks automatically; ``encode_stream``/``decode_stream`` do so
+explicitly. Failures raise :class:`ServiceError` (an ``EmbcompError`` and a
+``grpc.RpcError``) carrying the status code, the server's message and the request id.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ._blocks import rows_per_block
+from ._validation import check_matrix
+from .artifacts import codec_to_bytes
+from .codec import Codec
+from .exceptions import EmbcompError, InputError
+from .service.convert import array_to_codes, array_to_matrix, codes_to_array, matrix_to_array
+from .v1 import compression_service_pb2 as pb
+from .v1 import compression_service_pb2_grpc as pb_grpc
+from .v1 import types_pb2
+
+__all__ = ["CodecInfo", "CompressionClient", "Evaluation", "ServiceError"]
+
+MiB = 1 << 20
+_METRICS = {"ip": types_pb2.METRIC_INNER_PRODUCT, "l2": types_pb2.METRIC_L2}
+
+
+class ServiceError(EmbcompError, grpc.RpcError):
+    """An RPC failed. ``code()`` and ``details()`` as on ``grpc.RpcError``.
+
+    Attributes
+    ----------
+    status : grpc.StatusCode
+    message : the server's explanation.
+    request_id : the id the server logged the call under (``None`` if it never ran).
+    """
+
+    def __init__(self, status: grpc.StatusCode, message: str, request_id: str | None):
+        super().__init__(f"{status.name}: {message}" + (f" [{request_id}]" if request_id else ""))
+        self.status, self.message, self.request_id = status, message, request_id
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> ServiceError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        request_id = None
+        trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        for key, value in trailing or ():
+            if key == "x-request-id":
+                request_id = value
+        return cls(code, details or "", request_id)
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """A stored codec as the service describes it (see ``embcomp.v1.CodecInfo``)."""
+
+    id: str
+    spec: str
+    d_in: int
+    d_out: int
+    code_size: int
+    created: datetime
+    options: dict[str, Any]
+    compression_ratio: float
+    artifact_size: int
+    sha256: str
+
+    @classmethod
+    def from_message(cls, info: types_pb2.CodecInfo) -> CodecInfo:
+        return cls(
+            id=info.id,
+            spec=info.spec,
+            d_in=info.d_in,
+            d_out=info.d_out,
+            code_size=info.code_size,
+            created=info.created.ToDatetime(tzinfo=timezone.utc),
+            options={key: json.loads(value) for key, value in info.options.items()},
+            compression_ratio=info.compression_ratio,
+            artifact_size=info.artifact_size,
+            sha256=info.sha256,
+        )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Result of :meth:`CompressionClient.evaluate`."""
+
+    recall_at_k: float
+    k: int
+    bytes_per_vector: int
+    compression_ratio: float
+    base_rows: int
+    query_rows: int
+
+
+def _channel_credentials(tls: Any) -> grpc.ChannelCredentials:
+    if isinstance(tls, grpc.ChannelCredentials):
+        return tls
+    if tls is True:
+        return grpc.ssl_channel_credentials()  # the system's trusted roots
+    if isinstance(tls, bytes):
+        return grpc.ssl_channel_credentials(root_certificates=tls)
+    if isinstance(tls, (str, os.PathLike)):
+        return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+    raise InputError(
+        "tls must be None, True (system roots), a PEM root certificate path or bytes, "
+        f"or grpc.ChannelCredentials; got {type(tls).__name__}"
+    )
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    return array.copy()  # frombuffer views of response bytes are read-only
+
+
+class CompressionClient:
+    """Talk to an embcomp service at ``target`` (``host:port``).
+
+    Parameters
+    ----------
+    target : server address, e.g. ``"localhost:50051"``.
+    token : bearer token, sent as ``authorization: Bearer <token>`` on every call.
+    tls : ``None`` for plaintext; ``True`` for TLS with the system roots; a PEM root
+        certificate (path or bytes) to trust; or ready ``grpc.ChannelCredentials``.
+    timeout : seconds per call (``None``: no deadline).
+    message_bytes : payload per request message; larger arrays are streamed in chunks.
+    max_message_bytes : largest message this client accepts (match the server's limit).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: Any = None,
+        timeout: float | None = None,
+        message_bytes: int = 4 * MiB,
+        max_message_bytes: int = 64 * MiB,
+    ) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls is None or tls is False:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, _channel_credentials(tls), options=options)
+        self._stub = pb_grpc.CompressionServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.timeout = timeout
+        self.message_bytes = message_bytes
+        self._infos: dict[str, CodecInfo] = {}
+
+    # -- plumbing ---------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CompressionClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc) from None
+
+    def _rows_per_message(self, bytes_per_row: int, d_in: int | None = None) -> int:
+        """Rows per streamed message: as many as fit in ``message_bytes``.
+
+        With ``d_in``, rounded down to whole blocks of the library's blocked loops, so
+        every block the server computes is a block ``Codec.encode``/``decode`` would
+        compute on the whole array: results are then byte-identical to in-process ones
+        (a matmul's last bit can depend on how rows are grouped).
+        """
+        rows = max(1, self.message_bytes // max(1, bytes_per_row))
+        if d_in is not None:
+            block = rows_per_block(4 * d_in)
+            rows = max(block, rows // block * block) if rows >= block else rows
+        return rows
+
+    def _info(self, codec_id: str) -> CodecInfo:
+        """Cached metadata (ids are content addresses, so the content never changes)."""
+        info = self._infos.get(codec_id)
+        if info is None:
+            info = self.get(codec_id)
+        return info
+
+    def _remember(self, info: CodecInfo) -> CodecInfo:
+        self._infos[info.id] = info
+        return info
+
+    # -- fitting and the store ------------------------------------------------------------
+    def fit(self, spec: str, train: Any, **options: Any) -> CodecInfo:
+        """Fit a codec on ``train`` (n, d) float, streamed in chunks; returns its info.
+
+        ``options`` are the codec's training options (``seed``, ``percentile``...).
+        """
+        train = check_matrix(train, name="training vectors", allow_empty=True)
+        header = pb.FitCodecHeader(
+            spec=spec, options={key: json.dumps(value) for key, value in options.items()}
+        )
+        step = self._rows_per_message(4 * train.shape[1])
+
+        def messages() -> Iterator[pb.FitCodecRequest]:
+            yield pb.FitCodecRequest(header=header)
+            for start in range(0, train.shape[0], step):
+                chunk = array_to_matrix(train[start : start + step], name="training vectors")
+                yield pb.FitCodecRequest(chunk=chunk)
+
+        reply = self._call(self._stub.FitCodec, messages())
+        return self._remember(CodecInfo.from_message(reply.codec))
+
+    def get(self, codec_id: str) -> CodecInfo:
+        """Metadata of a stored codec."""
+        reply = self._call(self._stub.GetCodec, pb.GetCodecRequest(codec_id=codec_id))
+        return self._remember(CodecInfo.from_message(reply.codec))
+
+    def list(self) -> builtins.list[CodecInfo]:
+        """Every stored codec, ordered by id (follows the pages)."""
+        infos: builtins.list[CodecInfo] = []
+        token = ""
+        while True:
+            reply = self._call(self._stub.ListCodecs, pb.ListCodecsRequest(page_token=token))
+            infos.extend(CodecInfo.from_message(info) for info in reply.codecs)
+            token = reply.next_page_token
+            if not token:
+                return infos
+
+    def delete(self, codec_id: str) -> None:
+        """Remove a codec from the store."""
+        self._call(self._stub.DeleteCodec, pb.DeleteCodecRequest(codec_id=codec_id))
+        self._infos.pop(codec_id, None)
+
+    def import_codec(self, artifact: bytes | Codec | str | os.PathLike[str]) -> CodecInfo:
+        """Store a codec fitted elsewhere: artifact bytes, a fitted Codec or a codec file."""
+        if isinstance(artifact, Codec):
+            blob = codec_to_bytes(artifact)
+        elif isinstance(artifact, (str, os.PathLike)):
+            blob = Path(artifact).read_bytes()
+        else:
+            blob = bytes(artifact)
+        reply = self._call(self._stub.ImportCodec, pb.ImportCodecRequest(artifact=blob))
+        return self._remember(CodecInfo.from_message(reply.codec))
+
+    def export_codec(self, codec_id: str) -> bytes:
+        """The artifact bytes of a stored codec (``embcomp.codec_from_bytes`` loads them)."""
+        reply = self._call(self._stub.ExportCodec, pb.ExportCodecRequest(codec_id=codec_id))
+        return bytes(reply.artifact)
+
+    # -- vectors ----------------------------------------------------------------------
+    def encode(self, codec_id: str, X: Any) -> np.ndarray:
+        """Encode ``X`` (n, d_in) float -> uint8 codes (n, code_size).
+
+        One Encode call when ``X`` fits in ``message_bytes``, else EncodeStream.
+        """
+        X = check_matrix(X, allow_empty=True)
+        if X.shape[0] * X.shape[1] * (2 if X.dtype == np.float16 else 4) > self.message_bytes:
+            return self.encode_stream(codec_id, X)
+        request = array_to_matrix(X)
+        reply = self._call(self._stub.Encode, pb.EncodeRequest(codec_id=codec_id, vectors=request))
+        return _writable(codes_to_array(reply.codes))
+
+    def decode(self, codec_id: str, codes: Any, *, reduced: bool = False) -> np.ndarray:
+        """Decode uint8 codes (n, code_size) -> float32 (n, d_in), or (n, d_out) if reduced.
+
+        One Decode call when the result fits in ``message_bytes``, else DecodeStream.
+        """
+        codes = np.asarray(codes)
+        info = self._info(codec_id)
+        width = info.d_out if reduced else info.d_in
+        if codes.ndim == 2 and codes.shape[0] * 4 * width > self.message_bytes:
+            return self.decode_stream(codec_id, codes, reduced=reduced)
+        request = pb.DecodeRequest(codec_id=codec_id, codes=array_to_codes(codes), reduced=reduced)
+        reply = self._call(self._stub.Decode, request)
+        return _writable(matrix_to_array(reply.vectors, name="decoded vectors"))
+
+    def project_queries(self, codec_id: str, Q: Any, *, metric: str = "ip") -> np.ndarray:
+        """Queries (n, d_in) float -> (n, d_out) float32 in the codec's reduced space."""
+        if metric not in _METRICS:
+            raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+        request = pb.ProjectQueriesRequest(
+            codec_id=codec_id, queries=array_to_matrix(Q, name="queries"), metric=_METRICS[metric]
+        )
+        reply = self._call(self._stub.ProjectQueries, request)
+        return _writable(matrix_to_array(reply.queries, name="projected queries"))
+
+    def encode_stream(
+        self, codec_id: str, X: Any, *, rows_per_message: int | None = None
+    ) -> np.ndarray:
+        """Encode any number of vectors (n, d_in) through EncodeStream, in order."""
+        X = check_matrix(X, allow_empty=True)
+        step = rows_per_message or self._rows_per_message(4 * X.shape[1], X.shape[1])
+
+        def messages() -> Iterator[pb.EncodeStreamRequest]:
+            for start in range(0, X.shape[0], step):
+                yield pb.EncodeStreamRequest(
+                    codec_id=codec_id if start == 0 else "",
+                    vectors=array_to_matrix(X[start : start + step]),
+                )
+
+        parts: builtins.list[tuple[int, np.ndarray]] = []
+        try:
+            for reply in self._stub.EncodeStream(
+                messages(), metadata=self._metadata, timeout=self.timeout
+            ):
+                parts.append((reply.row_offset, codes_to_array(reply.codes)))
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc) from None
+        return _assemble(parts, X.shape[0], np.uint8)
+
+    def decode_stream(
+        self,
+        codec_id: str,
+        codes: Any,
+        *,
+        reduced: bool = False,
+        rows_per_message: int | None = None,
+    ) -> np.ndarray:
+        """Decode any number of codes (n, code_size) through DecodeStream, in order."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2:
+            raise InputError(f"codes must be 2-D (n, code_size); got shape {codes.shape}")
+        if rows_per_message is None:
+            info = self._info(codec_id)
+            width = info.d_out if reduced else info.d_in
+            rows_per_message = self._rows_per_message(max(4 * width, codes.shape[1]), info.d_in)
+
+        def messages() -> Iterator[pb.DecodeStreamRequest]:
+            for start in range(0, codes.shape[0], rows_per_message):
+                yield pb.DecodeStreamRequest(
+                    codec_id=codec_id if start == 0 else "",
+                    codes=array_to_codes(codes[start : start + rows_per_message]),
+                    reduced=reduced,
+                )
+
+        parts: builtins.list[tuple[int, np.ndarray]] = []
+        try:
+            for reply in self._stub.DecodeStream(
+                messages(), metadata=self._metadata, timeout=self.timeout
+            ):
+                parts.append((reply.row_offset, matrix_to_array(reply.vectors)))
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc(exc) from None
+        return _assemble(parts, codes.shape[0], np.float32)
+
+    def evaluate(
+        self, codec_id: str, base: Any, queries: Any, *, k: int = 10, metric: str = "ip"
+    ) -> Evaluation:
+        """recall@k of the codec on a sample: decoded ``base`` vs exact float32 search."""
+        if metric not in _METRICS:
+            raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+        request = pb.EvaluateCodecRequest(
+            codec_id=codec_id,
+            base=array_to_matrix(base, name="base"),
+            queries=array_to_matrix(queries, name="queries"),
+            k=k,
+            metric=_METRICS[metric],
+        )
+        reply = self._call(self._stub.EvaluateCodec, request)
+        return Evaluation(
+            recall_at_k=reply.recall_at_k,
+            k=reply.k,
+            bytes_per_vector=reply.bytes_per_vector,
+            compression_ratio=reply.compression_ratio,
+            base_rows=reply.base_rows,
+            query_rows=reply.query_rows,
+        )
+
+
+def _assemble(parts: list[tuple[int, np.ndarray]], rows: int, dtype: Any) -> np.ndarray:
+    """Concatenate stream replies after checking they tile ``[0, rows)`` in order."""
+    width = parts[0][1].shape[1] if parts else 0
+    out = np.empty((rows, width), dtype=dtype)
+    position = 0
+    for offset, block in parts:
+        if offset != position:
+            raise InputError(f"stream reply at row {offset} arrived where {position} was due")
+        out[position : position + block.shape[0]] = block
+        position += block.shape[0]
+    if position != rows:
+        raise InputError(f"the stream returned {position} rows for {rows} sent")
+    return out

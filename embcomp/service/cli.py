@@ -1,0 +1,96 @@
+"""``embcomp serve`` and ``embcomp health``: registered into the core CLI.
+
+Imports nothing heavy at module level (grpc loads only when a command runs), so
+``embcomp --help`` works without the ``service`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+# flag -> (type, help); each is also the EMBCOMP_<FLAG> environment variable.
+_SERVE_FLAGS: dict[str, tuple[Any, str]] = {
+    "host": (str, "address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)"),
+    "port": (int, "gRPC port (default 50051; 0 picks a free one)"),
+    "store": (Path, "codec store directory, created if missing (default ./store)"),
+    "metrics-port": (int, "serve Prometheus /metrics on this HTTP port (default off)"),
+    "tls-cert": (Path, "PEM certificate; with --tls-key the server speaks TLS only"),
+    "tls-key": (Path, "PEM private key for --tls-cert"),
+    "auth-token-file": (Path, "file holding the bearer token every call must send"),
+    "max-message-bytes": (int, "largest gRPC message in or out (default 64 MiB)"),
+    "max-rows-per-request": (int, "most vectors or codes per request message (default 262144)"),
+    "max-fit-bytes": (int, "most float32 training bytes per fit (default 1 GiB)"),
+    "max-concurrent-fits": (int, "fits allowed at once (default 2)"),
+    "max-workers": (int, "RPC worker threads (default 16)"),
+    "cache-size": (int, "loaded codecs kept in memory (default 32)"),
+    "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),
+    "log-level": (str.upper, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    "log-format": (str, "json or text (default json)"),
+}
+
+
+def register(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the gRPC compression service",
+        description=(
+            "Run the embcomp gRPC service. Every flag can also be set as an EMBCOMP_* "
+            "environment variable (e.g. EMBCOMP_PORT, EMBCOMP_AUTH_TOKEN); flags win."
+        ),
+    )
+    for flag, (kind, text) in _SERVE_FLAGS.items():
+        serve.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    serve.set_defaults(func=_cmd_serve)
+
+    check = subparsers.add_parser(
+        "health", help="ask a running service's gRPC health service; exit 0 if SERVING"
+    )
+    check.add_argument(
+        "--target", default=None, help="host:port (default localhost:$EMBCOMP_PORT or 50051)"
+    )
+    check.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM root to verify a TLS server with"
+    )
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    check.set_defaults(func=_cmd_health)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .server import serve
+
+    overrides = {
+        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in _SERVE_FLAGS
+    }
+    return serve(load_config(**overrides))
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .config import load_config
+
+    config = load_config()
+    target = args.target or f"localhost:{config.port}"
+    ca = args.tls_ca or config.tls_cert
+    if ca is not None:
+        channel = grpc.secure_channel(
+            target, grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
+        )
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{target}: {exc.code().name}: {exc.details()}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -1,0 +1,111 @@
+"""Service settings: defaults embedded, then ``EMBCOMP_*`` environment variables, then flags.
+
+Every field can be set as an environment variable named ``EMBCOMP_<FIELD>`` (for
+example ``EMBCOMP_PORT=6000``, ``EMBCOMP_AUTH_TOKEN=...``) or as the matching
+``embcomp serve --<field>`` flag; flags win. No file or other service is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..exceptions import InputError
+
+__all__ = ["ServiceConfig", "load_config"]
+
+MiB = 1 << 20
+
+
+class ServiceConfig(BaseSettings):
+    """Settings of one server process.
+
+    Attributes
+    ----------
+    host, port : address to listen on; port 0 picks a free port (tests).
+    store : directory holding the codec store; created if missing.
+    max_message_bytes : largest gRPC message accepted or sent (gRPC's own default is 4 MiB).
+    max_rows_per_request : most vectors or codes in one request or stream message.
+    max_fit_bytes : most training data one FitCodec may send, counted as float32 bytes.
+    max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED.
+    max_workers : threads serving RPCs.
+    cache_size : fitted codecs kept loaded in memory (least recently used evicted).
+    tls_cert, tls_key : PEM files; when both are set the server speaks TLS only.
+    auth_token, auth_token_file : when set, every call except health checks must send
+        metadata ``authorization: Bearer <token>``. The file form keeps the token out of
+        the environment and process list; surrounding whitespace is stripped.
+    metrics_port : serve Prometheus metrics over HTTP on this port (off when unset).
+    grace_seconds : on SIGTERM, in-flight calls get this long to finish.
+    log_level, log_format : logging threshold and ``json`` (one object per line) or ``text``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMBCOMP_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    store: Path = Path("store")
+    max_message_bytes: int = Field(default=64 * MiB, ge=MiB, le=2**31 - 1)
+    max_rows_per_request: int = Field(default=262_144, ge=1)
+    max_fit_bytes: int = Field(default=1024 * MiB, ge=1)
+    max_concurrent_fits: int = Field(default=2, ge=1)
+    max_workers: int = Field(default=16, ge=1)
+    cache_size: int = Field(default=32, ge=1)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> ServiceConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (PEM files), or neither")
+        for name in ("tls_cert", "tls_key", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError("set auth_token or auth_token_file, not both")
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token clients must send, or ``None`` when auth is off."""
+        if self.auth_token_file is not None:
+            token = self.auth_token_file.read_text(encoding="utf-8").strip()
+        elif self.auth_token is not None:
+            token = self.auth_token.get_secret_value().strip()
+        else:
+            return None
+        if not token:
+            raise InputError("the configured auth token is empty; set a non-empty token")
+        return token
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for binding, with IPv6 hosts bracketed."""
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+def load_config(**overrides: object) -> ServiceConfig:
+    """Build the config from the environment plus ``overrides`` (``None`` values ignored).
+
+    Raises ``InputError`` with one line per bad setting instead of pydantic's report.
+    """
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return ServiceConfig(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InputError(f"invalid service settings: {problems}") from None

@@ -1,0 +1,314 @@
+"""``embcomp.v1.CompressionService``: translate messages into library calls.
+
+No math lives here: arrays come from :mod:`.convert`, codecs from :mod:`.store`, the
+work from :mod:`embcomp` itself, and every failure goes through the error table by
+way of the :mod:`.calls` decorators. A failed call writes nothing: codecs are stored
+only after a fit or an import has fully succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .._validation import check_finite, check_matrix
+from ..codec import make_codec
+from ..evaluation import exact_knn, recall_at_k
+from ..exceptions import ArtifactError, InputError
+from ..v1 import compression_service_pb2 as pb
+from ..v1 import compression_service_pb2_grpc as pb_grpc
+from ..v1 import types_pb2
+from .calls import bidi_stream, client_stream, unary
+from .config import ServiceConfig
+from .convert import array_to_codes, array_to_matrix, codes_to_array, matrix_to_array
+from .errors import LimitExceededError
+from .metrics import ServiceMetrics
+from .store import CodecStore, StoredCodec, check_codec_id
+
+__all__ = ["CompressionServicer", "codec_info_message", "parse_options"]
+
+_METRICS: dict[int, str] = {
+    types_pb2.METRIC_UNSPECIFIED: "ip",
+    types_pb2.METRIC_INNER_PRODUCT: "ip",
+    types_pb2.METRIC_L2: "l2",
+}
+_DEFAULT_PAGE, _MAX_PAGE = 100, 1000
+# Room for the message framing around a response's payload bytes.
+_ENVELOPE_BYTES = 1024
+
+
+def parse_options(raw: dict[str, str]) -> dict[str, Any]:
+    """Option values are JSON text; a value that is not JSON is a plain string (as the CLI)."""
+    options: dict[str, Any] = {}
+    for key, text in raw.items():
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
+def codec_info_message(meta: StoredCodec) -> types_pb2.CodecInfo:
+    info = types_pb2.CodecInfo(
+        id=meta.id,
+        spec=meta.spec,
+        d_in=meta.d_in,
+        d_out=meta.d_out,
+        code_size=meta.code_size,
+        options={k: json.dumps(v, sort_keys=True) for k, v in meta.options.items()},
+        compression_ratio=meta.compression_ratio,
+        artifact_size=meta.artifact_size,
+        sha256=meta.sha256,
+    )
+    info.created.FromDatetime(meta.created)
+    return info
+
+
+def _metric(value: int) -> str:
+    try:
+        return _METRICS[value]
+    except KeyError:
+        raise InputError(
+            f"metric must be METRIC_INNER_PRODUCT or METRIC_L2; got enum value {value}"
+        ) from None
+
+
+class CompressionServicer(pb_grpc.CompressionServiceServicer):
+    """The service's RPCs over one :class:`CodecStore`.
+
+    Parameters
+    ----------
+    store : where codecs live.
+    config : limits (rows per request, message size, fit size and concurrency).
+    metrics : where the RPC wrappers record requests, errors, latency and bytes.
+    """
+
+    def __init__(self, store: CodecStore, config: ServiceConfig, metrics: ServiceMetrics):
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self._fit_slots = threading.BoundedSemaphore(config.max_concurrent_fits)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _vectors(self, matrix: types_pb2.Matrix, name: str) -> np.ndarray:
+        return matrix_to_array(matrix, name=name, max_rows=self.config.max_rows_per_request)
+
+    def _codes(self, codes: types_pb2.Codes, name: str = "codes") -> np.ndarray:
+        return codes_to_array(codes, name=name, max_rows=self.config.max_rows_per_request)
+
+    def _check_response_size(self, rows: int, bytes_per_row: int) -> None:
+        size = rows * bytes_per_row + _ENVELOPE_BYTES
+        if size > self.config.max_message_bytes:
+            raise LimitExceededError(
+                f"the response would be {size} bytes, over this server's message limit of "
+                f"{self.config.max_message_bytes}; send at most "
+                f"{(self.config.max_message_bytes - _ENVELOPE_BYTES) // bytes_per_row} rows "
+                "per request"
+            )
+
+    def _stream_codec_id(self, sent: str, current: str | None, rpc: str) -> str:
+        if current is None:
+            if not sent:
+                raise InputError(f"the first {rpc} message must set codec_id")
+            return check_codec_id(sent)
+        if sent and sent != current:
+            raise InputError(
+                f"{rpc} messages must all use codec {current}; a later one named {sent!r}"
+            )
+        return current
+
+    # -- fitting ----------------------------------------------------------------------
+    @client_stream("FitCodec")
+    def FitCodec(self, request_iterator: Iterator[pb.FitCodecRequest], context: Any) -> Any:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InputError(
+                "the first FitCodec message must be a header with the spec, e.g. "
+                "FitCodecHeader(spec='pca256,fp8'); training chunks follow it"
+            )
+        codec = make_codec(first.header.spec, **parse_options(dict(first.header.options)))
+        if not self._fit_slots.acquire(blocking=False):
+            raise LimitExceededError(
+                f"{self.config.max_concurrent_fits} fits are already running on this server; "
+                "retry later (the limit is EMBCOMP_MAX_CONCURRENT_FITS)"
+            )
+        try:
+            self.metrics.fits_running.inc()
+            train = self._read_training_chunks(request_iterator)
+            codec.fit(train)
+            del train
+            meta = self.store.put(codec)
+        finally:
+            self.metrics.fits_running.dec()
+            self._fit_slots.release()
+        return pb.FitCodecResponse(codec=codec_info_message(meta))
+
+    def _read_training_chunks(self, requests: Iterator[pb.FitCodecRequest]) -> np.ndarray:
+        chunks: list[np.ndarray] = []
+        float32_bytes = 0
+        for index, message in enumerate(requests, start=1):
+            if message.WhichOneof("part") != "chunk":
+                raise InputError(
+                    f"FitCodec message {index} is not a training chunk: only the first "
+                    "message may be a header"
+                )
+            chunk = self._vectors(message.chunk, f"training chunk {index}")
+            if chunks and chunk.shape[1] != chunks[0].shape[1]:
+                raise InputError(
+                    f"training chunk {index} has {chunk.shape[1]} cols but earlier chunks "
+                    f"have {chunks[0].shape[1]}; every chunk must have the same width"
+                )
+            float32_bytes += 4 * chunk.size
+            if float32_bytes > self.config.max_fit_bytes:
+                raise LimitExceededError(
+                    f"training data exceeds this server's limit of {self.config.max_fit_bytes} "
+                    "float32 bytes per fit; fit on a random sample (the limit is "
+                    "EMBCOMP_MAX_FIT_BYTES)"
+                )
+            chunks.append(chunk)
+        if not chunks:
+            raise InputError("FitCodec got a header but no training vectors; send chunks")
+        if len(chunks) == 1:
+            return chunks[0]
+        return np.concatenate(chunks, axis=0, dtype=np.float32)
+
+    # -- encode / decode / project ----------------------------------------------------
+    @unary("Encode")
+    def Encode(self, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
+        codec = self.store.get(check_codec_id(request.codec_id))
+        vectors = self._vectors(request.vectors, "vectors")
+        self._check_response_size(vectors.shape[0], codec.code_size)
+        return pb.EncodeResponse(codes=array_to_codes(codec.encode(vectors)))
+
+    @unary("Decode")
+    def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
+        codec = self.store.get(check_codec_id(request.codec_id))
+        codes = self._codes(request.codes)
+        width = codec.d_out if request.reduced else codec._check_fitted()
+        self._check_response_size(codes.shape[0], 4 * width)
+        return pb.DecodeResponse(
+            vectors=array_to_matrix(codec.decode(codes, reduced=request.reduced))
+        )
+
+    @unary("ProjectQueries")
+    def ProjectQueries(
+        self, request: pb.ProjectQueriesRequest, context: Any
+    ) -> pb.ProjectQueriesResponse:
+        codec = self.store.get(check_codec_id(request.codec_id))
+        queries = self._vectors(request.queries, "queries")
+        metric = _metric(request.metric)
+        self._check_response_size(queries.shape[0], 4 * codec.d_out)
+        projected = codec.project_queries(queries, metric=metric)
+        return pb.ProjectQueriesResponse(queries=array_to_matrix(projected))
+
+    @bidi_stream("EncodeStream")
+    def EncodeStream(
+        self, request_iterator: Iterator[pb.EncodeStreamRequest], context: Any
+    ) -> Iterator[pb.EncodeStreamResponse]:
+        codec_id: str | None = None
+        codec = None
+        offset = 0
+        for index, request in enumerate(request_iterator):
+            codec_id = self._stream_codec_id(request.codec_id, codec_id, "EncodeStream")
+            if codec is None:
+                codec = self.store.get(codec_id)
+            vectors = self._vectors(request.vectors, f"message {index} vectors")
+            self._check_response_size(vectors.shape[0], codec.code_size)
+            codes = array_to_codes(codec.encode(vectors))
+            yield pb.EncodeStreamResponse(row_offset=offset, codes=codes)
+            offset += vectors.shape[0]
+
+    @bidi_stream("DecodeStream")
+    def DecodeStream(
+        self, request_iterator: Iterator[pb.DecodeStreamRequest], context: Any
+    ) -> Iterator[pb.DecodeStreamResponse]:
+        codec_id: str | None = None
+        codec = None
+        reduced: bool | None = None
+        offset = 0
+        for index, request in enumerate(request_iterator):
+            codec_id = self._stream_codec_id(request.codec_id, codec_id, "DecodeStream")
+            if codec is None:
+                codec = self.store.get(codec_id)
+                reduced = request.reduced
+            elif request.reduced != reduced:
+                raise InputError(f"DecodeStream message {index} changed 'reduced' mid-stream")
+            codes = self._codes(request.codes, f"message {index} codes")
+            width = codec.d_out if reduced else codec._check_fitted()
+            self._check_response_size(codes.shape[0], 4 * width)
+            vectors = array_to_matrix(codec.decode(codes, reduced=bool(reduced)))
+            yield pb.DecodeStreamResponse(row_offset=offset, vectors=vectors)
+            offset += codes.shape[0]
+
+    # -- the store --------------------------------------------------------------------
+    @unary("GetCodec")
+    def GetCodec(self, request: pb.GetCodecRequest, context: Any) -> pb.GetCodecResponse:
+        meta = self.store.info(check_codec_id(request.codec_id))
+        return pb.GetCodecResponse(codec=codec_info_message(meta))
+
+    @unary("ListCodecs")
+    def ListCodecs(self, request: pb.ListCodecsRequest, context: Any) -> pb.ListCodecsResponse:
+        size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
+        ids = self.store.ids()
+        if request.page_token:
+            after = check_codec_id(request.page_token)
+            ids = [codec_id for codec_id in ids if codec_id > after]
+        page, rest = ids[:size], ids[size:]
+        infos = []
+        for codec_id in page:
+            try:
+                infos.append(codec_info_message(self.store.info(codec_id)))
+            except LookupError:  # deleted while we listed
+                continue
+        return pb.ListCodecsResponse(codecs=infos, next_page_token=page[-1] if rest else "")
+
+    @unary("DeleteCodec")
+    def DeleteCodec(self, request: pb.DeleteCodecRequest, context: Any) -> pb.DeleteCodecResponse:
+        self.store.delete(check_codec_id(request.codec_id))
+        return pb.DeleteCodecResponse()
+
+    @unary("ImportCodec")
+    def ImportCodec(self, request: pb.ImportCodecRequest, context: Any) -> pb.ImportCodecResponse:
+        if not request.artifact:
+            raise InputError("ImportCodec got no artifact bytes")
+        try:
+            meta = self.store.put_bytes(request.artifact)
+        except ArtifactError as exc:  # a bad upload is the caller's argument, not our state
+            raise InputError(str(exc)) from exc
+        return pb.ImportCodecResponse(codec=codec_info_message(meta))
+
+    @unary("ExportCodec")
+    def ExportCodec(self, request: pb.ExportCodecRequest, context: Any) -> pb.ExportCodecResponse:
+        codec_id = check_codec_id(request.codec_id)
+        blob = self.store.read_bytes(codec_id)
+        meta = self.store.info(codec_id)
+        return pb.ExportCodecResponse(artifact=blob, codec=codec_info_message(meta))
+
+    # -- evaluation -------------------------------------------------------------------
+    @unary("EvaluateCodec")
+    def EvaluateCodec(
+        self, request: pb.EvaluateCodecRequest, context: Any
+    ) -> pb.EvaluateCodecResponse:
+        codec = self.store.get(check_codec_id(request.codec_id))
+        base = self._vectors(request.base, "base")
+        queries = self._vectors(request.queries, "queries")
+        metric = _metric(request.metric)
+        k = min(request.k or 10, base.shape[0])
+        check_matrix(queries, name="queries", d=codec._check_fitted())
+        check_finite(queries, name="queries")
+        decoded = codec.decode(codec.encode(base))  # checks base's width and values
+        true_ids, _ = exact_knn(base, queries, k, metric=metric)
+        found_ids, _ = exact_knn(decoded, queries, k, metric=metric)
+        recall = recall_at_k(found_ids, true_ids, k, base=base, queries=queries, metric=metric)
+        return pb.EvaluateCodecResponse(
+            recall_at_k=recall,
+            k=k,
+            bytes_per_vector=codec.code_size,
+            compression_ratio=codec.compression_ratio,
+            base_rows=base.shape[0],
+            query_rows=queries.shape[0],
+        )
