@@ -8,6 +8,7 @@ only after a fit or an import has fully succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -16,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_finite, check_matrix
-from ..codec import make_codec
+from ..codec import Codec, make_codec
 from ..evaluation import exact_knn, recall_at_k
-from ..exceptions import ArtifactError, InputError
+from ..exceptions import ArtifactError, EmbcompError, InputError
 from ..v1 import compression_service_pb2 as pb
 from ..v1 import compression_service_pb2_grpc as pb_grpc
 from ..v1 import types_pb2
@@ -68,6 +69,15 @@ def codec_info_message(meta: StoredCodec) -> types_pb2.CodecInfo:
     return info
 
 
+@contextlib.contextmanager
+def _in_stream_message(index: int, offset: int) -> Iterator[None]:
+    """Prefix errors with where in the stream they happened (rows count from 0)."""
+    try:
+        yield
+    except EmbcompError as exc:
+        raise type(exc)(f"stream message {index} (first row {offset}): {exc}") from exc
+
+
 def _metric(value: int) -> str:
     try:
         return _METRICS[value]
@@ -99,6 +109,10 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
 
     def _codes(self, codes: types_pb2.Codes, name: str = "codes") -> np.ndarray:
         return codes_to_array(codes, name=name, max_rows=self.config.max_rows_per_request)
+
+    def _vectors_for(self, codec: Codec, matrix: types_pb2.Matrix, name: str) -> np.ndarray:
+        """The matrix as an array, checked against the codec's input width."""
+        return check_matrix(self._vectors(matrix, name), name=name, d=codec._check_fitted())
 
     def _check_response_size(self, rows: int, bytes_per_row: int) -> None:
         size = rows * bytes_per_row + _ENVELOPE_BYTES
@@ -180,7 +194,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
     @unary("Encode")
     def Encode(self, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
         codec = self.store.get(check_codec_id(request.codec_id))
-        vectors = self._vectors(request.vectors, "vectors")
+        vectors = self._vectors_for(codec, request.vectors, "vectors")
         self._check_response_size(vectors.shape[0], codec.code_size)
         return pb.EncodeResponse(codes=array_to_codes(codec.encode(vectors)))
 
@@ -199,7 +213,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         self, request: pb.ProjectQueriesRequest, context: Any
     ) -> pb.ProjectQueriesResponse:
         codec = self.store.get(check_codec_id(request.codec_id))
-        queries = self._vectors(request.queries, "queries")
+        queries = self._vectors_for(codec, request.queries, "queries")
         metric = _metric(request.metric)
         self._check_response_size(queries.shape[0], 4 * codec.d_out)
         projected = codec.project_queries(queries, metric=metric)
@@ -216,9 +230,10 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             codec_id = self._stream_codec_id(request.codec_id, codec_id, "EncodeStream")
             if codec is None:
                 codec = self.store.get(codec_id)
-            vectors = self._vectors(request.vectors, f"message {index} vectors")
-            self._check_response_size(vectors.shape[0], codec.code_size)
-            codes = array_to_codes(codec.encode(vectors))
+            with _in_stream_message(index, offset):
+                vectors = self._vectors_for(codec, request.vectors, "vectors")
+                self._check_response_size(vectors.shape[0], codec.code_size)
+                codes = array_to_codes(codec.encode(vectors))
             yield pb.EncodeStreamResponse(row_offset=offset, codes=codes)
             offset += vectors.shape[0]
 
@@ -237,10 +252,11 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 reduced = request.reduced
             elif request.reduced != reduced:
                 raise InputError(f"DecodeStream message {index} changed 'reduced' mid-stream")
-            codes = self._codes(request.codes, f"message {index} codes")
-            width = codec.d_out if reduced else codec._check_fitted()
-            self._check_response_size(codes.shape[0], 4 * width)
-            vectors = array_to_matrix(codec.decode(codes, reduced=bool(reduced)))
+            with _in_stream_message(index, offset):
+                codes = self._codes(request.codes)
+                width = codec.d_out if reduced else codec._check_fitted()
+                self._check_response_size(codes.shape[0], 4 * width)
+                vectors = array_to_matrix(codec.decode(codes, reduced=bool(reduced)))
             yield pb.DecodeStreamResponse(row_offset=offset, vectors=vectors)
             offset += codes.shape[0]
 

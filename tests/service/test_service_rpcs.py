@@ -1,0 +1,228 @@
+"""Every RPC against a real server: results byte-identical to the library's own calls."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import embcomp
+from embcomp.artifacts import codec_id
+from embcomp.cli import main as cli_main
+from embcomp.client import CompressionClient
+from embcomp.v1 import compression_service_pb2 as pb
+from embcomp.v1 import types_pb2
+
+SPECS = ["fp8", "int8", "fp16", "pca128,int8", "l2norm,pca64,bin", "rot,int4", "pca96,fp4"]
+
+
+@pytest.fixture(scope="module")
+def fitted(client, sample):
+    """spec -> (CodecInfo from the service, the same codec fitted in-process)."""
+    base, _ = sample
+    train = base[:1500]
+    return {
+        spec: (client.fit(spec, train, seed=3), embcomp.make_codec(spec, seed=3).fit(train))
+        for spec in SPECS
+    }
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_fit_matches_library_fit(fitted, client, spec):
+    info, codec = fitted[spec]
+    assert info.id == codec_id(codec)
+    assert (info.spec, info.d_in, info.d_out, info.code_size) == (
+        str(codec.spec),
+        codec.d_in,
+        codec.d_out,
+        codec.code_size,
+    )
+    assert info.options == codec.options and info.options["seed"] == 3
+    assert info.compression_ratio == pytest.approx(codec.compression_ratio)
+    assert client.export_codec(info.id) == embcomp.codec_to_bytes(codec)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_encode_decode_project_byte_identical(fitted, client, sample, spec):
+    base, queries = sample
+    info, codec = fitted[spec]
+    codes = client.encode(info.id, base)
+    assert codes.dtype == np.uint8 and codes.shape == (3000, codec.code_size)
+    np.testing.assert_array_equal(codes, codec.encode(base))
+    np.testing.assert_array_equal(client.decode(info.id, codes), codec.decode(codes))
+    reduced = client.decode(info.id, codes, reduced=True)
+    np.testing.assert_array_equal(reduced, codec.decode(codes, reduced=True))
+    np.testing.assert_array_equal(
+        client.project_queries(info.id, queries), codec.project_queries(queries)
+    )
+    if codec.reducer is None or codec.reducer.has_orthonormal_rows:
+        np.testing.assert_array_equal(
+            client.project_queries(info.id, queries, metric="l2"),
+            codec.project_queries(queries, metric="l2"),
+        )
+
+
+def test_float16_input_encodes_like_the_library(fitted, client, sample):
+    base, _ = sample
+    info, codec = fitted["pca128,int8"]
+    half = base[:500].astype(np.float16)
+    np.testing.assert_array_equal(client.encode(info.id, half), codec.encode(half))
+
+
+def test_streams_preserve_order_and_bytes(fitted, client, sample):
+    base, _ = sample
+    info, codec = fitted["rot,int4"]
+    # Small messages: many stream messages, offsets checked by the client.
+    codes = client.encode_stream(info.id, base, rows_per_message=97)
+    np.testing.assert_array_equal(codes, codec.encode(base))
+    decoded = client.decode_stream(info.id, codes, rows_per_message=682)
+    np.testing.assert_array_equal(decoded, codec.decode(codes))
+
+
+def test_stream_responses_carry_row_offsets(fitted, stub, sample):
+    base, _ = sample
+    info, codec = fitted["fp8"]
+    sizes = [5, 1, 17, 3]
+    requests, start = [], 0
+    for size in sizes:
+        matrix = types_pb2.Matrix(
+            rows=size,
+            cols=384,
+            dtype=types_pb2.DTYPE_FLOAT32,
+            data=base[start : start + size].tobytes(),
+        )
+        requests.append(pb.EncodeStreamRequest(codec_id=info.id, vectors=matrix))
+        start += size
+    replies = list(stub.EncodeStream(iter(requests)))
+    assert [r.row_offset for r in replies] == [0, 5, 6, 23]
+    joined = b"".join(r.codes.data for r in replies)
+    assert joined == codec.encode(base[:start]).tobytes()
+
+
+def test_evaluate_matches_library_recall(fitted, client, sample):
+    base, queries = sample
+    info, codec = fitted["pca128,int8"]
+    result = client.evaluate(info.id, base, queries, k=10)
+    true_ids, _ = embcomp.evaluation.exact_knn(base, queries, 10)
+    found_ids, _ = embcomp.evaluation.exact_knn(codec.decode(codec.encode(base)), queries, 10)
+    expected = embcomp.evaluation.recall_at_k(found_ids, true_ids, 10, base=base, queries=queries)
+    assert result.recall_at_k == pytest.approx(expected, abs=1e-12)
+    assert 0.3 < result.recall_at_k < 1.0
+    assert (result.k, result.bytes_per_vector, result.base_rows, result.query_rows) == (
+        10,
+        128,
+        3000,
+        200,
+    )
+    assert result.compression_ratio == pytest.approx(12.0)
+    lossless = client.evaluate(fitted["fp16"][0].id, base, queries, k=5, metric="l2")
+    assert lossless.recall_at_k == pytest.approx(1.0)
+
+
+def test_get_list_delete(client, sample):
+    base, _ = sample
+    info = client.fit("int4", base[:300])
+    assert client.get(info.id) == info
+    assert info.id in {i.id for i in client.list()}
+    again = client.fit("int4", base[:300])  # identical fit: same content address, same entry
+    assert again == info
+    client.delete(info.id)
+    assert info.id not in {i.id for i in client.list()}
+
+
+def test_list_pages_cover_every_codec_once(client, stub, fitted):
+    ids = []
+    token = ""
+    while True:
+        reply = stub.ListCodecs(pb.ListCodecsRequest(page_size=2, page_token=token))
+        assert len(reply.codecs) <= 2
+        ids.extend(c.id for c in reply.codecs)
+        token = reply.next_page_token
+        if not token:
+            break
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    assert {info.id for info, _ in fitted.values()} <= set(ids)
+    assert ids == [i.id for i in client.list()]
+
+
+def test_cli_fitted_codec_imports_and_exports(client, tmp_path, sample):
+    base, queries = sample
+    np.save(tmp_path / "train.npy", base[:1000])
+    path = tmp_path / "cli.codec"
+    assert (
+        cli_main(
+            ["fit", "--spec", "pca64,fp8", "--train", str(tmp_path / "train.npy"), "-o", str(path)]
+        )
+        == 0
+    )
+    info = client.import_codec(path)
+    offline = embcomp.load_codec(path)
+    assert info.id == codec_id(offline) and info.spec == "pca64,fp8"
+    np.testing.assert_array_equal(client.encode(info.id, queries), offline.encode(queries))
+    assert client.export_codec(info.id) == path.read_bytes()
+    assert client.import_codec(path.read_bytes()) == info  # idempotent
+    exported = tmp_path / "exported.codec"
+    exported.write_bytes(client.export_codec(info.id))
+    assert (
+        cli_main(
+            ["encode", "-c", str(exported), str(tmp_path / "train.npy"), str(tmp_path / "c.npy")]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), client.encode(info.id, base[:1000]))
+
+
+def test_request_id_is_echoed(fitted, stub, sample):
+    info, _ = fitted["fp8"]
+    matrix = types_pb2.Matrix(
+        rows=1, cols=384, dtype=types_pb2.DTYPE_FLOAT32, data=sample[0][:1].tobytes()
+    )
+    _, call = stub.Encode.with_call(
+        pb.EncodeRequest(codec_id=info.id, vectors=matrix),
+        metadata=(("x-request-id", "trace-42"),),
+    )
+    assert ("x-request-id", "trace-42") in tuple(call.trailing_metadata())
+
+
+def test_sixteen_threads_encode_at_once(fitted, server, sample):
+    base, _ = sample
+    infos = [fitted[s] for s in ("fp8", "pca128,int8", "rot,int4", "l2norm,pca64,bin")]
+    start = threading.Barrier(16)
+    results: dict[int, bool] = {}
+
+    def work(index: int) -> None:
+        info, codec = infos[index % len(infos)]
+        rows = base[index * 150 : index * 150 + 300]
+        with CompressionClient(f"127.0.0.1:{server.port}") as own:
+            start.wait()
+            ok = True
+            for _ in range(5):
+                codes = own.encode(info.id, rows)
+                ok &= np.array_equal(codes, codec.encode(rows))
+                ok &= np.array_equal(own.decode(info.id, codes), codec.decode(codes))
+            results[index] = bool(ok)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: True for i in range(16)}
+
+
+def test_200k_vectors_round_trip_through_streams(client, sample):
+    base, _ = sample
+    spec = "int8"  # a cheap codec: the time goes to the transport under test
+    info = client.fit(spec, base)
+    codec = embcomp.make_codec(spec).fit(base)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((200_000, 384), dtype=np.float32)
+    X *= 0.05
+    codes = client.encode_stream(info.id, X)
+    assert codes.shape == (200_000, 384)
+    np.testing.assert_array_equal(codes, codec.encode(X))
+    decoded = client.decode_stream(info.id, codes)
+    np.testing.assert_array_equal(decoded, codec.decode(codes))
+    # encode() switches to the stream by itself for arrays over one message.
+    np.testing.assert_array_equal(client.encode(info.id, X[:20_000]), codes[:20_000])
