@@ -1,0 +1,184 @@
+"""Limits, bearer-token auth and TLS, each against a real server on a loopback port."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import running_server, store_snapshot
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embcomp.client import CompressionClient, ServiceError
+from embcomp.service.config import MiB
+from embcomp.service.convert import array_to_codes, array_to_matrix
+from embcomp.v1 import compression_service_pb2 as pb
+
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+def _code(call):
+    with pytest.raises(ServiceError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+# -- limits --------------------------------------------------------------------------------
+def test_default_message_limit_is_well_above_grpc_4mb(tmp_path, sample):
+    base = sample[0]
+    with running_server(tmp_path / "s") as srv:
+        assert srv.config.max_message_bytes >= 64 * MiB
+        # One 12 MiB unary Encode: over gRPC's 4 MiB default, fine here.
+        big = np.tile(base, (3, 1))[:8192]
+        with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=16 * MiB) as client:
+            info = client.fit("fp8", base)
+            codes = client.encode(info.id, big)
+            assert codes.shape == (8192, 384)
+        registry = srv.metrics.registry
+        assert registry.get_sample_value("embcomp_requests_total", {"method": "Encode"}) == 1
+        received = registry.get_sample_value("embcomp_received_bytes_total", {"method": "Encode"})
+        assert received > big.nbytes >= 12 * MiB
+
+
+def test_limits_give_resource_exhausted(tmp_path, sample):
+    base = sample[0]
+    store = tmp_path / "s"
+    settings = {"max_message_bytes": MiB, "max_rows_per_request": 1000, "max_fit_bytes": 400 * 1536}
+    with running_server(store, **settings) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CompressionClient(target, message_bytes=MiB) as client:
+            info = client.fit("bin", base[:400])
+            before = store_snapshot(store)
+            # more rows than max_rows_per_request in one message (float16: 770 kB, one message)
+            half = base[:1001].astype(np.float16)
+            code, details = _code(lambda: client.encode(info.id, half))
+            assert code == EXHAUSTED and "limit of 1000 per request" in details
+            # training data over max_fit_bytes
+            code, details = _code(lambda: client.fit("int8", base[:401]))
+            assert code == EXHAUSTED and "EMBCOMP_MAX_FIT_BYTES" in details
+            # a response that would be over the message limit: 800 x 1536 bytes > 1 MiB
+            codes = client.encode(info.id, base[:800])
+            request = pb.DecodeRequest(codec_id=info.id, codes=array_to_codes(codes))
+            code, details = _code(lambda: client._call(client._stub.Decode, request))
+            assert code == EXHAUSTED and "message limit" in details
+            # the client's own decode splits it into a stream and succeeds
+            assert client.decode(info.id, codes).shape == (800, 384)
+        # a request message over max_message_bytes is refused by gRPC itself
+        with CompressionClient(target, message_bytes=4 * MiB) as client:
+            code, _ = _code(lambda: client.encode(info.id, base[:1000]))
+            assert code == EXHAUSTED
+        assert store_snapshot(store) == before
+
+
+def test_concurrent_fit_limit(tmp_path, sample):
+    base = sample[0]
+    with running_server(tmp_path / "s", max_concurrent_fits=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        release = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def slow_messages():
+            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+            release.wait(30)  # hold the fit slot until the second fit has been refused
+            yield pb.FitCodecRequest(chunk=array_to_matrix(base[:200]))
+
+        def first_fit():
+            with CompressionClient(target) as client:
+                outcome["reply"] = client._call(client._stub.FitCodec, slow_messages())
+
+        worker = threading.Thread(target=first_fit)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while srv.metrics.fits_running._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # synchronization only: wait until the first fit holds the slot
+        with CompressionClient(target) as client:
+            code, details = _code(lambda: client.fit("fp8", base[:100]))
+            assert code == EXHAUSTED and "1 fits are already running" in details
+            release.set()
+            worker.join()
+            assert outcome["reply"].codec.spec == "int8"
+            assert client.fit("fp8", base[:100]).spec == "fp8"  # the slot is free again
+
+
+# -- auth ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("auth"), auth_token="s3cret-token") as srv:
+        yield srv
+
+
+def test_auth_rejects_missing_and_wrong_tokens(auth_server, sample):
+    target = f"127.0.0.1:{auth_server.port}"
+    for token, reason in ((None, "missing bearer token"), ("wrong", "invalid bearer token")):
+        with CompressionClient(target, token=token) as client:
+            for call in (
+                lambda c=client: c.list(),
+                lambda c=client: c.fit("int8", sample[0][:10]),
+                lambda c=client: c.encode_stream("0" * 24, sample[0][:10]),
+            ):
+                code, details = _code(call)
+                assert code == UNAUTHENTICATED and reason in details
+    assert len(auth_server.store) == 0  # the rejected fit stored nothing
+
+
+def test_auth_accepts_the_token_and_exempts_health(auth_server, sample):
+    target = f"127.0.0.1:{auth_server.port}"
+    with CompressionClient(target, token="s3cret-token") as client:
+        info = client.fit("int8", sample[0][:100])
+        assert client.encode(info.id, sample[0][:3]).shape == (3, 384)
+    with grpc.insecure_channel(target) as channel:  # no token
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    errors = auth_server.metrics.registry.get_sample_value(
+        "embcomp_errors_total", {"method": "ListCodecs", "code": "UNAUTHENTICATED"}
+    )
+    assert errors is not None and errors >= 2
+
+
+def test_auth_token_file(tmp_path, sample):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    with running_server(tmp_path / "s", auth_token_file=token_file) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CompressionClient(target, token="from-a-file") as client:
+            assert client.list() == []
+        with CompressionClient(target, token="from-a-fil") as client:
+            assert _code(client.list)[0] == UNAUTHENTICATED
+
+
+# -- TLS -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A self-signed EC certificate for localhost/127.0.0.1, made with the openssl CLI."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_with_self_signed_certificate(tmp_path, self_signed, sample):
+    cert, key = self_signed
+    base = sample[0]
+    with running_server(tmp_path / "s", tls_cert=cert, tls_key=key, auth_token="tok") as srv:
+        target = f"localhost:{srv.port}"
+        with CompressionClient(target, tls=cert, token="tok") as client:
+            info = client.fit("fp8", base[:300])
+            np.testing.assert_array_equal(
+                client.decode(info.id, client.encode(info.id, base[:50])).shape, (50, 384)
+            )
+        with CompressionClient(target, tls=cert.read_bytes()) as client:  # TLS, no token
+            assert _code(client.list)[0] == UNAUTHENTICATED
+        with CompressionClient(target, token="tok", timeout=5) as client:  # plaintext to TLS
+            assert _code(client.list)[0] == grpc.StatusCode.UNAVAILABLE

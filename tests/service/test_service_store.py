@@ -1,0 +1,150 @@
+"""The codec store: content addresses, restarts, verification, LRU cache, concurrency."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from conftest import running_server
+
+import embcomp
+from embcomp import ArtifactError, InputError
+from embcomp.artifacts import codec_id
+from embcomp.client import CompressionClient
+from embcomp.service.errors import CodecNotFoundError
+from embcomp.service.store import CodecStore
+
+
+@pytest.fixture(scope="module")
+def codecs(sample):
+    base = sample[0]
+    return [embcomp.make_codec(spec).fit(base[:400]) for spec in ("int8", "fp8", "pca32,int4")]
+
+
+def test_restart_keeps_ids_and_bytes(tmp_path, sample):
+    base, queries = sample
+    store = tmp_path / "store"
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        first = client.fit("pca128,fp8", base)
+        codes = client.encode(first.id, queries)
+        exported = client.export_codec(first.id)
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        assert client.get(first.id) == first  # same id, same created time
+        np.testing.assert_array_equal(client.encode(first.id, queries), codes)
+        assert client.export_codec(first.id) == exported
+        assert client.fit("pca128,fp8", base) == first
+
+
+def test_put_is_content_addressed_and_idempotent(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    first = store.put(codecs[0])
+    assert first.id == codec_id(codecs[0]) and len(first.sha256) == 64
+    assert store.put(codecs[0]) == first
+    assert store.put_bytes(embcomp.codec_to_bytes(codecs[0])) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{first.id}.codec", f"{first.id}.json"]
+    assert store.ids() == [first.id] and first.id in store and len(store) == 1
+
+
+def test_load_verifies_the_file_against_its_id(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    a, b = store.put(codecs[0]), store.put(codecs[1])
+    # Replace a's file with b's (valid, but not the content a's id names).
+    os.replace(tmp_path / f"{b.id}.codec", tmp_path / f"{a.id}.codec")
+    fresh = CodecStore(tmp_path)  # empty cache: must read the file
+    with pytest.raises(ArtifactError, match="corrupted"):
+        fresh.get(a.id)
+    with pytest.raises(CodecNotFoundError):
+        fresh.get(b.id)
+
+
+def test_missing_sidecar_is_rebuilt(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    meta = store.put(codecs[2])
+    (tmp_path / f"{meta.id}.json").unlink()
+    rebuilt = CodecStore(tmp_path).info(meta.id)
+    assert (rebuilt.id, rebuilt.spec, rebuilt.code_size) == (meta.id, "pca32,int4", 16)
+    assert (tmp_path / f"{meta.id}.json").exists()
+
+
+def test_lru_cache_keeps_the_most_recent(tmp_path, codecs):
+    writer = CodecStore(tmp_path)
+    ids = [writer.put(c).id for c in codecs]
+    store = CodecStore(tmp_path, cache_size=2)
+    for cid in ids:
+        store.get(cid)
+    store.get(ids[1])
+    assert list(store._cache) == [ids[2], ids[1]]
+    assert store.get(ids[0]) is not None  # evicted entries reload from disk
+    assert list(store._cache) == [ids[1], ids[0]]
+
+
+def test_delete_removes_files_and_cache(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    meta = store.put(codecs[0])
+    store.get(meta.id)
+    store.delete(meta.id)
+    assert list(tmp_path.iterdir()) == [] and meta.id not in store._cache
+    with pytest.raises(CodecNotFoundError):
+        store.get(meta.id)
+    with pytest.raises(CodecNotFoundError):
+        store.delete(meta.id)
+
+
+def test_two_processes_sharing_a_directory_see_each_other(tmp_path, codecs):
+    one, two = CodecStore(tmp_path), CodecStore(tmp_path)
+    meta = one.put(codecs[1])
+    assert two.info(meta.id) == meta
+    two.delete(meta.id)
+    assert meta.id not in one
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InputError, match="cannot use"):
+        CodecStore(blocker / "store")
+
+
+def test_concurrent_fits_and_deletes_leave_a_consistent_store(tmp_path, sample):
+    base = sample[0]
+    specs = ["int8", "fp8", "int4", "fp16"]
+    expected = {spec: codec_id(embcomp.make_codec(spec).fit(base[:300])) for spec in specs}
+    store = tmp_path / "store"
+    failures: list[BaseException] = []
+    with running_server(store, max_concurrent_fits=8) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        barrier = threading.Barrier(8)
+
+        def work(index: int) -> None:
+            spec = specs[index % len(specs)]
+            try:
+                with CompressionClient(target) as client:
+                    barrier.wait()
+                    for round_ in range(4):
+                        info = client.fit(spec, base[:300])
+                        assert info.id == expected[spec]
+                        if (index + round_) % 3 == 0:
+                            try:
+                                client.delete(info.id)
+                            except embcomp.EmbcompError as exc:  # another thread deleted it first
+                                assert exc.code().name == "NOT_FOUND"
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        with CompressionClient(target) as client:
+            listed = {info.id for info in client.list()}
+            for codec_id_ in listed:
+                assert client.export_codec(codec_id_)  # every listed entry loads and verifies
+    names = {p.name for p in store.iterdir()}
+    assert {n for n in names if n.endswith(".codec")} == {f"{i}.codec" for i in listed}
+    assert {n for n in names if n.endswith(".json")} == {f"{i}.json" for i in listed}
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert listed <= set(expected.values())
