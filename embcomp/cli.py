@@ -42,7 +42,11 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def sample_rows(X: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """A seeded uniform sample of ``n`` rows (sorted, so memory maps read forward)."""
+    """A seeded uniform sample of ``n`` rows of an in-memory or mapped array (sorted).
+
+    ``embcomp fit`` samples files with :func:`embcomp.batch.sample_vectors`, which
+    picks the same rows for a single ``.npy`` but reads any input format, streamed.
+    """
     if n is None or n >= X.shape[0]:
         return np.asarray(X)
     if n < 1:
@@ -55,11 +59,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     options = dict(parse_option(o) for o in args.option)
     options.setdefault("seed", args.seed)
     codec = make_codec(args.spec, **options)
-    train = sample_rows(read_vectors(args.train), args.sample, args.seed)
+    from .batch import sample_vectors  # streams Parquet/HDF5/.npy; pyarrow only if needed
+
+    train, total = sample_vectors(
+        args.train, args.sample, seed=args.seed, column=args.column, dataset=args.dataset
+    )
     codec.fit(train)
     save_codec(codec, args.output)
+    sampled = f" (sampled from {total})" if train.shape[0] < total else ""
     print(
-        f"fitted {codec.spec} on {train.shape[0]} x {codec.d_in}: "
+        f"fitted {codec.spec} on {train.shape[0]} x {codec.d_in}{sampled}: "
         f"{codec.code_size} bytes/vector ({codec.compression_ratio:.1f}x) -> {args.output}"
     )
     return 0
@@ -147,9 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser("fit", help="fit a codec on training vectors and save it")
     fit.add_argument("--spec", required=True, help=f"codec spec, e.g. pca256,fp8. {stage_help}")
-    fit.add_argument("--train", required=True, help="training vectors (.npy or .fvecs)")
+    fit.add_argument(
+        "--train",
+        required=True,
+        help="training vectors: .npy, .fvecs, Parquet, HDF5 or a directory of them",
+    )
     fit.add_argument("-o", "--output", required=True, help="codec file to write")
-    fit.add_argument("--sample", type=int, default=None, help="fit on N random rows")
+    fit.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="fit on N rows drawn uniformly (seeded), reading only those rows",
+    )
+    fit.add_argument("--column", default=None, help="Parquet embedding column")
+    fit.add_argument("--dataset", default="train", help="HDF5 dataset (default: train)")
     fit.add_argument("--seed", type=int, default=0, help="seed for sampling and fitting")
     fit.add_argument(
         "--option",

@@ -1,0 +1,772 @@
+"""Streaming readers: any supported input as a sequence of row blocks with bounded memory.
+
+A *source* is one input file: ``.npy`` (read block by block, never mapped whole),
+``.fvecs``, Parquet (an embedding column of ``fixed_size_list<float>`` or
+``list<float>``, optionally an id column carried through) or an ann-benchmarks HDF5
+file (one dataset, ``train`` by default). A directory is the sorted list of the
+supported files in it (names starting with ``.`` or ``_`` are skipped, as Spark and
+Ray write such markers). Sources hold metadata only, no open handles, so they can be
+pickled and shipped to Ray workers.
+
+Sources come in two kinds: ``"vectors"`` (float rows, read as float32) and
+``"codes"`` (uint8 rows written by ``embcomp compress``: ``.npy`` or Parquet with a
+``fixed_size_binary`` column).
+
+pyarrow (the ``parquet`` extra) and h5py (the ``bench`` extra) are imported only
+when such a file is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._blocks import rows_per_block
+from .exceptions import DimensionMismatchError, InputError
+
+__all__ = [
+    "BadRow",
+    "Block",
+    "Source",
+    "block_rows_for",
+    "iter_blocks",
+    "open_sources",
+    "vector_format",
+]
+
+VECTOR_SUFFIXES = {
+    ".npy": "npy",
+    ".fvecs": "fvecs",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+}
+CODE_SUFFIXES = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
+# Metadata key under which embcomp describes its Parquet outputs (JSON).
+PARQUET_META_KEY = b"embcomp"
+PARQUET_RESULT_KEY = b"embcomp.result"
+DEFAULT_CODE_COLUMN = "code"
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# About 32 MiB of float32 per block: large enough that per-block overhead vanishes,
+# small enough that a few blocks in flight keep memory far below 1 GB.
+_TARGET_BLOCK_BYTES = 32 << 20
+
+
+def block_rows_for(width: int) -> int:
+    """Default rows per streamed block for ``width``-dim float vectors.
+
+    A multiple of the codec's internal block, so streaming splits rows the same way
+    as one ``Codec.encode`` call over the whole file does.
+    """
+    inner = rows_per_block(4 * width)
+    return max(inner, (_TARGET_BLOCK_BYTES // (4 * width)) // inner * inner)
+
+
+def require_pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as exc:
+        raise InputError(
+            "reading or writing Parquet needs pyarrow: pip install 'embcomp[parquet]'"
+        ) from exc
+    return pyarrow
+
+
+def _require_h5py() -> Any:
+    try:
+        import h5py
+    except ImportError as exc:
+        raise InputError("reading HDF5 needs h5py: pip install 'embcomp[bench]'") from exc
+    return h5py
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not be used: its file, row number in that file, id and why."""
+
+    path: str
+    row: int
+    id: Any
+    reason: str
+
+    def message(self) -> str:
+        ident = "" if self.id is None else f" (id {self.id!r})"
+        return f"{self.path}: row {self.row}{ident} {self.reason}"
+
+
+@dataclass
+class Block:
+    """Consecutive rows ``[start, stop)`` of one source, bad rows already removed.
+
+    Attributes
+    ----------
+    source : the Source the rows come from.
+    data : ndarray, shape (n, width): float32 vectors, or uint8 codes for code sources.
+    rows : ndarray, shape (n,), int64: row number in the file of each row of ``data``.
+    ids : pyarrow Array of length n, or None when the source has no id column.
+    start, stop : the file rows this block covers (``stop - start`` rows were read).
+    bad : rows of ``[start, stop)`` dropped as bad (only with ``on_bad_row="skip"``).
+    """
+
+    source: Source
+    data: np.ndarray
+    rows: np.ndarray
+    ids: Any
+    start: int
+    stop: int
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def global_rows(self) -> np.ndarray:
+        """int64 (n,): position of each row in the whole input (all files, in order)."""
+        return self.rows + self.source.offset
+
+
+def _drop_bad(
+    source: Source,
+    start: int,
+    data: np.ndarray,
+    ids: Any,
+    reasons: dict[int, str],
+    on_bad_row: str,
+) -> tuple[np.ndarray, np.ndarray, Any, list[BadRow]]:
+    """Apply the bad-row policy to a block; ``reasons`` maps block row -> why it is bad."""
+    rows = np.arange(start, start + data.shape[0], dtype=np.int64)
+    if not reasons:
+        return data, rows, ids, []
+    bad = [BadRow(str(source.path), start + i, _id_at(ids, i), reasons[i]) for i in sorted(reasons)]
+    if on_bad_row != "skip":
+        raise InputError(bad_row_message(bad[0], len(bad)))
+    keep = np.ones(data.shape[0], dtype=bool)
+    keep[sorted(reasons)] = False
+    return data[keep], rows[keep], (None if ids is None else ids.filter(keep)), bad
+
+
+def bad_row_message(first: BadRow, count: int) -> str:
+    more = f" ({count} bad rows in this block)" if count > 1 else ""
+    return (
+        f"{first.message()}{more}; repair or drop such rows, or pass --on-bad-row skip "
+        "to skip and list them"
+    )
+
+
+def _id_at(ids: Any, i: int) -> Any:
+    if ids is None:
+        return None
+    value = ids[i]
+    return value.as_py() if hasattr(value, "as_py") else value
+
+
+def nonfinite_reasons(data: np.ndarray) -> dict[int, str]:
+    """Block row -> reason for every row of float ``data`` holding NaN or inf."""
+    bad = np.flatnonzero(~np.isfinite(data).all(axis=1))
+    return {int(i): "contains NaN, inf or null values" for i in bad}
+
+
+class Source:
+    """One input file. Subclasses implement ``_read(start, stop)`` and ``read_rows``.
+
+    Attributes
+    ----------
+    path : Path
+    kind : ``"vectors"`` or ``"codes"``.
+    format : ``"npy"``, ``"fvecs"``, ``"parquet"`` or ``"hdf5"``.
+    n_rows : rows in the file.
+    width : vector dimension (vectors) or bytes per code (codes); ``None`` for a
+        Parquet ``list<float>`` column before the width is known.
+    offset : rows of the files before this one in the same input (global row ids).
+    id_field : pyarrow Field of the id column, or None.
+    meta : embcomp's description of the file (codec id, spec...) when it has one.
+    """
+
+    format = ""
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path = path
+        self.kind = kind
+        stat = path.stat()
+        self.nbytes = stat.st_size
+        self.mtime_ns = stat.st_mtime_ns
+        self.n_rows = 0
+        self.width: int | None = None
+        self.offset = 0
+        self.id_field: Any = None
+        self.meta: dict[str, Any] | None = None
+
+    # -- what every engine needs ---------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this input for resume: name, size, mtime and row count."""
+        return {
+            "name": self.path.name,
+            "size": self.nbytes,
+            "mtime_ns": self.mtime_ns,
+            "rows": self.n_rows,
+        }
+
+    def split(self, target_rows: int) -> list[tuple[int, int]]:
+        """Row ranges of about ``target_rows`` covering the file (units of parallel work)."""
+        step = max(1, target_rows)
+        return [(s, min(s + step, self.n_rows)) for s in range(0, self.n_rows, step)]
+
+    def iter_blocks(
+        self,
+        block_rows: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        on_bad_row: str = "fail",
+        check_finite: bool = False,
+    ) -> Iterator[Block]:
+        """Yield :class:`Block` s covering rows ``[start, stop)`` in order.
+
+        Rows that are null or of the wrong length are bad (as are non-finite rows when
+        ``check_finite``): ``on_bad_row="fail"`` raises ``InputError`` naming the file
+        and row; ``"skip"`` drops them and lists them in ``Block.bad``.
+        """
+        stop = self.n_rows if stop is None else stop
+        for b_start, data, ids, reasons in self._read(start, stop, block_rows):
+            if check_finite and self.kind == "vectors":
+                reasons = {**nonfinite_reasons(data), **reasons}
+            kept, rows, ids, bad = _drop_bad(self, b_start, data, ids, reasons, on_bad_row)
+            yield Block(self, kept, rows, ids, b_start, b_start + data.shape[0], bad)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted int64 file row numbers) as float32 (len(rows), width).
+
+        Used for sampling: any bad row among them raises ``InputError``.
+        """
+        parts = []
+        for b_start, data, ids, reasons in self._read_covering(rows):
+            local = rows[(rows >= b_start) & (rows < b_start + data.shape[0])] - b_start
+            picked = data[local]
+            bad = {int(local[i]): why for i, why in nonfinite_reasons(picked).items()}
+            wanted = set(local.tolist())
+            bad.update({i: why for i, why in reasons.items() if i in wanted})
+            if bad:
+                first = min(bad)
+                raise InputError(
+                    BadRow(
+                        str(self.path), b_start + first, _id_at(ids, first), bad[first]
+                    ).message()
+                    + "; repair or drop it before fitting"
+                )
+            parts.append(np.asarray(picked, dtype=np.float32))
+        if not parts:
+            return np.empty((0, self.width or 0), dtype=np.float32)
+        return np.concatenate(parts)
+
+    # -- per format ------------------------------------------------------------------
+    def _read(
+        self, start: int, stop: int, block_rows: int
+    ) -> Iterator[tuple[int, np.ndarray, Any, dict[int, str]]]:
+        """Yield (first row, data (n, width), ids or None, {block row: bad reason})."""
+        raise NotImplementedError
+
+    def _read_covering(
+        self, rows: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray, Any, dict[int, str]]]:
+        """Blocks covering the sorted ``rows`` (default: blocks of the file holding any)."""
+        step = block_rows_for(self.width or 1)
+        for start in np.unique(rows // step) * step:
+            yield from self._read(int(start), min(int(start) + step, self.n_rows), step)
+
+    def check_width(self, expected: int, what: str) -> None:
+        """Raise ``DimensionMismatchError`` unless rows are ``expected`` wide."""
+        if self.width is not None and self.width != expected:
+            unit = "dims" if self.kind == "vectors" else "bytes per code"
+            raise DimensionMismatchError(
+                f"{self.path}{self._column_note()}: rows have {self.width} {unit} but {what} "
+                f"expects {expected}; check the file, --column and the codec"
+            )
+
+    def _column_note(self) -> str:
+        return ""
+
+
+# -- .npy ------------------------------------------------------------------------------
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as handle:
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(handle)
+            else:
+                shape, fortran, dtype = fmt._read_array_header(handle, version)  # type: ignore[attr-defined]
+            return shape, fortran, dtype, handle.tell()
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{path} is not a readable .npy file (truncated?): {exc}") from exc
+
+
+class NpySource(Source):
+    format = "npy"
+
+    def __init__(self, path: Path, kind: str) -> None:
+        super().__init__(path, kind)
+        shape, fortran, dtype, self.data_offset = _read_npy_header(path)
+        allowed = _FLOAT_DTYPES if kind == "vectors" else (np.dtype(np.uint8),)
+        if len(shape) != 2:
+            raise InputError(f"{path}: expected a 2-D (n, d) array, got shape {shape}")
+        if dtype not in allowed:
+            want = "float16/32/64 vectors" if kind == "vectors" else "uint8 codes"
+            raise InputError(f"{path}: expected {want}, got dtype {dtype}")
+        if fortran and shape[0] > 1 and shape[1] > 1:
+            raise InputError(
+                f"{path}: array is stored in Fortran order; re-save it with "
+                "np.save(path, np.ascontiguousarray(X))"
+            )
+        self.dtype = dtype
+        self.n_rows, self.width = int(shape[0]), int(shape[1])
+        row_bytes = self.width * dtype.itemsize
+        expected = self.data_offset + self.n_rows * row_bytes
+        if self.nbytes < expected:
+            complete = (self.nbytes - self.data_offset) // max(1, row_bytes)
+            raise InputError(
+                f"{path} is truncated: its header says {self.n_rows} x {self.width} {dtype} "
+                f"({expected} bytes) but the file has {self.nbytes} bytes (row {complete} is "
+                "the first incomplete one); re-export the file"
+            )
+        if kind == "codes":
+            self.meta = _read_sidecar_meta(path)
+
+    def _read(self, start, stop, block_rows):
+        row_bytes = self.width * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_offset + start * row_bytes)
+            for b_start in range(start, stop, block_rows):
+                n = min(block_rows, stop - b_start)
+                raw = np.fromfile(handle, dtype=self.dtype, count=n * self.width)
+                if raw.size != n * self.width:
+                    raise InputError(
+                        f"{self.path}: file ended inside row {b_start + raw.size // self.width} "
+                        "(truncated while reading?)"
+                    )
+                data = raw.reshape(n, self.width)
+                if self.kind == "vectors" and data.dtype != np.float32:
+                    data = data.astype(np.float32)
+                yield b_start, data, None, {}
+
+    def read_rows(self, rows):
+        # Gather just the sampled rows through a memory map: only their pages are read.
+        mapped = np.memmap(
+            self.path, dtype=self.dtype, mode="r", offset=self.data_offset,
+            shape=(self.n_rows, self.width),
+        )  # fmt: skip
+        return _checked_gather(self, mapped, rows)
+
+
+def _checked_gather(source: Source, matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 copy of ``matrix[rows]``; a non-finite row raises naming its file row."""
+    data = np.asarray(matrix[rows], dtype=np.float32)
+    bad = nonfinite_reasons(data)
+    if bad:
+        first = min(bad)
+        raise InputError(
+            BadRow(str(source.path), int(rows[first]), None, bad[first]).message()
+            + "; repair or drop it before fitting"
+        )
+    return data
+
+
+def _read_sidecar_meta(path: Path) -> dict[str, Any] | None:
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.exists():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{sidecar} is not valid JSON: {exc}") from exc
+    return meta if isinstance(meta, dict) else None
+
+
+# -- .fvecs ----------------------------------------------------------------------------
+class FvecsSource(Source):
+    format = "fvecs"
+
+    def __init__(self, path: Path, kind: str) -> None:
+        super().__init__(path, kind)
+        if kind != "vectors":
+            raise InputError(f"{path}: .fvecs holds vectors, not codes")
+        if self.nbytes < 4:
+            raise InputError(f"{path} is empty")
+        d = int(np.fromfile(path, dtype="<i4", count=1)[0])
+        record = 4 * (d + 1)
+        if d <= 0 or self.nbytes % record:
+            raise InputError(
+                f"{path}: first record says dim {d}, but the file size {self.nbytes} is not a "
+                f"multiple of {record} bytes (truncated or not .fvecs)"
+            )
+        self.n_rows, self.width = self.nbytes // record, d
+
+    def _read(self, start, stop, block_rows):
+        d = self.width
+        with open(self.path, "rb") as handle:
+            handle.seek(start * 4 * (d + 1))
+            for b_start in range(start, stop, block_rows):
+                n = min(block_rows, stop - b_start)
+                records = np.fromfile(handle, dtype="<i4", count=n * (d + 1))
+                if records.size != n * (d + 1):
+                    raise InputError(f"{self.path}: file ended inside row {b_start} (truncated?)")
+                records = records.reshape(n, d + 1)
+                wrong = np.flatnonzero(records[:, 0] != d)
+                if wrong.size:
+                    row = b_start + int(wrong[0])
+                    raise InputError(
+                        f"{self.path}: record {row} says dim {records[wrong[0], 0]}, expected "
+                        f"{d}; the file is corrupt"
+                    )
+                yield b_start, np.ascontiguousarray(records[:, 1:]).view("<f4"), None, {}
+
+    def read_rows(self, rows):
+        records = np.memmap(self.path, dtype="<i4", mode="r").reshape(-1, self.width + 1)
+        wrong = np.flatnonzero(records[rows, 0] != self.width)
+        if wrong.size:
+            raise InputError(f"{self.path}: record {int(rows[wrong[0]])} has a wrong dim field")
+        return _checked_gather(self, records[:, 1:].view("<f4"), rows)
+
+
+# -- HDF5 (ann-benchmarks) -------------------------------------------------------------
+class HDF5Source(Source):
+    format = "hdf5"
+
+    def __init__(self, path: Path, kind: str, dataset: str) -> None:
+        super().__init__(path, kind)
+        if kind != "vectors":
+            raise InputError(f"{path}: HDF5 inputs hold vectors, not codes")
+        h5py = _require_h5py()
+        self.dataset = dataset
+        try:
+            with h5py.File(path, "r") as handle:
+                if dataset not in handle:
+                    raise InputError(
+                        f"{path}: no dataset {dataset!r}; it has {sorted(handle.keys())}; "
+                        "choose one with --dataset"
+                    )
+                ds = handle[dataset]
+                shape, dtype = ds.shape, ds.dtype
+        except OSError as exc:
+            raise InputError(f"{path} is not a readable HDF5 file: {exc}") from exc
+        if len(shape) != 2 or dtype not in _FLOAT_DTYPES:
+            raise InputError(
+                f"{path}: dataset {dataset!r} must be a 2-D float array; got shape {shape}, "
+                f"dtype {dtype}"
+            )
+        self.n_rows, self.width = int(shape[0]), int(shape[1])
+
+    def _column_note(self) -> str:
+        return f" (dataset {self.dataset!r})"
+
+    def _read(self, start, stop, block_rows):
+        h5py = _require_h5py()
+        with h5py.File(self.path, "r") as handle:
+            ds = handle[self.dataset]
+            for b_start in range(start, stop, block_rows):
+                b_stop = min(b_start + block_rows, stop)
+                yield b_start, np.asarray(ds[b_start:b_stop], dtype=np.float32), None, {}
+
+
+# -- Parquet ---------------------------------------------------------------------------
+def _is_float_list(pa: Any, typ: Any) -> bool:
+    return (
+        pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)
+    ) and pa.types.is_floating(typ.value_type)
+
+
+class ParquetSource(Source):
+    format = "parquet"
+
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        column: str | None,
+        id_column: str | None,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(path, kind)
+        pa = require_pyarrow()
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_metadata(path)
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path} is not a readable Parquet file (truncated?): {exc}") from exc
+        self.n_rows = meta.num_rows
+        self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        kv = meta.metadata or {}
+        if PARQUET_META_KEY in kv:
+            try:
+                self.meta = json.loads(kv[PARQUET_META_KEY])
+            except ValueError:
+                self.meta = None
+        if kind == "codes":
+            # embcomp's own outputs name their id column in the metadata.
+            id_column = id_column or (self.meta or {}).get("id_column")
+            if id_column is None and "id" in schema.names:
+                id_column = "id"
+        self.column = column or self._guess_column(pa, schema)
+        if self.column not in schema.names:
+            raise InputError(
+                f"{path}: no column {self.column!r}; columns are {schema.names}; "
+                "choose one with --column"
+            )
+        self.type = schema.field(self.column).type
+        if kind == "vectors":
+            if not _is_float_list(pa, self.type):
+                raise InputError(
+                    f"{path}: column {self.column!r} has type {self.type}; expected "
+                    "fixed_size_list<float> or list<float> embeddings"
+                )
+            if pa.types.is_fixed_size_list(self.type):
+                self.width = self.type.list_size
+            else:
+                self.width = width  # known only per row; checked row by row
+        else:
+            if not pa.types.is_fixed_size_binary(self.type):
+                raise InputError(
+                    f"{path}: column {self.column!r} has type {self.type}; expected "
+                    "fixed_size_binary codes as written by 'embcomp compress'"
+                )
+            self.width = self.type.byte_width
+        if id_column is not None:
+            if id_column not in schema.names:
+                raise InputError(f"{path}: no id column {id_column!r}; columns are {schema.names}")
+            self.id_field = schema.field(id_column)
+
+    def _guess_column(self, pa: Any, schema: Any) -> str:
+        if self.kind == "codes":
+            return DEFAULT_CODE_COLUMN
+        candidates = [f.name for f in schema if _is_float_list(pa, f.type)]
+        if "embedding" in candidates:
+            return "embedding"
+        if len(candidates) == 1:
+            return candidates[0]
+        raise InputError(
+            f"{self.path}: cannot tell which column holds the embeddings (float list "
+            f"columns: {candidates}, all columns: {schema.names}); pass --column"
+        )
+
+    def _column_note(self) -> str:
+        return f" column {self.column!r}"
+
+    def split(self, target_rows):
+        ranges, start, acc = [], 0, 0
+        for rows in self.group_rows:
+            acc += rows
+            if acc - start >= target_rows:
+                ranges.append((start, acc))
+                start = acc
+        if acc > start:
+            ranges.append((start, acc))
+        return ranges
+
+    def _groups(self, start: int, stop: int) -> tuple[list[int], int]:
+        """Row groups overlapping [start, stop) and the first row of the first one."""
+        groups, first, pos = [], None, 0
+        for i, rows in enumerate(self.group_rows):
+            if pos < stop and pos + rows > start:
+                groups.append(i)
+                first = pos if first is None else first
+            pos += rows
+        return groups, (start if first is None else first)
+
+    def _read(self, start, stop, block_rows):
+        import pyarrow.parquet as pq
+
+        groups, pos = self._groups(start, stop)
+        if not groups:
+            return
+        columns = [self.column] + ([self.id_field.name] if self.id_field is not None else [])
+        handle = pq.ParquetFile(self.path)
+        try:
+            for batch in handle.iter_batches(
+                batch_size=block_rows, row_groups=groups, columns=columns, use_threads=True
+            ):
+                b_start, b_stop = pos, pos + batch.num_rows
+                pos = b_stop
+                lo, hi = max(start, b_start), min(stop, b_stop)
+                if lo >= hi:
+                    continue
+                batch = batch.slice(lo - b_start, hi - lo)
+                ids = batch.column(1) if self.id_field is not None else None
+                data, reasons = self._convert(batch.column(0))
+                yield lo, data, ids, reasons
+        finally:
+            handle.close()
+
+    def _read_covering(self, rows):
+        pos = 0
+        for rows_in_group in self.group_rows:
+            stop = pos + rows_in_group
+            if ((rows >= pos) & (rows < stop)).any():
+                yield from self._read(pos, stop, rows_in_group)
+            pos = stop
+
+    def _convert(self, array: Any) -> tuple[np.ndarray, dict[int, str]]:
+        """Arrow column -> (data (n, width), {row: reason}) with bad rows zero-filled."""
+        if self.kind == "codes":
+            return self._convert_codes(array)
+        pa = require_pyarrow()
+        n = len(array)
+        reasons: dict[int, str] = {}
+        if array.null_count:
+            for i in np.flatnonzero(_null_mask(array)):
+                reasons[int(i)] = "is null (no vector)"
+        if pa.types.is_fixed_size_list(array.type):
+            d = array.type.list_size
+            values = array.values.slice(array.offset * d, n * d)
+            return _float_rows(values, n, d), reasons
+        # Variable-length lists: every row must hold exactly `width` values.
+        offsets = np.asarray(array.offsets, dtype=np.int64)
+        lengths = np.diff(offsets)
+        good = np.ones(n, dtype=bool)
+        good[list(reasons)] = False
+        if self.width is None:
+            # A list column states no width: the first non-null row sets it.
+            if not good.any():
+                return np.zeros((n, 0), dtype=np.float32), reasons
+            self.width = int(lengths[np.argmax(good)])
+        d = self.width
+        for i in np.flatnonzero(good & (lengths != d)):
+            reasons[int(i)] = f"has {int(lengths[i])} values, expected {d}"
+        good &= lengths == d
+        values = array.values
+        if good.all():
+            return _float_rows(values.slice(int(offsets[0]), n * d), n, d), reasons
+        out = np.zeros((n, d), dtype=np.float32)
+        if good.any():
+            flat = _float_rows(values, len(values), 1).reshape(-1)
+            out[good] = flat[offsets[:-1][good][:, None] + np.arange(d)]
+        return out, reasons
+
+    def _convert_codes(self, array: Any) -> tuple[np.ndarray, dict[int, str]]:
+        n, width = len(array), int(self.width or 0)
+        reasons = {int(i): "is null (no code)" for i in np.flatnonzero(_null_mask(array))}
+        buffer = array.buffers()[1]
+        data = np.frombuffer(buffer, dtype=np.uint8)[
+            array.offset * width : (array.offset + n) * width
+        ]
+        return data.reshape(n, width), reasons
+
+
+def _null_mask(array: Any) -> np.ndarray:
+    return np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _float_rows(values: Any, n: int, d: int) -> np.ndarray:
+    """Arrow float values -> float32 (n, d); nulls become NaN (so they count as bad)."""
+    flat = values.to_numpy(zero_copy_only=False)
+    if flat.dtype != np.float32:
+        flat = flat.astype(np.float32)
+    return flat.reshape(n, d)
+
+
+# -- opening inputs --------------------------------------------------------------------
+def vector_format(path: Path, kind: str = "vectors") -> str | None:
+    """The format a file name implies for ``kind``, or None if unsupported."""
+    table = VECTOR_SUFFIXES if kind == "vectors" else CODE_SUFFIXES
+    return table.get(path.suffix.lower())
+
+
+def _input_files(path: Path, kind: str) -> list[Path]:
+    if not path.exists():
+        raise InputError(f"input {str(path)!r} does not exist")
+    if path.is_file():
+        if vector_format(path, kind) is None:
+            supported = sorted(VECTOR_SUFFIXES if kind == "vectors" else CODE_SUFFIXES)
+            raise InputError(f"{path}: unsupported file type {path.suffix!r}; use {supported}")
+        return [path]
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith((".", "_")) and vector_format(p, kind) is not None
+    )
+    if not files:
+        raise InputError(f"directory {path} holds no supported input files ({kind})")
+    return files
+
+
+def open_sources(
+    path: str | os.PathLike[str],
+    *,
+    kind: str = "vectors",
+    column: str | None = None,
+    id_column: str | None = None,
+    dataset: str = "train",
+    width: int | None = None,
+) -> list[Source]:
+    """Open a file or a directory of shards as a list of :class:`Source`.
+
+    Parameters
+    ----------
+    path : a supported file, or a directory of them (sorted by name).
+    kind : ``"vectors"`` or ``"codes"``.
+    column, id_column : Parquet embedding/code column (guessed when there is one float
+        list column, or ``embedding``/``code``) and an optional id column.
+    dataset : HDF5 dataset name.
+    width : expected row width, if known (a codec's ``d_in`` or ``code_size``); used
+        to check ``list<float>`` rows.
+
+    Raises
+    ------
+    InputError
+        Missing input, unsupported or unreadable file, missing column.
+    """
+    if kind not in ("vectors", "codes"):
+        raise ValueError(f"kind must be 'vectors' or 'codes', got {kind!r}")
+    sources: list[Source] = []
+    offset = 0
+    for file in _input_files(Path(path), kind):
+        fmt = vector_format(file, kind)
+        source: Source
+        if fmt == "npy":
+            source = NpySource(file, kind)
+        elif fmt == "fvecs":
+            source = FvecsSource(file, kind)
+        elif fmt == "hdf5":
+            source = HDF5Source(file, kind, dataset)
+        else:
+            source = ParquetSource(file, kind, column, id_column, width)
+        source.offset = offset
+        offset += source.n_rows
+        sources.append(source)
+    kinds_of_ids = {s.id_field is not None for s in sources}
+    if len(kinds_of_ids) > 1:
+        raise InputError(f"{path}: some files have the id column and others do not")
+    return sources
+
+
+def iter_blocks(
+    path: str | os.PathLike[str] | Sequence[Source],
+    *,
+    block_rows: int | None = None,
+    on_bad_row: str = "fail",
+    check_finite: bool = True,
+    **open_options: Any,
+) -> Iterator[Block]:
+    """Stream every row of a file or directory as :class:`Block` s of float32 vectors.
+
+    Memory is a few blocks whatever the input size. ``block.global_rows`` gives each
+    row's position in the whole input; ``block.ids`` the id column, if any.
+
+    >>> for block in iter_blocks("shards/", column="emb"):   # doctest: +SKIP
+    ...     codes = codec.encode(block.data)
+    """
+    if isinstance(path, (str, os.PathLike)):
+        sources: Sequence[Source] = open_sources(path, **open_options)
+    else:
+        sources = path
+    for source in sources:
+        rows = block_rows or block_rows_for(source.width or 1)
+        yield from source.iter_blocks(rows, on_bad_row=on_bad_row, check_finite=check_finite)

@@ -1,0 +1,380 @@
+"""The offline batch compressor, local engine: embcomp compress / decompress end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embcomp
+from embcomp._blocks import rows_per_block
+from embcomp.artifacts import codec_id
+from embcomp.batch import compress, decode_rows, decompress, encode_rows
+from embcomp.cli import main
+from embcomp.exceptions import ArtifactError, DimensionMismatchError, InputError
+from embcomp.io import write_fvecs
+from embcomp.sample import load_sample
+
+SPEC = "pca64,int8"
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    """(3000, 384) float32 real all-MiniLM-L6-v2 embeddings (bundled sample)."""
+    return load_sample()[0]
+
+
+@pytest.fixture(scope="module")
+def codec(X):
+    return embcomp.make_codec(SPEC).fit(X[:1000])
+
+
+@pytest.fixture()
+def codec_file(tmp_path, codec):
+    return str(embcomp.save_codec(codec, tmp_path / "c.codec"))
+
+
+def fixed_list(X: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+
+
+def write_parquet(path, X, *, ids=None, list_type=False, row_group_size=500, **extra):
+    emb = pa.array(list(X), type=pa.list_(pa.float32())) if list_type else fixed_list(X)
+    columns = {} if ids is None else {"doc_id": pa.array(ids)}
+    columns.update(extra)
+    columns["emb"] = emb
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+
+
+def parquet_codes(path) -> tuple[list, np.ndarray]:
+    table = pq.read_table(path)
+    code = table.column("code").combine_chunks()
+    width = code.type.byte_width
+    codes = np.frombuffer(code.buffers()[1], np.uint8)[: len(code) * width].reshape(-1, width)
+    return table.column(0).to_pylist(), codes
+
+
+def leftovers(directory) -> list[str]:
+    """Temporary files an interrupted write would leave (hidden names)."""
+    return sorted(p.name for p in directory.rglob(".*"))
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+# -- round trips -----------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["npy", "fvecs", "hdf5", "parquet", "parquet-list"])
+def test_round_trip_per_input_format(tmp_path, X, codec, codec_file, fmt, capsys):
+    ids = [f"doc-{i}" for i in range(len(X))]
+    if fmt == "npy":
+        source, extra = tmp_path / "in.npy", []
+        np.save(source, X)
+    elif fmt == "fvecs":
+        source, extra = tmp_path / "in.fvecs", []
+        write_fvecs(source, X)
+    elif fmt == "hdf5":
+        source, extra = tmp_path / "in.hdf5", ["--dataset", "train"]
+        with h5py.File(source, "w") as handle:
+            handle["train"], handle["test"] = X, X[:10]
+    else:
+        source, extra = tmp_path / "in.parquet", ["--column", "emb", "--id-column", "doc_id"]
+        write_parquet(source, X, ids=ids, list_type=fmt == "parquet-list")
+    parquet = fmt.startswith("parquet")
+    codes_path = tmp_path / ("codes.parquet" if parquet else "codes.npy")
+    assert run("compress", "-c", codec_file, source, codes_path, "-q", *extra) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"compress: {len(X):,} vectors from 1 file(s)")
+    expected = codec.encode(X)
+    if parquet:
+        out_ids, codes = parquet_codes(codes_path)
+        assert out_ids == ids  # ids carried through
+        record = json.loads(pq.read_metadata(codes_path).metadata[b"embcomp"])
+    else:
+        codes = np.load(codes_path)
+        record = json.loads(codes_path.with_name("codes.npy.json").read_text())
+    np.testing.assert_array_equal(codes, expected)  # byte-identical to Codec.encode
+    assert record["codec_id"] == codec_id(codec) and record["spec"] == SPEC
+    assert record["input"]["rows"] == len(X)
+
+    back = tmp_path / ("back.parquet" if parquet else "back.npy")
+    assert run("decompress", "-c", codec_file, codes_path, back, "-q") == 0
+    if parquet:
+        table = pq.read_table(back)
+        assert table.schema.names == ["doc_id", "emb"]  # column names as compressed
+        assert table.column("doc_id").to_pylist() == ids
+        vectors = table.column("emb").combine_chunks().values.to_numpy().reshape(-1, 384)
+    else:
+        vectors = np.load(back)
+    np.testing.assert_array_equal(vectors, codec.decode(expected))
+    assert leftovers(tmp_path) == []
+
+
+def test_npy_input_to_parquet_output_gets_row_ids(tmp_path, X, codec, codec_file):
+    np.save(tmp_path / "x.npy", X)
+    assert run("compress", "-c", codec_file, tmp_path / "x.npy", tmp_path / "c.parquet", "-q") == 0
+    ids, codes = parquet_codes(tmp_path / "c.parquet")
+    assert ids == list(range(len(X)))
+    np.testing.assert_array_equal(codes, codec.encode(X))
+
+
+@pytest.mark.parametrize("spec", [SPEC, "pca64,fp32"])
+def test_codes_do_not_depend_on_block_size(tmp_path, X, spec):
+    """A one-row matrix product rounds differently in BLAS; blocks must not show it.
+
+    fp32 codes keep every bit of the reduced vector, so any difference would show.
+    """
+    codec = embcomp.make_codec(spec).fit(X[:1000])
+    np.save(tmp_path / "x.npy", X)
+    reference = codec.encode(X)
+    assert len(X) % rows_per_block(4 * 384) != 1  # the reference has no one-row block
+    singles = np.concatenate([encode_rows(codec, X[i : i + 1]) for i in range(len(X))])
+    np.testing.assert_array_equal(singles, reference)
+    decoded = np.concatenate([decode_rows(codec, reference[i : i + 1]) for i in range(300)])
+    np.testing.assert_array_equal(decoded, codec.decode(reference[:300]))
+    # 2999 leaves a last block of one row; 683 a codec-internal remainder of one row.
+    for block_rows in (7, 2999, 683):
+        out = tmp_path / f"c{block_rows}.npy"
+        compress(codec, tmp_path / "x.npy", out, block_rows=block_rows)
+        np.testing.assert_array_equal(np.load(out), reference)
+
+
+# -- directories and resume ------------------------------------------------------------
+def make_shards(directory, X, n_shards=3):
+    directory.mkdir()
+    bounds = np.linspace(0, len(X), n_shards + 1).astype(int)
+    for i in range(n_shards):
+        ids = [f"d{j}" for j in range(bounds[i], bounds[i + 1])]
+        write_parquet(directory / f"part-{i}.parquet", X[bounds[i] : bounds[i + 1]], ids=ids)
+    return bounds
+
+
+def test_directory_gives_one_output_per_shard_and_resumes(tmp_path, X, codec, codec_file, capsys):
+    shards, out = tmp_path / "shards", tmp_path / "codes"
+    make_shards(shards, X)
+    argv = ["compress", "-c", codec_file, shards, out, "--id-column", "doc_id", "-q"]
+    assert run(*argv) == 0
+    assert "3,000 vectors from 3 file(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i}.parquet" for i in range(3)]
+    ids, codes = zip(*(parquet_codes(out / f"part-{i}.parquet") for i in range(3)), strict=True)
+    assert sum(ids, []) == [f"d{j}" for j in range(len(X))]
+    np.testing.assert_array_equal(np.concatenate(codes), codec.encode(X))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    # A second run does no work and says so.
+    assert run(*argv) == 0
+    assert "nothing to do, all 3 output(s) already complete and valid" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    # A missing or stale output is redone; complete ones are not.
+    (out / "part-1.parquet").unlink()
+    write_parquet(shards / "part-2.parquet", X[:10], ids=[f"n{j}" for j in range(10)])
+    assert run(*argv) == 0
+    line = capsys.readouterr().out
+    assert "1,010 vectors from 2 file(s)" in line and "1 output(s) already complete" in line
+    assert (out / "part-0.parquet").stat().st_mtime_ns == stamps["part-0.parquet"]
+    assert parquet_codes(out / "part-2.parquet")[0] == [f"n{j}" for j in range(10)]
+
+    # Another codec makes every output stale.
+    other = embcomp.make_codec("int8").fit(X[:500])
+    assert compress(other, shards, out, id_column="doc_id").files_done == 3
+
+
+def test_resume_checks_npy_outputs_against_their_sidecar(tmp_path, X, codec):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    shards.mkdir()
+    np.save(shards / "a.npy", X[:1000])
+    np.save(shards / "b.npy", X[1000:])
+    assert compress(codec, shards, out).files_done == 2
+    assert compress(codec, shards, out).files_done == 0
+    # A codes file cut short (or not matching its record) is redone.
+    data = (out / "b.npy").read_bytes()
+    (out / "b.npy").write_bytes(data[:-64])
+    report = compress(codec, shards, out)
+    assert (report.files_done, report.files_already_complete) == (1, 1)
+    np.testing.assert_array_equal(np.load(out / "b.npy"), codec.encode(X[1000:]))
+    assert compress(codec, shards, out, overwrite=True).files_done == 2
+
+
+# -- bad rows --------------------------------------------------------------------------
+@pytest.fixture()
+def nan_input(tmp_path, X):
+    bad = X.copy()
+    bad[1234, 7] = np.nan
+    bad[2500, 0] = np.inf
+    np.save(tmp_path / "bad.npy", bad)
+    return tmp_path / "bad.npy"
+
+
+def test_nan_row_fails_with_file_and_row_and_no_output(tmp_path, nan_input, codec_file, capsys):
+    out = tmp_path / "out" / "codes.npy"
+    out.parent.mkdir()
+    assert run("compress", "-c", codec_file, nan_input, out, "-q") == 2
+    err = capsys.readouterr().err
+    assert f"{nan_input}: row 1234 contains NaN" in err and "--on-bad-row skip" in err
+    assert err.count("\n") == 1
+    assert list(out.parent.iterdir()) == []
+
+
+def test_nan_rows_skipped_are_counted_and_listed(tmp_path, X, nan_input, codec, codec_file, capsys):
+    out = tmp_path / "codes.npy"
+    assert run("compress", "-c", codec_file, nan_input, out, "--on-bad-row", "skip", "-q") == 0
+    assert "2 bad rows skipped" in capsys.readouterr().out
+    keep = np.setdiff1d(np.arange(len(X)), [1234, 2500])
+    np.testing.assert_array_equal(np.load(out), codec.encode(X[keep]))
+    listed = (tmp_path / "codes.npy.skipped.tsv").read_text().splitlines()
+    assert listed[0] == "file\trow\tid\treason"
+    assert [line.split("\t")[1] for line in listed[1:]] == ["1234", "2500"]
+    assert json.loads((tmp_path / "codes.npy.json").read_text())["result"]["bad_rows"] == 2
+
+
+def test_bad_parquet_rows_skipped_keep_their_ids(tmp_path, X, codec):
+    rows = [list(map(float, x)) for x in X[:100]]
+    rows[10], rows[20] = None, rows[20][:100]
+    table = pa.table(
+        {
+            "key": pa.array(range(1000, 1100)),
+            "emb": pa.array(rows, type=pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    with pytest.raises(InputError, match=r"in.parquet: row 10 \(id 1010\) is null"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "o.parquet", id_column="key")
+    report = compress(
+        codec, tmp_path / "in.parquet", tmp_path / "o.parquet", id_column="key",
+        on_bad_row="skip",
+    )  # fmt: skip
+    assert (report.vectors, report.bad_rows) == (98, 2)
+    ids, codes = parquet_codes(tmp_path / "o.parquet")
+    keep = [i for i in range(100) if i not in (10, 20)]
+    assert ids == [1000 + i for i in keep]
+    np.testing.assert_array_equal(codes, codec.encode(X[keep]))
+    listed = (tmp_path / "o.parquet.skipped.tsv").read_text()
+    assert "\t20\t1020\thas 100 values, expected 384" in listed
+
+
+def test_failure_in_a_later_shard_keeps_earlier_complete_outputs(tmp_path, X, codec):
+    shards, out = tmp_path / "shards", tmp_path / "codes"
+    shards.mkdir()
+    np.save(shards / "a.npy", X[:1500])
+    bad = X[1500:].copy()
+    bad[3, 3] = np.nan
+    np.save(shards / "b.npy", bad)
+    with pytest.raises(InputError, match=r"b.npy: row 3 contains NaN"):
+        compress(codec, shards, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "a.npy.json"]
+    np.save(shards / "b.npy", X[1500:])  # repaired: the rerun does only b
+    report = compress(codec, shards, out)
+    assert (report.files_done, report.files_already_complete) == (1, 1)
+
+
+# -- other failures: clear error, no partial output -----------------------------------
+def test_truncated_npy_is_refused_before_writing(tmp_path, X, codec_file, capsys):
+    np.save(tmp_path / "x.npy", X)
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 3])
+    assert run("compress", "-c", codec_file, tmp_path / "cut.npy", tmp_path / "o.npy", "-q") == 2
+    assert "cut.npy is truncated" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists() and leftovers(tmp_path) == []
+
+
+def test_wrong_dimension_column_and_missing_column(tmp_path, X, codec_file, capsys):
+    source = tmp_path / "in.parquet"
+    write_parquet(source, X[:50], small=fixed_list(X[:50, :128]))
+    out = tmp_path / "o.parquet"
+    assert run("compress", "-c", codec_file, source, out, "--column", "small", "-q") == 2
+    err = capsys.readouterr().err
+    assert "column 'small': rows have 128 dims" in err and "expects 384" in err
+    assert run("compress", "-c", codec_file, source, out, "--column", "vec", "-q") == 2
+    assert "no column 'vec'; columns are ['small', 'emb']" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+    np.save(tmp_path / "narrow.npy", X[:, :100])
+    with pytest.raises(DimensionMismatchError, match="rows have 100 dims"):
+        compress(embcomp.load_codec(codec_file), tmp_path / "narrow.npy", tmp_path / "n.npy")
+
+
+def unwritable_directory(tmp_path):
+    """A directory this process cannot create files in (root ignores permission bits)."""
+    if os.geteuid() == 0:
+        return "/sys/kernel"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked
+
+
+def test_unwritable_output_directory(tmp_path, X, codec_file, capsys):
+    np.save(tmp_path / "x.npy", X[:100])
+    target = unwritable_directory(tmp_path)
+    assert run("compress", "-c", codec_file, tmp_path / "x.npy", f"{target}/o.npy", "-q") == 2
+    assert f"cannot write to output directory '{target}'" in capsys.readouterr().err
+    assert run("compress", "-c", codec_file, tmp_path, f"{target}/codes", "-q") == 2
+    assert "cannot write to output directory" in capsys.readouterr().err
+    assert not os.path.exists(f"{target}/o.npy") and not os.path.exists(f"{target}/codes")
+
+
+def test_interrupted_write_leaves_no_file_under_the_final_name(tmp_path, X, codec, monkeypatch):
+    np.save(tmp_path / "x.npy", X)
+    from embcomp.batch import _engine
+
+    calls = {"n": 0}
+    real = _engine.transform_block
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_engine, "transform_block", interrupted)
+    for fmt in ("npy", "parquet"):
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            compress(codec, tmp_path / "x.npy", tmp_path / f"o.{fmt}", block_rows=1000)
+        assert not (tmp_path / f"o.{fmt}").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_option_conflicts_are_clear(tmp_path, X, codec, codec_file):
+    write_parquet(tmp_path / "in.parquet", X[:10], ids=list(range(10)))
+    with pytest.raises(InputError, match="cannot carry the id column 'doc_id'"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "o.npy", id_column="doc_id")
+    with pytest.raises(InputError, match="suffix '.npy' but --format is parquet"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "o.npy", output_format="parquet")
+    with pytest.raises(InputError, match="is the input"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "in.parquet")
+    with pytest.raises(InputError, match="--block-rows must be >= 1"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "o.parquet", block_rows=0)
+
+
+def test_decompress_refuses_codes_of_another_codec(tmp_path, X, codec):
+    np.save(tmp_path / "x.npy", X[:100])
+    compress(codec, tmp_path / "x.npy", tmp_path / "codes.npy")
+    other = embcomp.make_codec(SPEC).fit(X[1000:2000])
+    with pytest.raises(ArtifactError, match="was encoded with codec"):
+        decompress(other, tmp_path / "codes.npy", tmp_path / "back.npy")
+
+
+def test_progress_bar_and_report(tmp_path, X, codec_file, capsys):
+    np.save(tmp_path / "x.npy", X)
+    assert run("compress", "-c", codec_file, tmp_path / "x.npy", tmp_path / "o.npy") == 0
+    captured = capsys.readouterr()
+    assert "vec/s" in captured.err  # tqdm: count, rate, ETA
+    (line,) = captured.out.splitlines()
+    for part in ("3,000 vectors", "MB in ->", "KB out", "x smaller", " s (", "vectors/s"):
+        assert part in line
+
+
+def test_missing_ray_names_the_extra(tmp_path, X, codec_file, monkeypatch, capsys):
+    np.save(tmp_path / "x.npy", X[:10])
+    monkeypatch.setitem(sys.modules, "ray", None)
+    argv = ["compress", "-c", codec_file, tmp_path / "x.npy", tmp_path / "o", "--engine", "ray"]
+    assert run(*argv) == 2
+    assert "pip install 'embcomp[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

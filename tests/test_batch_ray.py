@@ -1,0 +1,123 @@
+"""The Ray Data engine on a local 2-CPU Ray instance: same codes as the local engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embcomp
+from embcomp.artifacts import codec_id
+from embcomp.batch import compress, decompress
+from embcomp.cli import main
+from embcomp.exceptions import InputError
+from embcomp.sample import load_sample
+
+ray = pytest.importorskip("ray")  # the 'ray' extra; installed by `make test`
+
+SPEC = "pca64,fp8"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return load_sample()[0]
+
+
+@pytest.fixture(scope="module")
+def codec(X):
+    return embcomp.make_codec(SPEC).fit(X[:1000])
+
+
+def table_rows(directory) -> tuple[list, np.ndarray, str]:
+    """(ids, payload bytes, payload column) of every Parquet file under ``directory``."""
+    files = sorted(directory.glob("*.parquet")) if directory.is_dir() else [directory]
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    name = table.schema.names[1]
+    payload = table.column(name).combine_chunks()
+    if pa.types.is_fixed_size_binary(payload.type):
+        width, raw = payload.type.byte_width, np.frombuffer(payload.buffers()[1], np.uint8)
+    else:
+        width, raw = payload.type.list_size * 4, payload.values.to_numpy().view(np.uint8)
+    return table.column(0).to_pylist(), raw[: len(payload) * width].reshape(-1, width), name
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, X):
+    """Two Parquet shards with string ids and a NaN-free copy; row groups of 300 rows."""
+    directory = tmp_path_factory.mktemp("ray") / "shards"
+    directory.mkdir()
+    for i, (lo, hi) in enumerate([(0, 1700), (1700, 3000)]):
+        table = pa.table(
+            {
+                "doc": pa.array([f"doc-{j}" for j in range(lo, hi)]),
+                "emb": pa.FixedSizeListArray.from_arrays(pa.array(X[lo:hi].reshape(-1)), 384),
+            }
+        )
+        pq.write_table(table, directory / f"part-{i}.parquet", row_group_size=300)
+    return directory
+
+
+def test_ray_output_equals_local_output(tmp_path, shards, X, codec, capsys):
+    codec_file = embcomp.save_codec(codec, tmp_path / "c.codec")
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    common = ["-c", str(codec_file), str(shards), "--id-column", "doc", "-q"]
+    assert main(["compress", *common[:3], str(local), *common[3:]]) == 0
+    argv = ["compress", *common[:3], str(distributed), *common[3:], "--engine", "ray"]
+    argv += ["--block-rows", "250"]  # blocks and units cut across row groups and shards
+    assert main(argv) == 0
+    assert "3,000 vectors from 2 file(s)" in capsys.readouterr().out
+    local_ids, local_codes, _ = table_rows(local)
+    ray_ids, ray_codes, _ = table_rows(distributed)
+    assert ray_ids == local_ids == [f"doc-{j}" for j in range(3000)]
+    np.testing.assert_array_equal(ray_codes, local_codes)
+    np.testing.assert_array_equal(ray_codes, codec.encode(X))
+    record = json.loads((distributed / "_embcomp.json").read_text())
+    assert record["rows"] == 3000 and record["job"]["codec_id"] == codec_id(codec)
+    assert not list(tmp_path.glob(".ray.tmp-*"))
+
+    # Resume: the same job again does nothing and says so.
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+    # Decompress on Ray equals decompress locally.
+    back_ray, back_local = tmp_path / "back_ray", tmp_path / "back_local"
+    assert decompress(codec, distributed, back_ray, engine="ray").vectors == 3000
+    decompress(codec, local, back_local)
+    ids, vectors, name = table_rows(back_ray)
+    assert name == "emb" and ids == local_ids
+    np.testing.assert_array_equal(vectors, table_rows(back_local)[1])
+    np.testing.assert_array_equal(vectors.view(np.float32), codec.decode(codec.encode(X)))
+
+
+def test_ray_reads_npy_and_skips_bad_rows_like_local(tmp_path, X, codec):
+    bad = X.copy()
+    bad[[5, 2222], 3] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(InputError, match=r"bad.npy: row 5 contains NaN") as failure:
+        compress(codec, tmp_path / "bad.npy", tmp_path / "failed", engine="ray", unit_rows=700)
+    assert "Traceback" not in str(failure.value)
+    assert not (tmp_path / "failed").exists() and not list(tmp_path.glob(".failed*"))
+
+    report = compress(
+        codec, tmp_path / "bad.npy", tmp_path / "ray", engine="ray", on_bad_row="skip",
+        unit_rows=700, block_rows=333,
+    )  # fmt: skip
+    assert (report.vectors, report.bad_rows) == (2998, 2)
+    local = compress(codec, tmp_path / "bad.npy", tmp_path / "local.parquet", on_bad_row="skip")
+    assert local.bad_rows == 2
+    ray_ids, ray_codes, _ = table_rows(tmp_path / "ray")
+    local_ids, local_codes, _ = table_rows(tmp_path / "local.parquet")
+    assert ray_ids == local_ids and 5 not in ray_ids and 2222 not in ray_ids
+    np.testing.assert_array_equal(ray_codes, local_codes)
+    skipped = (tmp_path / "ray" / "_skipped.tsv").read_text().splitlines()
+    assert [line.split("\t")[1] for line in skipped[1:]] == ["5", "2222"]
