@@ -19,7 +19,7 @@ from .exceptions import (
     NotFittedError,
     SpecError,
 )
-from .reducers import PCAReducer, RandomRotation
+from .reducers import MPADReducer, PCAReducer, RandomRotation
 from .spec import CodecSpec, parse_spec
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "DimensionMismatchError",
     "EmbcompError",
     "InputError",
+    "MPADReducer",
     "NotFittedError",
     "PCAReducer",
     "RandomRotation",

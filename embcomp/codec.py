@@ -17,7 +17,7 @@ from ._blocks import for_each_block, rows_per_block
 from ._validation import check_codes, check_finite, check_matrix
 from .exceptions import NotFittedError, SpecError
 from .quantizers import BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
-from .reducers import LinearReducer, PCAReducer, RandomRotation
+from .reducers import LinearReducer, MPADReducer, PCAReducer, RandomRotation
 from .spec import CodecSpec, Stage, parse_spec
 
 __all__ = ["Codec", "make_codec"]
@@ -26,6 +26,7 @@ __all__ = ["Codec", "make_codec"]
 StageFactory = Callable[[Stage], tuple[type, dict[str, Any]]]
 STAGE_FACTORIES: dict[str, StageFactory] = {
     "pca": lambda s: (PCAReducer, {"n_components": s.arg}),
+    "mpad": lambda s: (MPADReducer, {"n_components": s.arg}),
     "rot": lambda s: (RandomRotation, {}),
     "int8": lambda s: (IntQuantizer, {"bits": 8}),
     "int4": lambda s: (IntQuantizer, {"bits": 4}),

@@ -51,6 +51,7 @@ class StageInfo:
 STAGES: dict[str, StageInfo] = {
     "l2norm": StageInfo("normalize", "none", None, "scale each vector to unit L2 norm"),
     "pca": StageInfo("reducer", "optional", None, "PCA to {d} dims (all dims if no number)"),
+    "mpad": StageInfo("reducer", "required", None, "MPAD projection to {d} dims"),
     "rot": StageInfo("reducer", "none", None, "seeded random orthogonal rotation"),
     "fp32": StageInfo("quantizer", "none", 32, "float32, lossless"),
     "fp16": StageInfo("quantizer", "none", 16, "IEEE float16, scaled"),

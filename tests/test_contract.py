@@ -32,6 +32,8 @@ SPECS = QUANTIZERS + [
     "l2norm,fp8",
     "l2norm,pca20,fp8e5m2",
     "pca13,fp4",
+    "mpad8,fp8",
+    "l2norm,mpad6,int8",
 ]
 
 
