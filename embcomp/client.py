@@ -238,8 +238,10 @@ class CompressionClient:
         def messages() -> Iterator[pb.FitCodecRequest]:
             yield pb.FitCodecRequest(header=header)
             for start in range(0, train.shape[0], step):
-                chunk = array_to_matrix(train[start : start + step], name="training vectors")
-                yield pb.FitCodecRequest(chunk=chunk)
+                request = pb.FitCodecRequest()
+                chunk = train[start : start + step]
+                array_to_matrix(chunk, name="training vectors", out=request.chunk)
+                yield request
 
         reply = self._call(self._stub.FitCodec, messages())
         return self._remember(CodecInfo.from_message(reply.codec))
@@ -290,8 +292,9 @@ class CompressionClient:
         X = check_matrix(X, allow_empty=True)
         if X.shape[0] * X.shape[1] * (2 if X.dtype == np.float16 else 4) > self.message_bytes:
             return self.encode_stream(codec_id, X)
-        request = array_to_matrix(X)
-        reply = self._call(self._stub.Encode, pb.EncodeRequest(codec_id=codec_id, vectors=request))
+        request = pb.EncodeRequest(codec_id=codec_id)
+        array_to_matrix(X, out=request.vectors)
+        reply = self._call(self._stub.Encode, request)
         return _writable(codes_to_array(reply.codes))
 
     def decode(self, codec_id: str, codes: Any, *, reduced: bool = False) -> np.ndarray:
@@ -304,7 +307,8 @@ class CompressionClient:
         width = info.d_out if reduced else info.d_in
         if codes.ndim == 2 and codes.shape[0] * 4 * width > self.message_bytes:
             return self.decode_stream(codec_id, codes, reduced=reduced)
-        request = pb.DecodeRequest(codec_id=codec_id, codes=array_to_codes(codes), reduced=reduced)
+        request = pb.DecodeRequest(codec_id=codec_id, reduced=reduced)
+        array_to_codes(codes, out=request.codes)
         reply = self._call(self._stub.Decode, request)
         return _writable(matrix_to_array(reply.vectors, name="decoded vectors"))
 
@@ -312,9 +316,8 @@ class CompressionClient:
         """Queries (n, d_in) float -> (n, d_out) float32 in the codec's reduced space."""
         if metric not in _METRICS:
             raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
-        request = pb.ProjectQueriesRequest(
-            codec_id=codec_id, queries=array_to_matrix(Q, name="queries"), metric=_METRICS[metric]
-        )
+        request = pb.ProjectQueriesRequest(codec_id=codec_id, metric=_METRICS[metric])
+        array_to_matrix(Q, name="queries", out=request.queries)
         reply = self._call(self._stub.ProjectQueries, request)
         return _writable(matrix_to_array(reply.queries, name="projected queries"))
 
@@ -327,10 +330,9 @@ class CompressionClient:
 
         def messages() -> Iterator[pb.EncodeStreamRequest]:
             for start in range(0, X.shape[0], step):
-                yield pb.EncodeStreamRequest(
-                    codec_id=codec_id if start == 0 else "",
-                    vectors=array_to_matrix(X[start : start + step]),
-                )
+                request = pb.EncodeStreamRequest(codec_id=codec_id if start == 0 else "")
+                array_to_matrix(X[start : start + step], out=request.vectors)
+                yield request
 
         parts: builtins.list[tuple[int, np.ndarray]] = []
         try:
@@ -361,11 +363,11 @@ class CompressionClient:
 
         def messages() -> Iterator[pb.DecodeStreamRequest]:
             for start in range(0, codes.shape[0], rows_per_message):
-                yield pb.DecodeStreamRequest(
-                    codec_id=codec_id if start == 0 else "",
-                    codes=array_to_codes(codes[start : start + rows_per_message]),
-                    reduced=reduced,
+                request = pb.DecodeStreamRequest(
+                    codec_id=codec_id if start == 0 else "", reduced=reduced
                 )
+                array_to_codes(codes[start : start + rows_per_message], out=request.codes)
+                yield request
 
         parts: builtins.list[tuple[int, np.ndarray]] = []
         try:
@@ -383,13 +385,9 @@ class CompressionClient:
         """recall@k of the codec on a sample: decoded ``base`` vs exact float32 search."""
         if metric not in _METRICS:
             raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
-        request = pb.EvaluateCodecRequest(
-            codec_id=codec_id,
-            base=array_to_matrix(base, name="base"),
-            queries=array_to_matrix(queries, name="queries"),
-            k=k,
-            metric=_METRICS[metric],
-        )
+        request = pb.EvaluateCodecRequest(codec_id=codec_id, k=k, metric=_METRICS[metric])
+        array_to_matrix(base, name="base", out=request.base)
+        array_to_matrix(queries, name="queries", out=request.queries)
         reply = self._call(self._stub.EvaluateCodec, request)
         return Evaluation(
             recall_at_k=reply.recall_at_k,

@@ -54,7 +54,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         short = method.rsplit("/", 1)[-1]
         logger.warning("unauthenticated call", extra={"method": short, "reason": message})
         if self._metrics is not None:
-            self._metrics.observe(short, "UNAUTHENTICATED", 0.0, 0, 0)
+            self._metrics.observe(short, "UNAUTHENTICATED", 0.0)
         return _rejecting(handler, message)
 
 

@@ -1,12 +1,15 @@
 """The life of one RPC: request id, error mapping, metrics and the access log.
 
 Each servicer method is wrapped by one of the decorators below (by call shape), so the
-servicer itself only translates messages into library calls.
+servicer itself only translates messages into library calls. Bytes on the wire are
+counted separately, by :class:`.metrics.TrafficInterceptor`, from the serialized
+messages gRPC hands over (asking a message its ``ByteSize()`` would serialize it again).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 import uuid
@@ -16,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from .errors import status_for
-from .logs import REQUEST_ID, logger
+from .logs import REQUEST_ID, access_logger, logger
 from .metrics import ServiceMetrics
 
 __all__ = ["bidi_stream", "client_stream", "unary"]
@@ -30,8 +33,6 @@ class Call:
 
     __slots__ = (
         "_token",
-        "bytes_in",
-        "bytes_out",
         "code",
         "context",
         "method",
@@ -44,7 +45,6 @@ class Call:
         self.method, self.context, self.metrics = method, context, metrics
         self.start = time.perf_counter()
         self.code = "OK"
-        self.bytes_in = self.bytes_out = 0
         sent = None
         for key, value in context.invocation_metadata():
             if key == "x-request-id" and isinstance(value, str) and _SANE_REQUEST_ID.match(value):
@@ -52,11 +52,6 @@ class Call:
         self.request_id = sent or uuid.uuid4().hex[:16]
         self._token = REQUEST_ID.set(self.request_id)
         context.set_trailing_metadata((("x-request-id", self.request_id),))
-
-    def count_requests(self, requests: Iterator[Any]) -> Iterator[Any]:
-        for request in requests:
-            self.bytes_in += request.ByteSize()
-            yield request
 
     def fail(self, exc: Exception) -> NoReturn:
         """Abort the RPC with the status the error table gives ``exc``."""
@@ -72,16 +67,14 @@ class Call:
 
     def finish(self) -> None:
         seconds = time.perf_counter() - self.start
-        self.metrics.observe(self.method, self.code, seconds, self.bytes_in, self.bytes_out)
-        if logger.isEnabledFor(20):  # INFO; skip building the record when silenced
-            logger.info(
+        self.metrics.observe(self.method, self.code, seconds)
+        if access_logger.isEnabledFor(logging.INFO):  # skip building a record nobody sees
+            access_logger.info(
                 "rpc",
                 extra={
                     "method": self.method,
                     "code": self.code,
                     "duration_ms": round(seconds * 1000, 3),
-                    "bytes_in": self.bytes_in,
-                    "bytes_out": self.bytes_out,
                     "peer": self.context.peer(),
                 },
             )
@@ -99,10 +92,7 @@ def unary(method: str) -> Callable[[F], F]:
         def wrapped(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             call = Call(method, context, self.metrics)
             try:
-                call.bytes_in = request.ByteSize()
-                response = handler(self, request, context)
-                call.bytes_out = response.ByteSize()
-                return response
+                return handler(self, request, context)
             except Exception as exc:
                 call.fail(exc)
             finally:
@@ -121,9 +111,7 @@ def client_stream(method: str) -> Callable[[F], F]:
         def wrapped(self: Any, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             call = Call(method, context, self.metrics)
             try:
-                response = handler(self, call.count_requests(requests), context)
-                call.bytes_out = response.ByteSize()
-                return response
+                return handler(self, requests, context)
             except Exception as exc:
                 call.fail(exc)
             finally:
@@ -144,9 +132,7 @@ def bidi_stream(method: str) -> Callable[[F], F]:
         ) -> Iterator[Any]:
             call = Call(method, context, self.metrics)
             try:
-                for response in handler(self, call.count_requests(requests), context):
-                    call.bytes_out += response.ByteSize()
-                    yield response
+                yield from handler(self, requests, context)
             except GeneratorExit:  # the client cancelled; nothing to send
                 call.code = "CANCELLED"
                 raise

@@ -31,6 +31,10 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "log-level": (str.upper, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     "log-format": (str, "json or text (default json)"),
 }
+# on/off flags: --access-log / --no-access-log
+_SERVE_SWITCHES: dict[str, str] = {
+    "access-log": "one log line per finished RPC (default on)",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -44,13 +48,19 @@ def register(subparsers: Any) -> None:
     )
     for flag, (kind, text) in _SERVE_FLAGS.items():
         serve.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    for flag, text in _SERVE_SWITCHES.items():
+        serve.add_argument(
+            f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text
+        )
     serve.set_defaults(func=_cmd_serve)
 
     check = subparsers.add_parser(
         "health", help="ask a running service's gRPC health service; exit 0 if SERVING"
     )
     check.add_argument(
-        "--target", default=None, help="host:port (default localhost:$EMBCOMP_PORT or 50051)"
+        "--target",
+        default=None,
+        help="host:port (default: where `embcomp serve` listens with the same EMBCOMP_* settings)",
     )
     check.add_argument(
         "--tls-ca", type=Path, default=None, help="PEM root to verify a TLS server with"
@@ -63,9 +73,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .server import serve
 
-    overrides = {
-        flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in _SERVE_FLAGS
-    }
+    names = [flag.replace("-", "_") for flag in (*_SERVE_FLAGS, *_SERVE_SWITCHES)]
+    overrides = {name: getattr(args, name) for name in names}
     return serve(load_config(**overrides))
 
 
@@ -76,7 +85,9 @@ def _cmd_health(args: argparse.Namespace) -> int:
     from .config import load_config
 
     config = load_config()
-    target = args.target or f"localhost:{config.port}"
+    # Reach the server `embcomp serve` would start with the same environment.
+    host = config.host if config.host not in ("0.0.0.0", "::", "[::]", "") else "127.0.0.1"
+    target = args.target or load_config(host=host).address
     ca = args.tls_ca or config.tls_cert
     if ca is not None:
         channel = grpc.secure_channel(

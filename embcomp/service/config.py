@@ -40,6 +40,7 @@ class ServiceConfig(BaseSettings):
     metrics_port : serve Prometheus metrics over HTTP on this port (off when unset).
     grace_seconds : on SIGTERM, in-flight calls get this long to finish.
     log_level, log_format : logging threshold and ``json`` (one object per line) or ``text``.
+    access_log : one INFO line per finished RPC (method, status, duration, request id).
     """
 
     model_config = SettingsConfigDict(env_prefix="EMBCOMP_", extra="forbid", frozen=True)
@@ -61,6 +62,7 @@ class ServiceConfig(BaseSettings):
     grace_seconds: float = Field(default=10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    access_log: bool = True
 
     @model_validator(mode="after")
     def _check_pairs(self) -> ServiceConfig:

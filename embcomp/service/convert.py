@@ -97,23 +97,32 @@ def codes_to_array(
     return np.frombuffer(data, dtype=np.uint8).reshape(rows, code_size)
 
 
-def array_to_matrix(X: Any, *, name: str = "vectors") -> types_pb2.Matrix:
-    """A ``Matrix`` holding ``X`` (n, d): float16 is sent as is, other floats as float32."""
+def array_to_matrix(
+    X: Any, *, name: str = "vectors", out: types_pb2.Matrix | None = None
+) -> types_pb2.Matrix:
+    """A ``Matrix`` holding ``X`` (n, d): float16 is sent as is, other floats as float32.
+
+    With ``out`` (e.g. ``request.vectors``), fill that field in place: assigning a
+    finished Matrix to a request's field would copy its bytes once more.
+    """
     X = check_matrix(X, name=name, allow_empty=True)
     wire = np.dtype("<f2") if X.dtype == np.float16 else np.dtype("<f4")
-    data = np.ascontiguousarray(X, dtype=wire).tobytes()
-    dtype = types_pb2.DTYPE_FLOAT16 if wire.itemsize == 2 else types_pb2.DTYPE_FLOAT32
-    return types_pb2.Matrix(rows=X.shape[0], cols=X.shape[1], dtype=dtype, data=data)
+    matrix = out if out is not None else types_pb2.Matrix()
+    matrix.rows, matrix.cols = X.shape
+    matrix.dtype = types_pb2.DTYPE_FLOAT16 if wire.itemsize == 2 else types_pb2.DTYPE_FLOAT32
+    matrix.data = np.ascontiguousarray(X, dtype=wire).tobytes()
+    return matrix
 
 
-def array_to_codes(codes: Any) -> types_pb2.Codes:
-    """A ``Codes`` message holding uint8 codes (n, code_size)."""
+def array_to_codes(codes: Any, *, out: types_pb2.Codes | None = None) -> types_pb2.Codes:
+    """A ``Codes`` message holding uint8 codes (n, code_size) (``out``: fill in place)."""
     codes = np.asarray(codes)
     if codes.dtype != np.uint8 or codes.ndim != 2:
         raise InputError(
             f"codes must be a 2-D uint8 array as returned by encode; got {codes.dtype} "
             f"with shape {codes.shape}"
         )
-    return types_pb2.Codes(
-        rows=codes.shape[0], code_size=codes.shape[1], data=np.ascontiguousarray(codes).tobytes()
-    )
+    message = out if out is not None else types_pb2.Codes()
+    message.rows, message.code_size = codes.shape
+    message.data = np.ascontiguousarray(codes).tobytes()
+    return message

@@ -14,9 +14,11 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["REQUEST_ID", "JsonFormatter", "configure_logging", "logger"]
+__all__ = ["REQUEST_ID", "JsonFormatter", "access_logger", "configure_logging", "logger"]
 
 logger = logging.getLogger("embcomp.service")
+# One INFO line per finished RPC; a child of ``logger``, so it shares its handler.
+access_logger = logging.getLogger("embcomp.service.access")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "embcomp_request_id", default=None
 )
@@ -58,8 +60,11 @@ class _TextFormatter(logging.Formatter):
         return f"{prefix}{base} {extras}".rstrip()
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send the service's logs to stderr in ``fmt`` (``json`` or ``text``) at ``level``."""
+def configure_logging(level: str = "INFO", fmt: str = "json", access_log: bool = True) -> None:
+    """Send the service's logs to stderr in ``fmt`` (``json`` or ``text``) at ``level``.
+
+    ``access_log=False`` silences the per-RPC lines but keeps the rest at ``level``.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -68,3 +73,4 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+    access_logger.setLevel(logging.NOTSET if access_log else logging.WARNING)

@@ -7,11 +7,13 @@ not collide); ``serve_http`` exposes it on an optional port.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["ServiceMetrics"]
+__all__ = ["ServiceMetrics", "TrafficInterceptor"]
 
 # Single-vector calls take well under a millisecond; bulk calls up to seconds.
 _LATENCY_BUCKETS = (
@@ -58,18 +60,12 @@ class ServiceMetrics:
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 
-    def observe(
-        self, method: str, code: str, seconds: float, bytes_in: int, bytes_out: int
-    ) -> None:
+    def observe(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC (``code`` is the status name, e.g. ``"OK"``)."""
         self.requests.labels(method).inc()
         if code != "OK":
             self.errors.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
-        if bytes_in:
-            self.bytes_in.labels(method).inc(bytes_in)
-        if bytes_out:
-            self.bytes_out.labels(method).inc(bytes_out)
 
     def serve_http(self, port: int, host: str) -> int:
         """Serve ``/metrics`` over HTTP in a daemon thread; returns the bound port."""
@@ -81,3 +77,37 @@ class ServiceMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class TrafficInterceptor(grpc.ServerInterceptor):
+    """Count serialized request and response bytes per method, as gRPC moves them.
+
+    Wraps each handler's (de)serializer, so the count is exact and costs a ``len``.
+    """
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not hasattr(handler, "_replace"):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        received = self._metrics.bytes_in.labels(method)
+        sent = self._metrics.bytes_out.labels(method)
+        parse, dump = handler.request_deserializer, handler.response_serializer
+
+        def deserialize(raw: bytes) -> Any:
+            received.inc(len(raw))
+            return parse(raw) if parse is not None else raw
+
+        def serialize(message: Any) -> bytes:
+            data = dump(message) if dump is not None else message
+            sent.inc(len(data))
+            return data
+
+        return handler._replace(request_deserializer=deserialize, response_serializer=serialize)

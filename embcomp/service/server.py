@@ -22,7 +22,7 @@ from ..v1 import compression_service_pb2, compression_service_pb2_grpc
 from .auth import BearerTokenInterceptor
 from .config import ServiceConfig
 from .logs import configure_logging, logger
-from .metrics import ServiceMetrics
+from .metrics import ServiceMetrics, TrafficInterceptor
 from .servicer import CompressionServicer
 from .store import CodecStore
 
@@ -114,7 +114,9 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     store = CodecStore(config.store, cache_size=config.cache_size)
     metrics = ServiceMetrics()
     token = config.token()
-    interceptors = [BearerTokenInterceptor(token, metrics)] if token else []
+    interceptors: list[grpc.ServerInterceptor] = [TrafficInterceptor(metrics)]
+    if token:
+        interceptors.insert(0, BearerTokenInterceptor(token, metrics))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="embcomp-rpc"),
         interceptors=interceptors,
@@ -150,7 +152,7 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
 def serve(config: ServiceConfig | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain in-flight calls for ``grace_seconds``."""
     config = config if config is not None else ServiceConfig()
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, config.access_log)
     server, port = create_server(config)
     stop_requested = threading.Event()
 
@@ -174,8 +176,9 @@ def serve(config: ServiceConfig | None = None) -> int:
         )
         while not stop_requested.wait(timeout=1.0):
             pass
+        done = server.stop(config.grace_seconds)  # from here on, new calls are refused
         logger.info("draining", extra={"grace_seconds": config.grace_seconds})
-        server.stop(config.grace_seconds).wait()
+        done.wait()
         logger.info("stopped")
     finally:
         for sig, handler in previous.items():

@@ -196,7 +196,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         codec = self.store.get(check_codec_id(request.codec_id))
         vectors = self._vectors_for(codec, request.vectors, "vectors")
         self._check_response_size(vectors.shape[0], codec.code_size)
-        return pb.EncodeResponse(codes=array_to_codes(codec.encode(vectors)))
+        response = pb.EncodeResponse()
+        array_to_codes(codec.encode(vectors), out=response.codes)
+        return response
 
     @unary("Decode")
     def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
@@ -204,9 +206,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         codes = self._codes(request.codes)
         width = codec.d_out if request.reduced else codec._check_fitted()
         self._check_response_size(codes.shape[0], 4 * width)
-        return pb.DecodeResponse(
-            vectors=array_to_matrix(codec.decode(codes, reduced=request.reduced))
-        )
+        response = pb.DecodeResponse()
+        array_to_matrix(codec.decode(codes, reduced=request.reduced), out=response.vectors)
+        return response
 
     @unary("ProjectQueries")
     def ProjectQueries(
@@ -216,8 +218,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         queries = self._vectors_for(codec, request.queries, "queries")
         metric = _metric(request.metric)
         self._check_response_size(queries.shape[0], 4 * codec.d_out)
-        projected = codec.project_queries(queries, metric=metric)
-        return pb.ProjectQueriesResponse(queries=array_to_matrix(projected))
+        response = pb.ProjectQueriesResponse()
+        array_to_matrix(codec.project_queries(queries, metric=metric), out=response.queries)
+        return response
 
     @bidi_stream("EncodeStream")
     def EncodeStream(
@@ -233,8 +236,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             with _in_stream_message(index, offset):
                 vectors = self._vectors_for(codec, request.vectors, "vectors")
                 self._check_response_size(vectors.shape[0], codec.code_size)
-                codes = array_to_codes(codec.encode(vectors))
-            yield pb.EncodeStreamResponse(row_offset=offset, codes=codes)
+                response = pb.EncodeStreamResponse(row_offset=offset)
+                array_to_codes(codec.encode(vectors), out=response.codes)
+            yield response
             offset += vectors.shape[0]
 
     @bidi_stream("DecodeStream")
@@ -256,8 +260,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 codes = self._codes(request.codes)
                 width = codec.d_out if reduced else codec._check_fitted()
                 self._check_response_size(codes.shape[0], 4 * width)
-                vectors = array_to_matrix(codec.decode(codes, reduced=bool(reduced)))
-            yield pb.DecodeStreamResponse(row_offset=offset, vectors=vectors)
+                response = pb.DecodeStreamResponse(row_offset=offset)
+                array_to_matrix(codec.decode(codes, reduced=bool(reduced)), out=response.vectors)
+            yield response
             offset += codes.shape[0]
 
     # -- the store --------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import grpc
 import numpy as np
 import pytest
 
@@ -226,3 +227,19 @@ def test_200k_vectors_round_trip_through_streams(client, sample):
     np.testing.assert_array_equal(decoded, codec.decode(codes))
     # encode() switches to the stream by itself for arrays over one message.
     np.testing.assert_array_equal(client.encode(info.id, X[:20_000]), codes[:20_000])
+
+
+def test_health_and_reflection_are_registered(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "embcomp.v1.CompressionService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "embcomp.v1.CompressionService" in services
+        assert "grpc.health.v1.Health" in services
