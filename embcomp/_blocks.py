@@ -1,25 +1,53 @@
-"""Run a function over row blocks of a large array, on a small shared thread pool.
+"""Run a function over row blocks of a large array, on every core, with reusable scratch.
 
-numpy releases the GIL inside its kernels, so two threads over disjoint blocks use
-both cores. Blocks are sized so a block's float32 working set stays cache-resident.
+numpy releases the GIL inside its kernels, so threads working on disjoint blocks use
+all cores. The calling thread works too, and workers pull the next block from a shared
+counter, so a busy core never holds up the others and a call made from inside a worker
+cannot deadlock the pool. Each worker gets a :class:`Scratch` for the whole call:
+kernels write their temporaries into the same few block-sized buffers block after
+block instead of allocating (and page-faulting) fresh ones, so the memory a call uses
+beyond its output is a few blocks per worker whatever ``n`` is.
+
+BLAS: a matrix product inside a worker must not start BLAS's own threads (two
+OpenBLAS thread teams on two cores serialize on OpenBLAS's server lock and run
+several times slower). Where the loaded OpenBLAS has ``openblas_set_num_threads_local``
+(0.3.27+) each worker limits itself to one BLAS thread for the duration of the call;
+elsewhere callers that multiply matrices pass ``uses_blas=True`` and their blocks run
+on the calling thread alone, leaving the parallelism to BLAS.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-# ~1 MiB of float32 input per block: big enough to amortize Python overhead,
-# small enough that the temporaries of a block stay in L2.
+import numpy as np
+
+__all__ = [
+    "Scratch",
+    "blas_single_thread",
+    "default_threads",
+    "float32_block",
+    "for_each_block",
+    "map_blocks",
+    "rows_per_block",
+]
+
+# ~1 MiB of float32 input per block: big enough that the ~15 numpy calls a kernel
+# makes per block cost little next to the work, small enough that a block and its
+# temporaries mostly stay in a core's L2 cache.
 _BLOCK_BYTES = 1 << 20
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
 def default_threads() -> int:
-    """Worker threads: ``EMBCOMP_THREADS`` if set, else the CPUs this process may use."""
+    """Threads per call: ``EMBCOMP_THREADS`` if set, else the CPUs this process may use."""
     env = os.environ.get("EMBCOMP_THREADS")
     if env:
         return max(1, int(env))
@@ -29,30 +57,199 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def rows_per_block(row_bytes: int) -> int:
+    """Rows per block for rows of ``row_bytes`` bytes (float32 input width * 4).
+
+    Codecs cut their input at multiples of this, and callers that need a codec's
+    results to be independent of how they group rows rely on that.
+    """
+    return max(64, _BLOCK_BYTES // max(1, row_bytes))
+
+
+class Scratch:
+    """Block-sized buffers that one worker reuses from block to block within a call.
+
+    ``get(name, shape, dtype)`` returns an uninitialized C-contiguous array viewing a
+    buffer kept under ``name``; the buffer grows when a larger request arrives, so the
+    last, shorter block of a call reuses it too.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = dtype.itemsize
+        for extent in shape:
+            size *= extent
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.nbytes < size:
+            buffer = np.empty(max(size, 1), dtype=np.uint8)
+            self._buffers[name] = buffer
+        return buffer[:size].view(dtype).reshape(shape)
+
+
+def float32_block(
+    X: np.ndarray, start: int, stop: int, scratch: Scratch
+) -> tuple[np.ndarray, bool]:
+    """Rows ``start:stop`` of ``X`` as a C-contiguous float32 array, and whether it is a copy.
+
+    A float32 C-contiguous ``X`` gives a view (not to be written to); anything else
+    (float16/float64, strided) is converted into the worker's scratch, once.
+    """
+    rows = X[start:stop]
+    if rows.dtype == np.float32 and rows.flags.c_contiguous:
+        return rows, False
+    block = scratch.get("input", rows.shape, np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32 range -> inf, then an InputError
+        np.copyto(block, rows, casting="same_kind")
+    return block, True
+
+
+# -- BLAS threads ------------------------------------------------------------------------
+_blas_setters: list[Callable[[int], int]] | None = None
+_blas_lock = threading.Lock()
+
+
+def _find_blas_setters() -> list[Callable[[int], int]]:
+    """``openblas_set_num_threads_local`` of every OpenBLAS loaded in this process."""
+    setters: list[Callable[[int], int]] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if ".so" in line}
+    except OSError:  # not Linux: no per-thread control, callers fall back
+        return setters
+    for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_"):
+            setter = getattr(library, symbol, None)
+            if setter is not None:
+                setter.argtypes = [ctypes.c_int]
+                setter.restype = ctypes.c_int
+                setters.append(setter)
+                break
+    return setters
+
+
+def _get_blas_setters() -> list[Callable[[int], int]]:
+    global _blas_setters
+    with _blas_lock:
+        if _blas_setters is None:
+            import numpy.linalg  # noqa: F401 - make sure numpy's BLAS is loaded first
+
+            _blas_setters = _find_blas_setters()
+        return _blas_setters
+
+
+def can_limit_blas() -> bool:
+    """Whether this thread's BLAS can be limited to one thread (see module docstring)."""
+    return bool(_get_blas_setters())
+
+
+@contextlib.contextmanager
+def blas_single_thread() -> Iterator[None]:
+    """Within the block, BLAS calls made by this thread use one thread (if supported)."""
+    setters = _get_blas_setters()
+    previous = [setter(1) for setter in setters]
+    try:
+        yield
+    finally:
+        for setter, value in zip(setters, previous, strict=True):
+            setter(max(1, value))
+
+
+# -- the pool --------------------------------------------------------------------------
 def _get_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="embcomp")
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, default_threads() - 1), thread_name_prefix="embcomp"
+            )
         return _pool
 
 
-def rows_per_block(row_bytes: int) -> int:
-    """Rows per block for rows of ``row_bytes`` bytes (float32 input width * 4)."""
-    return max(64, _BLOCK_BYTES // max(1, row_bytes))
+class _Run:
+    """One call's blocks, handed out one at a time to whichever thread asks next."""
+
+    def __init__(self, n: int, block_rows: int, work: Callable[[int, int, Scratch], None]) -> None:
+        self.n = n
+        self.block_rows = block_rows
+        self.n_blocks = -(-n // block_rows)
+        self.work = work
+        self.taken = 0
+        self.finished = 0
+        self.errors: dict[int, BaseException] = {}
+        self.cond = threading.Condition()
+
+    def _take(self) -> int | None:
+        with self.cond:
+            if self.errors or self.taken >= self.n_blocks:
+                return None
+            index = self.taken
+            self.taken += 1
+            return index
+
+    def drain(self) -> None:
+        """Process blocks until none are left (or one has failed)."""
+        scratch = Scratch()
+        with blas_single_thread():
+            while (index := self._take()) is not None:
+                start = index * self.block_rows
+                try:
+                    self.work(start, min(start + self.block_rows, self.n), scratch)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                    with self.cond:
+                        self.errors[index] = exc
+                finally:
+                    with self.cond:
+                        self.finished += 1
+                        self.cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait until every block handed out has finished; raise the earliest error."""
+        with self.cond:
+            while self.finished < self.taken:
+                self.cond.wait()
+            if self.errors:
+                raise self.errors[min(self.errors)]
+
+
+def map_blocks(
+    n: int,
+    block_rows: int,
+    work: Callable[[int, int, Scratch], None],
+    *,
+    uses_blas: bool = False,
+) -> None:
+    """Call ``work(start, stop, scratch)`` for every block of ``[0, n)``, on all threads.
+
+    ``scratch`` belongs to the calling worker for the whole call. Set ``uses_blas`` when
+    ``work`` multiplies matrices: without per-thread BLAS control the blocks then run
+    on the calling thread only (BLAS parallelizes each product instead).
+
+    If blocks fail, the exception of the earliest failing block is raised (so the
+    error names the first bad row), after every block in progress has finished.
+    """
+    run = _Run(n, block_rows, work)
+    threads = min(default_threads(), run.n_blocks)
+    if uses_blas and not can_limit_blas():
+        threads = 1
+    if threads > 1:
+        pool = _get_pool()
+        for _ in range(threads - 1):
+            pool.submit(run.drain)
+    run.drain()
+    run.wait()
 
 
 def for_each_block(n: int, block_rows: int, work: Callable[[int, int], None]) -> None:
-    """Call ``work(start, stop)`` for every block of ``[0, n)``, in parallel when it pays.
+    """Call ``work(start, stop)`` for every block of ``[0, n)``, in parallel.
 
     Exceptions are re-raised in block order, so the error about the earliest bad row wins.
+    Callers that multiply matrices should use :func:`map_blocks` with ``uses_blas=True``.
     """
-    starts = range(0, n, block_rows)
-    if len(starts) <= 1 or default_threads() == 1:
-        for start in starts:
-            work(start, min(start + block_rows, n))
-        return
-    pool = _get_pool()
-    futures = [pool.submit(work, s, min(s + block_rows, n)) for s in starts]
-    for future in futures:
-        future.result()
+    map_blocks(n, block_rows, lambda start, stop, _scratch: work(start, stop))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._blocks import for_each_block, rows_per_block
+from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from ._validation import check_codes, check_finite, check_matrix
 from .exceptions import NotFittedError, SpecError
 from .quantizers import BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
@@ -141,33 +141,49 @@ class Codec:
         self.d_in = X.shape[1]
         return self
 
-    def _reduce_block(self, block: np.ndarray) -> np.ndarray:
+    def _reduce_block(self, block: np.ndarray, scratch: Scratch, *, owned: bool) -> np.ndarray:
+        """Normalize and reduce one C-contiguous finite float32 block (the encode hot path).
+
+        ``owned``: ``block`` is a temporary that may be overwritten. The result is always
+        one the quantizer may overwrite when there is a reducer or normalization.
+        """
         if self.spec.normalize:
-            block = _l2_normalize(block if block.flags.writeable else block.copy())
-        if self.reducer is not None:
-            block = self.reducer.transform_block(block)
-        return block
+            if not owned:
+                copy = scratch.get("input", block.shape, np.float32)
+                np.copyto(copy, block)
+                block = copy
+            block = _l2_normalize(block)
+        if self.reducer is None:
+            return block
+        reducer = self.reducer
+        if type(reducer).transform_block is not LinearReducer.transform_block:
+            return reducer.transform_block(block)
+        # LinearReducer.transform_block (X @ P - offset) with its output in scratch
+        z = scratch.get("reduced", (block.shape[0], reducer.n_components_), np.float32)
+        np.matmul(block, reducer._projection, out=z)
+        np.subtract(z, reducer._offset, out=z)
+        return z
 
     def encode(self, X: Any) -> np.ndarray:
         """Encode ``X`` (n, d_in) float -> uint8 codes (n, code_size).
 
-        Works block by block (normalize, reduce, quantize fused per block), so memory
-        beyond the output is one block whatever ``n`` is.
+        Works block by block on all cores (normalize, reduce, quantize fused per block),
+        so memory beyond the output is a few blocks per thread whatever ``n`` is.
         """
         d_in = self._check_fitted()
         X = check_matrix(X, d=d_in, allow_empty=True)
         out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
+        transformed = self.spec.normalize or self.reducer is not None
 
-        def work(start: int, stop: int) -> None:
-            block = X[start:stop]
-            owned = block.dtype != np.float32 or not block.flags.c_contiguous
-            block = np.ascontiguousarray(block, dtype=np.float32)
+        def work(start: int, stop: int, scratch: Scratch) -> None:
+            block, owned = float32_block(X, start, stop, scratch)
             check_finite(block, row_offset=start)
-            if self.spec.normalize and not owned:
-                block = block.copy()
-            out[start:stop] = self.quantizer._encode_block(self._reduce_block(block))
+            block = self._reduce_block(block, scratch, owned=owned)
+            self.quantizer._encode_into(
+                block, out[start:stop], scratch, overwrite=owned or transformed
+            )
 
-        for_each_block(X.shape[0], rows_per_block(4 * d_in), work)
+        map_blocks(X.shape[0], rows_per_block(4 * d_in), work, uses_blas=self.reducer is not None)
         return out
 
     def decode(self, codes: Any, *, reduced: bool = False) -> np.ndarray:
@@ -178,16 +194,26 @@ class Codec:
         """
         d_in = self._check_fitted()
         codes = check_codes(codes, code_size=self.code_size)
-        width = self.d_out if reduced or self.reducer is None else d_in
-        out = np.empty((codes.shape[0], width), dtype=np.float32)
+        expand = self.reducer is not None and not reduced
+        out = np.empty((codes.shape[0], d_in if expand else self.d_out), dtype=np.float32)
 
-        def work(start: int, stop: int) -> None:
-            z = self.quantizer._decode_block(np.ascontiguousarray(codes[start:stop]))
-            if self.reducer is not None and not reduced:
-                z = self.reducer.inverse_transform_block(z)
-            out[start:stop] = z
+        def work(start: int, stop: int, scratch: Scratch) -> None:
+            block = np.ascontiguousarray(codes[start:stop])
+            if not expand:
+                self.quantizer._decode_into(block, out[start:stop], scratch)
+                return
+            assert self.reducer is not None
+            z = scratch.get("reduced", (block.shape[0], self.d_out), np.float32)
+            self.quantizer._decode_into(block, z, scratch)
+            reducer = self.reducer
+            if type(reducer).inverse_transform_block is not LinearReducer.inverse_transform_block:
+                out[start:stop] = reducer.inverse_transform_block(z)
+                return
+            # LinearReducer.inverse_transform_block (Z @ inverse_components_ + mean_), in place
+            np.matmul(z, reducer.inverse_components_, out=out[start:stop])
+            np.add(out[start:stop], reducer.mean_, out=out[start:stop])
 
-        for_each_block(codes.shape[0], rows_per_block(4 * d_in), work)
+        map_blocks(codes.shape[0], rows_per_block(4 * d_in), work, uses_blas=expand)
         return out
 
     def project_queries(self, Q: Any, *, metric: str = "ip") -> np.ndarray:

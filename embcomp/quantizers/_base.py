@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._blocks import for_each_block, rows_per_block
+from .._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix
 from ..exceptions import ArtifactError
@@ -15,9 +16,10 @@ from ..exceptions import ArtifactError
 class Quantizer(FittedStage):
     """Maps float vectors of width ``d_`` to ``code_size`` bytes each, and back.
 
-    Subclasses implement ``_fit(X)``, ``_encode_block(X) -> uint8`` and
-    ``_decode_block(codes) -> float32`` on one contiguous float32 block;
-    this class does validation and blocking.
+    Subclasses implement ``_fit(X)`` and the kernels of one block: either
+    ``_encode_block(X) -> uint8`` and ``_decode_block(codes) -> float32``, or the
+    faster ``_encode_into`` / ``_decode_into`` that write into the output. This class
+    does validation and blocking, on all cores (see ``embcomp._blocks``).
 
     Attributes
     ----------
@@ -51,13 +53,13 @@ class Quantizer(FittedStage):
         X = check_matrix(X, d=self.d_, allow_empty=True)
         out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
 
-        def work(start: int, stop: int) -> None:
-            block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
+        def work(start: int, stop: int, scratch: Scratch) -> None:
+            block, owned = float32_block(X, start, stop, scratch)
             check_finite(block, row_offset=start)
-            out[start:stop] = self._encode_block(block)
+            self._encode_into(block, out[start:stop], scratch, overwrite=owned)
 
         assert self.d_ is not None
-        for_each_block(X.shape[0], rows_per_block(4 * self.d_), work)
+        map_blocks(X.shape[0], rows_per_block(4 * self.d_), work)
         return out
 
     def decode(self, codes: Any) -> np.ndarray:
@@ -67,21 +69,54 @@ class Quantizer(FittedStage):
         assert self.d_ is not None
         out = np.empty((codes.shape[0], self.d_), dtype=np.float32)
 
-        def work(start: int, stop: int) -> None:
-            out[start:stop] = self._decode_block(np.ascontiguousarray(codes[start:stop]))
+        def work(start: int, stop: int, scratch: Scratch) -> None:
+            block = np.ascontiguousarray(codes[start:stop])
+            self._decode_into(block, out[start:stop], scratch)
 
-        for_each_block(codes.shape[0], rows_per_block(4 * self.d_), work)
+        map_blocks(codes.shape[0], rows_per_block(4 * self.d_), work)
         return out
 
     # -- for subclasses -------------------------------------------------------------
+    # Implement _fit plus either the pair _encode_block/_decode_block (simple: return
+    # new arrays) or the pair _encode_into/_decode_into (fast: write into the caller's
+    # output, temporaries from ``scratch``). Each pair has a default built on the other.
     def _fit(self, X: np.ndarray) -> None:
         raise NotImplementedError
 
     def _encode_block(self, X: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Codes uint8 (n, code_size) of one C-contiguous, finite float32 block (n, d_)."""
+        if type(self)._encode_into is Quantizer._encode_into:
+            raise NotImplementedError(f"{type(self).__name__} implements no encoder")
+        out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
+        self._encode_into(X, out, Scratch(), overwrite=False)
+        return out
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Vectors float32 (n, d_) of one C-contiguous uint8 block (n, code_size)."""
+        if type(self)._decode_into is Quantizer._decode_into:
+            raise NotImplementedError(f"{type(self).__name__} implements no decoder")
+        assert self.d_ is not None
+        out = np.empty((codes.shape[0], self.d_), dtype=np.float32)
+        self._decode_into(codes, out, Scratch())
+        return out
+
+    def _encode_into(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
+    ) -> None:
+        """Write the codes of block ``X`` into ``out``.
+
+        Parameters
+        ----------
+        X : ndarray (n, d_) float32, C-contiguous, finite.
+        out : ndarray (n, code_size) uint8, rows C-contiguous (a slice of the output).
+        scratch : the worker's reusable temporaries.
+        overwrite : whether ``X`` is a temporary the kernel may overwrite.
+        """
+        out[...] = self._encode_block(X)
+
+    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+        """Write the vectors of ``codes`` (n, code_size) uint8 into ``out`` (n, d_) float32."""
+        out[...] = self._decode_block(codes)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         arrays = super().state_arrays()
@@ -111,3 +146,36 @@ def unpack_nibbles(codes: np.ndarray, d: int) -> np.ndarray:
     out[:, 0::2] = codes & 0x0F
     out[:, 1::2] = codes >> 4
     return out[:, :d]
+
+
+def pack_nibbles_into(values: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    """:func:`pack_nibbles` into ``out`` (n, m) uint8, from C-contiguous ``values`` (n, 2m).
+
+    On little-endian hosts a pair of bytes read as one uint16 ``v = lo | hi << 8``
+    packs in two passes: the low byte of ``v | v >> 4`` is ``lo | hi << 4``.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        np.bitwise_or(values[:, 0::2], values[:, 1::2] << 4, out=out)
+        return
+    pairs = values.view(np.uint16)
+    high = scratch.get("pack", pairs.shape, np.uint16)
+    np.right_shift(pairs, 4, out=high)
+    np.bitwise_or(pairs, high, out=out, casting="unsafe")
+
+
+def unpack_nibbles_into(codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    """:func:`unpack_nibbles` of ``codes`` (n, m) into C-contiguous ``out`` (n, 2m) uint8.
+
+    On little-endian hosts: widen each byte ``b`` to uint16, then
+    ``(b | b << 4) & 0x0F0F`` holds ``b & 15`` in its low byte and ``b >> 4`` in its high.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        out[:, 0::2] = codes & 0x0F
+        out[:, 1::2] = codes >> 4
+        return
+    wide = out.view(np.uint16)
+    shifted = scratch.get("unpack", wide.shape, np.uint16)
+    np.copyto(wide, codes)
+    np.left_shift(wide, 4, out=shifted)
+    np.bitwise_or(wide, shifted, out=wide)
+    np.bitwise_and(wide, 0x0F0F, out=wide)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._blocks import Scratch
 from ._base import Quantizer
 
 
@@ -44,10 +45,15 @@ class BinaryQuantizer(Quantizer):
             np.float32
         )
 
-    def _encode_block(self, X: np.ndarray) -> np.ndarray:
-        return np.packbits(X > self.center_, axis=1, bitorder="little")
+    def _encode_into(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
+    ) -> None:
+        above = scratch.get("above", X.shape, np.bool_)
+        np.greater(X, self.center_, out=above)
+        out[...] = np.packbits(above, axis=1, bitorder="little")
 
-    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
         assert self.d_ is not None
-        bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little").astype(bool)
-        return np.where(bits, self.high_, self.low_).astype(np.float32, copy=False)
+        bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little")
+        np.copyto(out, self.low_)
+        np.copyto(out, self.high_, where=bits.view(np.bool_))

@@ -8,14 +8,17 @@ into inf). Decoding 8- and 4-bit formats is a 256- or 16-entry table lookup.
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
 
+from .._blocks import Scratch
 from ..exceptions import SpecError
-from ._base import Quantizer, pack_nibbles, unpack_nibbles
+from ._base import Quantizer, pack_nibbles_into
 
 ScaleMode = Literal["dim", "global", "none"]
 
@@ -96,37 +99,133 @@ class FloatQuantizer(Quantizer):
         self.scale_ = (amax / self.format.target).astype(np.float32)
 
     def _after_load(self) -> None:
+        assert self.scale_ is not None
+        fmt = self.format
         self._inv_scale = (1.0 / self.scale_.astype(np.float64)).astype(np.float32)
+        # scale_ == 1 (fp32, scale="none"): x * 1 == x and v * 1 == v exactly; skip them.
+        self._unit_scale = bool(np.all(self.scale_ == 1))
+        self._table = _small_float_table(self.fmt) if fmt.bits <= 8 else None
         self._lut: np.ndarray | None = None
-        if self.format.bits <= 8:
-            n_codes = 1 << self.format.bits
-            self._lut = (
-                np.arange(n_codes, dtype=np.uint8).view(self.format.dtype).astype(np.float32)
-            )
+        if fmt.bits <= 8:
+            n_codes = 1 << fmt.bits
+            self._lut = np.arange(n_codes, dtype=np.uint8).view(fmt.dtype).astype(np.float32)
+            # fp4: one byte holds two codes; a 256-entry table of value pairs decodes it
+            # with one lookup.
+            if fmt.bits == 4:
+                byte = np.arange(256)
+                pairs = np.stack([self._lut[byte & 0x0F], self._lut[byte >> 4]], axis=1)
+                self._pair_lut = np.ascontiguousarray(pairs).view(np.uint64).ravel()
 
-    def _encode_block(self, X: np.ndarray) -> np.ndarray:
+    def _encode_into(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
+    ) -> None:
         fmt = self.format
         if self.fmt == "fp32":
-            return X.astype("<f4", copy=False).view(np.uint8)
-        with np.errstate(over="ignore"):  # overflow to inf is clipped just below
-            y = X * self._inv_scale
-        np.clip(y, -fmt.max, fmt.max, out=y)
-        stored = y.astype(fmt.dtype)
-        if fmt.bits == 16:
-            return stored.view(np.uint16).astype("<u2", copy=False).view(np.uint8)
-        raw = stored.view(np.uint8)
-        return pack_nibbles(raw) if fmt.bits == 4 else raw
+            np.copyto(out.view("<f4"), X)
+            return
+        if self._table is not None:  # 8 and 4 bits: the table clips, rounds and signs
+            if self._unit_scale:
+                y = X
+            else:
+                y = X if overwrite else scratch.get("scaled", X.shape, np.float32)
+                with np.errstate(over="ignore"):  # overflow to inf: the table clips it
+                    np.multiply(X, self._inv_scale, out=y)
+            if fmt.bits == 8:
+                self._table.encode(y, out, scratch)
+                return
+            n, d = X.shape
+            nibbles = scratch.get("nibbles", (n, d + d % 2), np.uint8)
+            if d % 2:
+                nibbles[:, d] = 0
+            self._table.encode(y, nibbles[:, :d], scratch)
+            pack_nibbles_into(nibbles, out, scratch)
+            return
+        y = X if overwrite else scratch.get("scaled", X.shape, np.float32)
+        if self._unit_scale:
+            np.clip(X, -fmt.max, fmt.max, out=y)
+        else:
+            with np.errstate(over="ignore"):  # overflow to inf is clipped just below
+                np.multiply(X, self._inv_scale, out=y)
+            np.clip(y, -fmt.max, fmt.max, out=y)
+        # 16 bits: ml_dtypes' bfloat16 cast and numpy's float16 cast round to nearest even
+        np.copyto(out.view(np.uint16).view(fmt.dtype), y, casting="unsafe")
+        if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+            out.view(np.uint16).byteswap(inplace=True)
 
-    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
         fmt = self.format
         assert self.d_ is not None and self.scale_ is not None
+        n, d = out.shape
         if self.fmt == "fp32":
-            return codes.view("<f4").astype(np.float32, copy=False)
+            np.copyto(out, codes.view("<f4"))
+            return
         if fmt.bits == 16:
-            values = codes.view("<u2").view(fmt.dtype).astype(np.float32)
-        else:
+            np.copyto(out, codes.view("<u2").view(fmt.dtype), casting="unsafe")
+        elif fmt.bits == 8:
             assert self._lut is not None
-            raw = unpack_nibbles(codes, self.d_) if fmt.bits == 4 else codes
-            values = self._lut[raw]
-        values *= self.scale_
-        return values
+            index = scratch.get("index", codes.shape, np.intp)
+            np.copyto(index, codes)
+            # mode="wrap" skips the bounds check; every uint8 is a valid index anyway
+            np.take(self._lut, index, out=out, mode="wrap")
+        else:
+            index = scratch.get("index", codes.shape, np.intp)
+            np.copyto(index, codes)
+            if d % 2 == 0:
+                np.take(self._pair_lut, index, out=out.view(np.uint64), mode="wrap")
+            else:
+                pairs = scratch.get("pairs", codes.shape, np.uint64)
+                np.take(self._pair_lut, index, out=pairs, mode="wrap")
+                np.copyto(out, pairs.view(np.float32)[:, :d])
+        if not self._unit_scale:
+            np.multiply(out, self.scale_, out=out)
+
+
+class _SmallFloatTable:
+    """Encode float32 to a float8/float4 format by one table lookup on its top bits.
+
+    Rounding ``|y|`` to nearest (ties to even) on a format with ``m`` mantissa bits
+    depends only on the bits above the half-ulp position, the half-ulp bit, and
+    whether any bit below is set (the sticky bit). The half-ulp bit of a normal
+    number is bit ``22 - m``; subnormals round at a higher bit. So the index
+    ``bits >> (21 - m)`` with its lowest bit replaced by "any of bits 21-m..0 set"
+    determines the result, and a table of ``2**(11 + m)`` codes (16 KiB for E4M3)
+    built with ml_dtypes' own cast maps every index to the reference code. The table
+    also folds in the sign and the clip to ``[-max, max]`` (inf included), so the
+    kernel is five passes; it is exhaustively equal to ``clip`` + ``astype`` for every
+    non-NaN float32.
+    """
+
+    def __init__(self, fmt: FloatFormat) -> None:
+        mant = int(ml_dtypes.finfo(fmt.dtype).nmant)
+        self.shift = 21 - mant
+        self.mask = (1 << self.shift) - 1
+        index = np.arange(1 << (32 - self.shift), dtype=np.uint64)
+        # a representative float32 of each index: sticky bit -> lowest bit set
+        bits = ((index >> 1) << (self.shift + 1)) | (index & 1)
+        values = bits.astype(np.uint32).view(np.float32)
+        with np.errstate(invalid="ignore"):  # the NaN rows are never looked up
+            clipped = np.clip(values, -fmt.max, fmt.max)
+            self.codes = clipped.astype(fmt.dtype).view(np.uint8)
+
+    def encode(self, y: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+        """Codes of non-NaN float32 ``y`` (n, d) into ``out`` (n, d) uint8; keeps ``y``."""
+        bits = y.view(np.uint32)
+        index = scratch.get("index", y.shape, np.uint32)
+        np.bitwise_and(bits, self.mask, out=index)
+        np.add(index, self.mask, out=index)  # carries into bit `shift` iff any bit is set
+        np.bitwise_or(index, bits, out=index)
+        # np.take wants intp indices: shift straight into them (it would copy otherwise)
+        wide = scratch.get("index_intp", y.shape, np.intp)
+        np.right_shift(index, self.shift, out=wide)
+        np.take(self.codes, wide, out=out, mode="wrap")  # wrap: no bounds check
+
+
+_TABLES: dict[str, _SmallFloatTable] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _small_float_table(name: str) -> _SmallFloatTable:
+    with _TABLES_LOCK:
+        if name not in _TABLES:
+            _TABLES[name] = _SmallFloatTable(FORMATS[name])
+        return _TABLES[name]

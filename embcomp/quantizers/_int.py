@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._blocks import Scratch
 from ..exceptions import SpecError
-from ._base import Quantizer, pack_nibbles, unpack_nibbles
+from ._base import Quantizer, pack_nibbles_into, unpack_nibbles_into
 
 # A dimension whose calibrated range is (almost) empty still needs a positive step.
 _MIN_WIDTH = 1e-12
+# float32 2**23: adding it to 0 <= y < 2**23 rounds y to an integer, ties to even.
+_ROUNDER = np.float32(2.0**23)
 
 
 class IntQuantizer(Quantizer):
@@ -63,19 +66,37 @@ class IntQuantizer(Quantizer):
         # (x - min) / step folded into one multiply-add: x * inv_step + offset
         self._offset = (-self.min_.astype(np.float64) * self._inv_step).astype(np.float32)
 
-    def _encode_block(self, X: np.ndarray) -> np.ndarray:
+    def _encode_into(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
+    ) -> None:
+        y = X if overwrite else scratch.get("scaled", X.shape, np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # inf is clipped just below
-            y = X * self._inv_step
-            y += self._offset
-        np.rint(y, out=y)
+            np.multiply(X, self._inv_step, out=y)
+            np.add(y, self._offset, out=y)
+        # clip(rint(y), 0, L) == rint(clip(y, 0, L)) as rint is monotone and fixes the
+        # integers 0 and L. For 0 <= y <= L < 2**23, y + 2**23 rounds y to an integer
+        # (ties to even, exactly as rint) and leaves it in the low bits of the float32.
         np.clip(y, 0, self.levels, out=y)
-        codes = y.astype(np.uint8)
-        return pack_nibbles(codes) if self.bits == 4 else codes
+        np.add(y, _ROUNDER, out=y)
+        bits = y.view(np.uint32)
+        if self.bits == 8:
+            np.copyto(out, bits, casting="unsafe")  # low byte: the code
+            return
+        n, d = X.shape
+        nibbles = scratch.get("nibbles", (n, d + d % 2), np.uint8)
+        if d % 2:
+            nibbles[:, d] = 0
+        np.copyto(nibbles[:, :d], bits, casting="unsafe")
+        pack_nibbles_into(nibbles, out, scratch)
 
-    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
         assert self.d_ is not None
-        values = unpack_nibbles(codes, self.d_) if self.bits == 4 else codes
-        out = values.astype(np.float32)
-        out *= self.step_
-        out += self.min_
-        return out
+        d = self.d_
+        if self.bits == 8:
+            values = codes
+        else:
+            values = scratch.get("nibbles", (codes.shape[0], 2 * codes.shape[1]), np.uint8)
+            unpack_nibbles_into(codes, values, scratch)
+            values = values[:, :d]
+        np.multiply(values, self.step_, out=out)  # uint8 -> float32, then * step
+        np.add(out, self.min_, out=out)

@@ -1,0 +1,403 @@
+"""The fast encode/decode kernels equal simple reference implementations, bit for bit.
+
+The references below are the obvious numpy code for each quantizer's documented
+semantics (scale, clip, cast; scale, round half to even, clip; compare and pack).
+The fast paths (bit-level table lookups, blocked loops on a thread pool, scratch
+buffers, fused reduce + quantize) must give identical bytes and floats for every
+shape, dtype and memory layout, and for the values where rounding is delicate.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import embcomp._blocks as blocks
+from embcomp import make_codec
+from embcomp.exceptions import InputError
+from embcomp.quantizers import FORMATS, BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
+
+FLOAT_FORMATS = ["fp32", "fp16", "bf16", "fp8", "fp8e5m2", "fp4"]
+
+
+# -- references ---------------------------------------------------------------------------
+def ref_pack_nibbles(values: np.ndarray) -> np.ndarray:
+    n, d = values.shape
+    padded = np.zeros((n, d + d % 2), dtype=np.uint8)
+    padded[:, :d] = values
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def ref_unpack_nibbles(codes: np.ndarray, d: int) -> np.ndarray:
+    out = np.empty((codes.shape[0], 2 * codes.shape[1]), dtype=np.uint8)
+    out[:, 0::2] = codes & 0x0F
+    out[:, 1::2] = codes >> 4
+    return out[:, :d]
+
+
+def ref_float_encode(q: FloatQuantizer, X: np.ndarray) -> np.ndarray:
+    fmt = FORMATS[q.fmt]
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    if q.fmt == "fp32":
+        return X32.astype("<f4").view(np.uint8)
+    inv_scale = (1.0 / q.scale_.astype(np.float64)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        y = X32 * inv_scale
+    y = np.clip(y, -fmt.max, fmt.max)
+    stored = y.astype(fmt.dtype)
+    if fmt.bits == 16:
+        return stored.view(np.uint16).astype("<u2").view(np.uint8)
+    raw = stored.view(np.uint8)
+    return ref_pack_nibbles(raw) if fmt.bits == 4 else raw
+
+
+def ref_float_decode(q: FloatQuantizer, codes: np.ndarray) -> np.ndarray:
+    fmt = FORMATS[q.fmt]
+    if q.fmt == "fp32":
+        return codes.view("<f4").astype(np.float32)
+    if fmt.bits == 16:
+        values = codes.view("<u2").view(fmt.dtype).astype(np.float32)
+    else:
+        lut = np.arange(1 << fmt.bits, dtype=np.uint8).view(fmt.dtype).astype(np.float32)
+        raw = ref_unpack_nibbles(codes, q.d_) if fmt.bits == 4 else codes
+        values = lut[raw]
+    return values * q.scale_
+
+
+def ref_int_encode(q: IntQuantizer, X: np.ndarray) -> np.ndarray:
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    inv_step = (1.0 / q.step_.astype(np.float64)).astype(np.float32)
+    offset = (-q.min_.astype(np.float64) * inv_step).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = X32 * inv_step + offset
+    codes = np.clip(np.rint(y), 0, (1 << q.bits) - 1).astype(np.uint8)
+    return ref_pack_nibbles(codes) if q.bits == 4 else codes
+
+
+def ref_int_decode(q: IntQuantizer, codes: np.ndarray) -> np.ndarray:
+    values = ref_unpack_nibbles(codes, q.d_) if q.bits == 4 else codes
+    return values.astype(np.float32) * q.step_ + q.min_
+
+
+def ref_bin_encode(q: BinaryQuantizer, X: np.ndarray) -> np.ndarray:
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    return np.packbits(X32 > q.center_, axis=1, bitorder="little")
+
+
+def ref_bin_decode(q: BinaryQuantizer, codes: np.ndarray) -> np.ndarray:
+    bits = np.unpackbits(codes, axis=1, count=q.d_, bitorder="little").astype(bool)
+    return np.where(bits, q.high_, q.low_).astype(np.float32)
+
+
+def reference(q: Quantizer):
+    if isinstance(q, FloatQuantizer):
+        return ref_float_encode, ref_float_decode
+    if isinstance(q, IntQuantizer):
+        return ref_int_encode, ref_int_decode
+    return ref_bin_encode, ref_bin_decode
+
+
+def quantizer(name: str, train: np.ndarray, **options) -> Quantizer:
+    if name in ("int8", "int4"):
+        return IntQuantizer(int(name[3:]), **options).fit(train)
+    if name == "bin":
+        return BinaryQuantizer().fit(train)
+    return FloatQuantizer(name, **options).fit(train)
+
+
+def assert_same_bits(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal shapes, dtypes and bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """64-row blocks, so a few hundred rows make many blocks spread over two threads."""
+    monkeypatch.setattr(blocks, "_BLOCK_BYTES", 1)
+    monkeypatch.setenv("EMBCOMP_THREADS", "2")
+
+
+# -- tricky values ------------------------------------------------------------------------
+def tricky_values(fmt_name: str) -> np.ndarray:
+    """Values (in the format's own units) where rounding or clipping is delicate."""
+    special = [0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 3e38, -3e38, 1e30, -1e30, 1.0, -1.0]
+    fmt = FORMATS[fmt_name]
+    values = [np.float32(v) for v in special]
+    if fmt.bits <= 16:
+        codes = np.arange(1 << fmt.bits, dtype=np.uint32)
+        grid = codes.astype(np.uint16 if fmt.bits == 16 else np.uint8)
+        with np.errstate(invalid="ignore"):  # the NaN codes, dropped next
+            grid = grid.view(fmt.dtype).astype(np.float64)
+        grid = np.unique(grid[np.isfinite(grid)])
+        pick = np.arange(0, grid.size - 1, 37 if fmt.bits == 16 else 1)  # keep it small
+        mids = (grid[pick] + grid[pick + 1]) / 2  # exact ties between neighbours
+        grid = grid[pick]
+        fmax = float(ml_dtypes.finfo(fmt.dtype).max)
+        edges = np.array([fmax, fmax * 1.0001, fmax * 2, 3.4e38])
+        edges = np.minimum(edges, float(np.finfo(np.float32).max))
+        edges = np.concatenate([edges, -edges])
+        for v in (grid, mids, edges):
+            v32 = v.astype(np.float32)
+            values.extend(v32)
+            with np.errstate(over="ignore"):  # the float32 max steps to inf: dropped below
+                values.extend(np.nextafter(v32, np.float32(np.inf)))
+                values.extend(np.nextafter(v32, np.float32(-np.inf)))
+    values = np.array(values, dtype=np.float32)
+    return values[np.isfinite(values)]
+
+
+def random_bit_patterns(n: int, seed: int) -> np.ndarray:
+    """Finite float32 values of every magnitude: random bit patterns, NaN/inf dropped."""
+    bits = np.random.default_rng(seed).integers(0, 2**32, size=2 * n, dtype=np.uint64)
+    values = bits.astype(np.uint32).view(np.float32)
+    return values[np.isfinite(values)][:n]
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS)
+def test_unscaled_float_encode_matches_cast_on_tricky_values(fmt, small_blocks):
+    """scale="none": the input is the stored value, so ties and edges hit the kernel."""
+    values = np.concatenate([tricky_values(fmt), random_bit_patterns(4000, seed=1)])
+    d = 6
+    values = np.resize(values, (values.size + d - 1) // d * d).reshape(-1, d)
+    q = FloatQuantizer(fmt, scale="none").fit(np.ones((4, d), dtype=np.float32))
+    encode_ref, decode_ref = reference(q)
+    codes = q.encode(values)
+    assert_same_bits(codes, encode_ref(q, values))
+    assert_same_bits(q.decode(codes), decode_ref(q, codes))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8e5m2", "fp4", "fp16", "bf16"])
+def test_power_of_two_scale_keeps_ties_exact(fmt, small_blocks):
+    """A fitted scale of 4 divides exactly, so midpoints stay midpoints after scaling."""
+    target = FORMATS[fmt].target
+    train = np.array([[target * 4.0, -target * 4.0]], dtype=np.float32).repeat(3, axis=0)
+    q = FloatQuantizer(fmt).fit(train)
+    np.testing.assert_array_equal(q.scale_, [4.0, 4.0])
+    values = tricky_values(fmt)
+    values = values[np.abs(values) < 8e37] * np.float32(4)
+    values = values[: values.size // 2 * 2].reshape(-1, 2)
+    assert_same_bits(q.encode(values), ref_float_encode(q, values))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8e5m2", "fp4"])
+def test_every_small_float_code_decodes_like_the_table(fmt):
+    """All 256 (or 16 per nibble) byte values, NaN codes included, decode as the LUT does."""
+    d = 2 if fmt == "fp4" else 1
+    q = FloatQuantizer(fmt).fit(np.random.default_rng(0).standard_normal((50, d)))
+    codes = np.arange(256, dtype=np.uint8)[:, None]
+    if fmt != "fp4":
+        codes = codes.reshape(-1, 1)
+    assert_same_bits(q.decode(codes), ref_float_decode(q, codes))
+
+
+def layouts(X: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values as float32 C, float64, float16-safe, strided and Fortran arrays."""
+    wide = np.zeros((X.shape[0], 2 * X.shape[1]), dtype=np.float32)
+    wide[:, ::2] = X
+    return {
+        "c": X,
+        "float64": X.astype(np.float64),
+        "strided_cols": wide[:, ::2],
+        "fortran": np.asfortranarray(X),
+        "strided_rows": np.repeat(X, 2, axis=0)[::2],
+    }
+
+
+QUANTIZERS = ["fp32", "fp16", "bf16", "fp8", "fp8e5m2", "fp4", "int8", "int4", "bin"]
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 333])
+@pytest.mark.parametrize("d", [1, 7, 8, 33])
+def test_quantizers_match_reference_across_shapes(name, n, d, small_blocks):
+    rng = np.random.default_rng(n * 100 + d)
+    train = (rng.standard_normal((200, d)) * rng.uniform(0.01, 3, size=d)).astype(np.float32)
+    q = quantizer(name, train)
+    encode_ref, decode_ref = reference(q)
+    # out-of-range rows (beyond the calibrated range) and values exactly on it
+    X = (rng.standard_normal((n, d)) * rng.uniform(0.01, 5, size=d)).astype(np.float32)
+    if n >= 3:
+        X[0] = train.max(axis=0)
+        X[1] = train.min(axis=0)
+        X[2] = -0.0
+    want = encode_ref(q, X)
+    for layout, arr in layouts(X).items():
+        got = q.encode(arr)
+        assert_same_bits(got, want), layout
+    assert_same_bits(q.decode(want), decode_ref(q, want))
+    assert_same_bits(q.decode(np.asfortranarray(want)), decode_ref(q, want))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_int_rounding_ties_go_to_even(name):
+    """Values exactly halfway between two levels round like np.rint, to the even level."""
+    levels = 255 if name == "int8" else 15
+    train = np.array([[0.0], [float(levels)]], dtype=np.float32)  # step 1, min 0
+    q = quantizer(name, train)
+    halves = np.arange(-2, levels + 2, dtype=np.float32) + np.float32(0.5)
+    X = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 300)])
+    X = np.concatenate([X, [-0.0, 0.0, 1e30, -1e30, 3e38, -3e38]]).astype(np.float32)
+    X = X.reshape(-1, 1)
+    assert_same_bits(q.encode(X), ref_int_encode(q, X))
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp4", "int8", "int4", "bf16", "fp16", "bin"])
+def test_random_bit_patterns_encode_like_reference(name, small_blocks):
+    """Huge, tiny and subnormal inputs through a fitted (per-dimension) scale."""
+    d = 16
+    rng = np.random.default_rng(7)
+    train = (rng.standard_normal((300, d)) * np.logspace(-3, 2, d)).astype(np.float32)
+    q = quantizer(name, train)
+    X = random_bit_patterns(3000, seed=3)
+    X = X[: X.size // d * d].reshape(-1, d)
+    encode_ref, decode_ref = reference(q)
+    codes = q.encode(X)
+    assert_same_bits(codes, encode_ref(q, X))
+    assert_same_bits(q.decode(codes), decode_ref(q, codes))
+
+
+# -- codecs: fused normalize + reduce + quantize ----------------------------------------
+CODEC_SPECS = ["pca16,fp8", "l2norm,pca16,int4", "rot,fp4", "l2norm,fp8", "pca9,bin", "pca5,fp16"]
+
+
+@pytest.mark.parametrize("spec", CODEC_SPECS)
+def test_codec_fused_blocks_match_staged_reference(spec, small_blocks):
+    """encode == quantizer reference applied to the reducer's transform of the input."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((700, 24)).astype(np.float32) * np.linspace(3, 0.1, 24)
+    codec = make_codec(spec).fit(X[:400])
+    staged = X / np.linalg.norm(X, axis=1, keepdims=True) if codec.spec.normalize else X
+    if codec.reducer is not None:
+        staged = codec.reducer.transform(staged)
+    encode_ref, decode_ref = reference(codec.quantizer)
+    want = encode_ref(codec.quantizer, staged)
+    matches = np.mean(codec.encode(X) == want)
+    if codec.spec.normalize:  # norms computed per block vs whole array: last-bit noise
+        assert matches > 0.999
+    else:
+        assert_same_bits(codec.encode(X), want)
+    codes = codec.encode(X)
+    reduced = decode_ref(codec.quantizer, codes)
+    assert_same_bits(codec.decode(codes, reduced=True), reduced)
+    if codec.reducer is not None:
+        np.testing.assert_allclose(
+            codec.decode(codes), codec.reducer.inverse_transform(reduced), rtol=0, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("spec", ["pca16,int8", "rot,fp8", "pca8,fp4"])
+def test_codec_results_do_not_depend_on_threads(spec, small_blocks, monkeypatch):
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((900, 32)).astype(np.float32)
+    codec = make_codec(spec).fit(X)
+    two = codec.encode(X), codec.decode(codec.encode(X))
+    monkeypatch.setenv("EMBCOMP_THREADS", "1")
+    one = codec.encode(X), codec.decode(codec.encode(X))
+    assert_same_bits(two[0], one[0])
+    assert_same_bits(two[1], one[1])
+
+
+# -- blocks, errors, memory ---------------------------------------------------------------
+def test_first_bad_row_is_reported_whatever_thread_finds_it(small_blocks):
+    q = quantizer("fp8", np.random.default_rng(0).standard_normal((100, 4)))
+    X = np.zeros((1000, 4), dtype=np.float32)
+    X[900, 1] = np.nan
+    X[130, 2] = np.inf
+    X[700, 0] = -np.inf
+    with pytest.raises(InputError, match="row 130 "):
+        q.encode(X)
+
+
+def test_float64_beyond_float32_range_is_a_clear_input_error():
+    q = quantizer("int8", np.random.default_rng(0).standard_normal((100, 3)))
+    X = np.zeros((5, 3))
+    X[3, 1] = 1e300
+    with pytest.raises(InputError, match="row 3 "):
+        q.encode(X)
+
+
+def test_map_blocks_covers_every_row_once_and_nests_without_deadlock(small_blocks):
+    seen = np.zeros(5000, dtype=np.int64)
+    threads = set()
+
+    second_thread_arrived = threading.Event()
+
+    def work(start, stop, scratch):
+        threads.add(threading.get_ident())
+        if start == 0:  # hold the first block until another thread has taken one
+            assert second_thread_arrived.wait(timeout=30)
+        else:
+            second_thread_arrived.set()
+        buf = scratch.get("x", (stop - start,), np.int64)
+        buf[:] = 1
+        seen[start:stop] += buf
+        # a nested call from inside a worker (as a batch engine might make)
+        inner = np.zeros(130, dtype=np.int64)
+        blocks.for_each_block(130, 64, lambda a, b: inner.__setitem__(slice(a, b), 1))
+        assert inner.sum() == 130
+
+    blocks.map_blocks(seen.size, 64, work)
+    np.testing.assert_array_equal(seen, 1)
+    assert len(threads) == 2
+
+
+def test_scratch_reuses_its_buffer():
+    scratch = blocks.Scratch()
+    a = scratch.get("y", (10, 4), np.float32)
+    b = scratch.get("y", (3, 4), np.float32)
+    assert np.shares_memory(a, b) and b.shape == (3, 4) and b.flags.c_contiguous
+    c = scratch.get("y", (20, 4), np.uint64)
+    assert c.shape == (20, 4) and c.dtype == np.uint64
+
+
+class BlockOnlyQuantizer(Quantizer):
+    """A quantizer written the simple way (new arrays per block) still works."""
+
+    bits = 8
+    _state = ()
+
+    def _fit(self, X):
+        pass
+
+    def _encode_block(self, X):
+        return np.clip(np.rint(X), 0, 255).astype(np.uint8)
+
+    def _decode_block(self, codes):
+        return codes.astype(np.float32)
+
+
+def test_quantizers_implementing_only_block_methods_still_work(small_blocks):
+    X = np.random.default_rng(0).uniform(0, 255, size=(300, 5)).astype(np.float32)
+    q = BlockOnlyQuantizer().fit(X)
+    np.testing.assert_array_equal(q.decode(q.encode(X)), np.rint(X))
+    fast = quantizer("fp8", X)
+    assert_same_bits(fast._encode_block(X), ref_float_encode(fast, X))
+    assert_same_bits(fast._decode_block(fast.encode(X)), ref_float_decode(fast, fast.encode(X)))
+
+
+@pytest.mark.parametrize("spec", ["fp8", "int4", "pca32,fp8", "bf16", "l2norm,int8"])
+def test_memory_beyond_the_output_is_a_few_blocks_per_thread(spec):
+    """No full-size temporaries: peak memory beyond input and output is O(block * threads)."""
+    import tracemalloc
+
+    d, n = 64, 200_000
+    codec = make_codec(spec).fit(np.random.default_rng(0).standard_normal((500, d)))
+    block_bytes = blocks.rows_per_block(4 * d) * 4 * d
+    X = np.random.default_rng(1).standard_normal((n, d))  # float64: converted per block
+    codec.encode(X[:10])  # warm up the pool and the tables
+    tracemalloc.start()
+    codes = codec.encode(X)
+    extra_encode = tracemalloc.get_traced_memory()[1] - codes.nbytes
+    tracemalloc.stop()
+    tracemalloc.start()
+    decoded = codec.decode(codes)
+    extra_decode = tracemalloc.get_traced_memory()[1] - decoded.nbytes
+    tracemalloc.stop()
+    # fp8: the scaled block, a uint32 and an intp table index, the finiteness mask
+    bound = 5 * block_bytes * blocks.default_threads()
+    assert extra_encode <= bound < X.nbytes / 5
+    assert extra_decode <= bound
