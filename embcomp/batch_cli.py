@@ -37,7 +37,10 @@ def _add_common(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--address", default=None, help="Ray cluster address (default: start one)")
     cmd.add_argument(
-        "--block-rows", type=int, default=None, help="rows per block (default: ~32 MiB)"
+        "--block-rows",
+        type=int,
+        default=None,
+        help="rows per block (default: ~128 MiB of .npy, ~32 MiB of other input)",
     )
     cmd.add_argument(
         "--overwrite", action="store_true", help="redo outputs that are already complete"

@@ -346,10 +346,10 @@ def _run_tasks(
     with progress as bar:
         for task in todo:
             source = task.source
-            rows = block_rows or block_rows_for(job.codec.d_in or 1)
+            rows = block_rows or block_rows_for(job.codec.d_in or 1, source.block_bytes)
             with open_sink(task.output, max_rows=source.n_rows) as sink:
                 blocks = source.iter_blocks(rows, on_bad_row=job.on_bad_row)
-                for block in prefetch(blocks):
+                for block in prefetch(blocks) if source.read_ahead else blocks:
                     out, kept_rows, ids, bad = transform_block(
                         job.codec, block, job.command, job.on_bad_row
                     )

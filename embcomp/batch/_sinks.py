@@ -148,8 +148,16 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
         else:
             import pyarrow.parquet as pq
 
-            compression = {spec.column: "none", _schema(spec).field(0).name: "snappy"}
-            sink.writer = pq.ParquetWriter(handle, _schema(spec), compression=compression)
+            # Codes and floats are near-random bytes: compressing them, building a
+            # dictionary or min/max statistics for them costs time and saves nothing.
+            id_name = _schema(spec).field(0).name
+            sink.writer = pq.ParquetWriter(
+                handle,
+                _schema(spec),
+                compression={spec.column: "none", id_name: "snappy"},
+                use_dictionary=[id_name],
+                write_statistics=[id_name],
+            )
             try:
                 yield sink
             except BaseException:
