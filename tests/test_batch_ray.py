@@ -121,3 +121,13 @@ def test_ray_reads_npy_and_skips_bad_rows_like_local(tmp_path, X, codec):
     np.testing.assert_array_equal(ray_codes, local_codes)
     skipped = (tmp_path / "ray" / "_skipped.tsv").read_text().splitlines()
     assert [line.split("\t")[1] for line in skipped[1:]] == ["5", "2222"]
+
+
+def test_ray_refuses_to_replace_a_foreign_directory(tmp_path, X, codec):
+    np.save(tmp_path / "x.npy", X[:100])
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="is not an output of 'embcomp compress --engine ray'"):
+        compress(codec, tmp_path / "x.npy", foreign, engine="ray")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

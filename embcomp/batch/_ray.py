@@ -254,6 +254,16 @@ def run_ray(
     start = time.monotonic()
     report = BatchReport(job.command, "ray", files=len(job.tasks))
     record = _job_record(job)
+    if (
+        job.output.is_dir()
+        and any(job.output.iterdir())
+        and not (job.output / RECORD_NAME).exists()
+    ):
+        # Replacing it would delete files embcomp did not write.
+        raise InputError(
+            f"output directory {str(job.output)!r} exists, is not empty and is not an "
+            "output of 'embcomp compress --engine ray'; choose a new or empty directory"
+        )
     if not overwrite and _is_complete(job.output, record):
         report.files_already_complete = len(job.tasks)
         report.seconds = time.monotonic() - start
