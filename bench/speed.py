@@ -1,0 +1,439 @@
+"""Encode/decode throughput of every embcomp quantizer, side by side with FAISS.
+
+    python -m bench speed                      # 200,000 x 384 and 100,000 x 768, 5 runs
+    python -m bench speed --shapes 20000x384 --repeats 3 --quick
+
+For each input shape it times, in the same process and interleaved run by run (so a
+busy machine slows both sides alike):
+
+* ``encode`` / ``decode`` of every registered embcomp quantizer and of
+  ``pca{d/2},int8`` and ``pca{d/2},fp8``;
+* FAISS ``sa_encode`` / ``sa_decode`` of the equivalent codec (int8 <-> SQ8,
+  int4 <-> SQ4, fp16 <-> SQfp16, bf16 <-> SQbf16, pca{d/2},int8 <-> PCA{d/2},SQ8;
+  pca{d/2},fp8 is compared with PCA{d/2},SQ8 too);
+* the naive ml_dtypes cast (``X.astype(float8_e4m3fn)`` and back) for the float8 and
+  float4 formats.
+
+Throughput is MB/s of float32 vectors (``n * d * 4`` bytes) per wall-clock second, the
+median of ``--repeats`` runs; the CPU seconds of each run are recorded too. Every
+method uses all the cores this process may use (embcomp's pool, FAISS's OpenMP). The
+data are seeded synthetic unit-norm vectors with a decaying spectrum, like sentence
+embeddings; ``--data`` uses a real ``.npy`` matrix instead (rows tiled to ``n``).
+
+Writes one JSON record (all timings, medians, ratios, the targets of issue 7 and
+whether each is met, machine and library versions) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SHAPES = ("200000x384", "100000x768")
+RESULTS = Path(__file__).resolve().parent / "results"
+FAISS_EQUIVALENT = {"int8": "SQ8", "int4": "SQ4", "fp16": "SQfp16", "bf16": "SQbf16"}
+NAIVE_CAST = {"fp8": "float8_e4m3fn", "fp8e5m2": "float8_e5m2", "fp4": "float4_e2m1fn"}
+TRAIN_ROWS = 20_000
+
+
+@dataclass
+class Timing:
+    """Wall and CPU seconds of repeated runs of one operation."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def add(self, fn: Callable[[], Any]) -> Any:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        result = fn()
+        self.wall.append(time.perf_counter() - wall0)
+        self.cpu.append(time.process_time() - cpu0)
+        return result
+
+    def mb_per_s(self, nbytes: int) -> float:
+        return nbytes / 1e6 / statistics.median(self.wall)
+
+    def record(self, nbytes: int) -> dict[str, Any]:
+        return {
+            "mb_per_s": round(self.mb_per_s(nbytes), 1),
+            "wall_s": [round(t, 5) for t in self.wall],
+            "cpu_s": [round(t, 5) for t in self.cpu],
+            "mb_per_cpu_s": round(nbytes / 1e6 / statistics.median(self.cpu), 1),
+        }
+
+
+@dataclass
+class Method:
+    """Something with an encode and a decode to time: an embcomp codec, FAISS, a cast."""
+
+    name: str
+    family: str  # "embcomp", "faiss" or "naive"
+    encode: Callable[[np.ndarray], np.ndarray]
+    decode: Callable[[np.ndarray], np.ndarray]
+    enc: Timing = field(default_factory=Timing)
+    dec: Timing = field(default_factory=Timing)
+
+
+def synthetic(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Seeded unit-norm float32 (n, d) rows with a power-law spectrum, made in blocks."""
+    rng = np.random.default_rng(seed)
+    scales = (1.0 / np.sqrt(np.arange(1, d + 1))).astype(np.float32)
+    rotation = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
+    X = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 50_000):
+        block = rng.standard_normal((min(50_000, n - start), d), dtype=np.float32)
+        block = (block * scales) @ rotation + np.float32(0.05)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        X[start : start + block.shape[0]] = block
+    return X
+
+
+def from_file(path: str, n: int, d: int) -> np.ndarray:
+    base = np.load(path, mmap_mode="r")
+    if base.ndim != 2 or base.shape[1] != d:
+        raise SystemExit(f"--data {path}: shape {base.shape} has not {d} columns")
+    reps = -(-n // base.shape[0])
+    return np.ascontiguousarray(np.tile(np.asarray(base, dtype=np.float32), (reps, 1))[:n])
+
+
+def quantizer_names() -> list[str]:
+    """Every registered quantizer stage that takes no argument."""
+    from embcomp.codec import STAGE_FACTORIES
+    from embcomp.spec import STAGES
+
+    return [
+        name
+        for name, info in STAGES.items()
+        if info.kind == "quantizer" and info.arg == "none" and name in STAGE_FACTORIES
+    ]
+
+
+def build_methods(X: np.ndarray, train: np.ndarray, specs: Sequence[str]) -> list[Method]:
+    import faiss
+    import ml_dtypes
+
+    from embcomp import make_codec
+
+    d = X.shape[1]
+    methods: list[Method] = []
+    faiss_built: dict[str, Method] = {}
+    for spec in specs:
+        codec = make_codec(spec).fit(train)
+        methods.append(Method(spec, "embcomp", codec.encode, codec.decode))
+        key = spec.split(",")[-1]
+        factory = FAISS_EQUIVALENT.get(key) if "," not in spec else None
+        if spec.startswith("pca") and spec.endswith((",int8", ",fp8")):
+            factory = f"PCA{codec.d_out},SQ8"
+        if factory and factory not in faiss_built:
+            index = faiss.index_factory(d, factory)
+            index.train(train)
+            faiss_built[factory] = Method(factory, "faiss", index.sa_encode, index.sa_decode)
+            methods.append(faiss_built[factory])
+        if spec in NAIVE_CAST:
+            dtype = getattr(ml_dtypes, NAIVE_CAST[spec])
+            methods.append(
+                Method(
+                    f"astype({NAIVE_CAST[spec]})",
+                    "naive",
+                    lambda A, dtype=dtype: A.astype(dtype),
+                    lambda C: C.astype(np.float32),
+                )
+            )
+    if "SQ8" not in faiss_built:  # the yardstick of the float8/float4 targets
+        index = faiss.index_factory(d, "SQ8")
+        index.train(train)
+        methods.append(Method("SQ8", "faiss", index.sa_encode, index.sa_decode))
+    return methods
+
+
+def counterpart(spec: str, d_half: int) -> str | None:
+    if spec.startswith("pca") and spec.endswith((",int8", ",fp8")):
+        return f"PCA{d_half},SQ8"
+    return FAISS_EQUIVALENT.get(spec)
+
+
+def run_shape(n: int, d: int, repeats: int, data: str | None, specs_filter: Sequence[str] | None):
+    X = from_file(data, n, d) if data else synthetic(n, d)
+    train = np.ascontiguousarray(X[:TRAIN_ROWS])
+    half = d // 2
+    specs = quantizer_names() + [f"pca{half},int8", f"pca{half},fp8"]
+    if specs_filter:
+        specs = [s for s in specs if s in specs_filter or s.split(",")[-1] in specs_filter]
+    methods = build_methods(X, train, specs)
+    codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
+    for _ in range(repeats):
+        for m in methods:  # interleaved: each run of every method sees the same load
+            m.enc.add(lambda m=m: m.encode(X))
+            m.dec.add(lambda m=m: m.decode(codes[m.name]))
+    nbytes = X.nbytes
+    by_name = {m.name: m for m in methods}
+    rows = []
+    for spec in specs:
+        ours = by_name[spec]
+        row: dict[str, Any] = {
+            "spec": spec,
+            "encode": ours.enc.record(nbytes),
+            "decode": ours.dec.record(nbytes),
+        }
+        other = counterpart(spec, half)
+        if other in by_name:
+            theirs = by_name[other]
+            row["faiss"] = {
+                "factory": other,
+                "encode": theirs.enc.record(nbytes),
+                "decode": theirs.dec.record(nbytes),
+            }
+            row["encode_ratio"] = round(ours.enc.mb_per_s(nbytes) / theirs.enc.mb_per_s(nbytes), 3)
+            row["decode_ratio"] = round(ours.dec.mb_per_s(nbytes) / theirs.dec.mb_per_s(nbytes), 3)
+        if spec in NAIVE_CAST:
+            naive = by_name[f"astype({NAIVE_CAST[spec]})"]
+            row["naive"] = {
+                "cast": NAIVE_CAST[spec],
+                "encode": naive.enc.record(nbytes),
+                "decode": naive.dec.record(nbytes),
+            }
+            row["encode_vs_naive"] = round(
+                ours.enc.mb_per_s(nbytes) / naive.enc.mb_per_s(nbytes), 3
+            )
+            row["decode_vs_naive"] = round(
+                ours.dec.mb_per_s(nbytes) / naive.dec.mb_per_s(nbytes), 3
+            )
+        rows.append(row)
+    sq8_encode = by_name["SQ8"].enc.mb_per_s(nbytes)
+    return {
+        "n": n,
+        "d": d,
+        "rows": rows,
+        "faiss_sq8_encode_mb_per_s": round(sq8_encode, 1),
+        "targets": targets(rows, sq8_encode, half),
+    }
+
+
+def targets(rows: list[dict[str, Any]], sq8_encode: float, half: int) -> list[dict[str, Any]]:
+    """The targets of issue 7, each with the measured value and whether it is met."""
+    out = []
+    for row in rows:
+        for op in ("encode", "decode"):
+            if f"{op}_ratio" in row and not row["spec"].endswith(",fp8"):
+                out.append(
+                    {
+                        "target": f"{row['spec']} {op} >= 1.0x FAISS {row['faiss']['factory']}",
+                        "value": row[f"{op}_ratio"],
+                        "met": row[f"{op}_ratio"] >= 1.0,
+                    }
+                )
+        if row["spec"] in ("fp8", "fp4"):
+            for op in ("encode", "decode"):
+                value = row[op]["mb_per_s"] / sq8_encode
+                out.append(
+                    {
+                        "target": f"{row['spec']} {op} >= FAISS SQ8 encode",
+                        "value": round(value, 3),
+                        "met": value >= 1.0,
+                    }
+                )
+        if row["spec"] == f"pca{half},fp8" and "encode_ratio" in row:
+            out.append(
+                {
+                    "target": f"pca{half},fp8 encode >= 1.5x FAISS PCA{half},SQ8",
+                    "value": row["encode_ratio"],
+                    "met": row["encode_ratio"] >= 1.5,
+                }
+            )
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import faiss
+    import ml_dtypes
+
+    import embcomp
+    from embcomp._blocks import can_limit_blas, default_threads
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "")
+    except OSError:
+        cpu = platform.processor()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "embcomp_threads": default_threads(),
+        "embcomp_blas_one_thread_per_worker": can_limit_blas(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "faiss": faiss.__version__,
+        "embcomp": embcomp.__version__,
+        "git_commit": commit,
+    }
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        "# embcomp encode/decode speed vs FAISS",
+        "",
+        f"`{record['command']}` on {record['environment']['cpu']} "
+        f"({record['environment']['cpus_usable']} CPUs, load average at start "
+        f"{record['environment']['load_average']}); MB/s of float32 input/output, median of "
+        f"{record['repeats']} interleaved runs. Ratio = embcomp / counterpart.",
+    ]
+    for shape in record["shapes"]:
+        lines += [
+            "",
+            f"## {shape['n']:,} x {shape['d']}",
+            "",
+            "| codec | encode MB/s | decode MB/s | counterpart | its encode | its decode "
+            "| encode ratio | decode ratio |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for row in shape["rows"]:
+            cells = [row["spec"], row["encode"]["mb_per_s"], row["decode"]["mb_per_s"]]
+            if "faiss" in row:
+                other = row["faiss"]
+                cells += [
+                    f"FAISS {other['factory']}",
+                    other["encode"]["mb_per_s"],
+                    other["decode"]["mb_per_s"],
+                    f"{row['encode_ratio']:.2f}",
+                    f"{row['decode_ratio']:.2f}",
+                ]
+            elif "naive" in row:
+                other = row["naive"]
+                cells += [
+                    f"astype({other['cast']})",
+                    other["encode"]["mb_per_s"],
+                    other["decode"]["mb_per_s"],
+                    f"{row['encode_vs_naive']:.2f}",
+                    f"{row['decode_vs_naive']:.2f}",
+                ]
+            else:
+                cells += ["", "", "", "", ""]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines += ["", f"FAISS SQ8 encode: {shape['faiss_sq8_encode_mb_per_s']} MB/s.", ""]
+        lines += ["| target | value | met |", "|---|---:|---|"]
+        for t in shape["targets"]:
+            lines.append(
+                f"| {t['target']} | {t['value']:.2f} | {'yes' if t['met'] else '**NO**'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        n, d = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} must look like 200000x384") from None
+    if n < 1 or d < 2:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: need n >= 1 and d >= 2")
+    return n, d
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m bench speed", description=__doc__)
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+        help="input shapes n x d (default: %(default)s)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
+    parser.add_argument("--specs", nargs="+", help="only these specs or quantizer names")
+    parser.add_argument("--data", help="a .npy float matrix to use instead of synthetic data")
+    parser.add_argument("--output", type=Path, help="JSON record path (default: bench/results)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    return parser
+
+
+def default_output(args: argparse.Namespace) -> Path:
+    default = [parse_shape(s) for s in DEFAULT_SHAPES]
+    if args.shapes == default and not args.specs and not args.data:
+        return RESULTS / "speed.json"
+    tag = "-".join(f"{n}x{d}" for n, d in args.shapes)
+    return RESULTS / f"speed-{tag}.json"
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run the benchmark described by ``args`` (see :func:`build_parser`)."""
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    record: dict[str, Any] = {
+        "benchmark": "speed",
+        "command": " ".join(["python -m bench speed", *argv]),
+        "repeats": args.repeats,
+        "environment": environment(),
+        "data": args.data or "synthetic unit-norm, power-law spectrum, seed 0",
+        "shapes": [],
+    }
+    for n, d in args.shapes:
+        print(f"== {n:,} x {d} ({n * d * 4 / 1e6:.0f} MB float32) ==", flush=True)
+        shape = run_shape(n, d, args.repeats, args.data, args.specs)
+        record["shapes"].append(shape)
+        print_shape(shape)
+    if not args.no_write:
+        path = args.output or default_output(args)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from embcomp._atomic import atomic_output
+
+        with atomic_output(path) as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+        with atomic_output(path.with_suffix(".md")) as tmp:
+            Path(tmp).write_text(markdown(record))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+def print_shape(shape: dict[str, Any]) -> None:
+    header = f"{'codec':<15}{'enc MB/s':>10}{'dec MB/s':>10}  {'vs':<22}{'enc':>8}{'dec':>8}"
+    print(header + f"{'enc x':>8}{'dec x':>8}")
+    for row in shape["rows"]:
+        line = (
+            f"{row['spec']:<15}{row['encode']['mb_per_s']:>10.0f}{row['decode']['mb_per_s']:>10.0f}"
+        )
+        other = row.get("faiss") or row.get("naive")
+        if other:
+            label = f"FAISS {other['factory']}" if "faiss" in row else f"astype({other['cast']})"
+            er = row.get("encode_ratio", row.get("encode_vs_naive"))
+            dr = row.get("decode_ratio", row.get("decode_vs_naive"))
+            enc, dec = other["encode"]["mb_per_s"], other["decode"]["mb_per_s"]
+            line += f"  {label:<22}{enc:>8.0f}{dec:>8.0f}"
+            line += f"{er:>8.2f}{dr:>8.2f}"
+        print(line)
+    print(f"FAISS SQ8 encode {shape['faiss_sq8_encode_mb_per_s']:.0f} MB/s")
+    for t in shape["targets"]:
+        print(f"  [{'ok' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.2f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench speed``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(build_parser().parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
