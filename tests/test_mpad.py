@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
 
 import numpy as np
@@ -161,6 +162,14 @@ def test_seeded_deterministic_and_nested(rng_data):
     np.testing.assert_array_equal(wider.components_[:6], a.components_)
 
 
+def test_nested_with_two_stages_and_a_sample():
+    rng = np.random.default_rng(6)
+    X = (rng.standard_normal((2300, 8)) * np.linspace(2.0, 0.5, 8)).astype(np.float32)
+    narrow = MPADReducer(2, max_iter=10, n_train=2200).fit(X)
+    wide = MPADReducer(3, max_iter=10, n_train=2200).fit(X)
+    np.testing.assert_array_equal(wide.components_[:2], narrow.components_)
+
+
 def test_two_stage_fit_on_more_than_the_coarse_sample():
     """Above 2,048 training vectors each axis is refined on all of them."""
     rng = np.random.default_rng(5)
@@ -218,6 +227,7 @@ def test_options_are_recorded_in_the_artifact(rng_data, tmp_path):
         ({"b": 0}, SpecError, "percentage"),
         ({"b": 120}, SpecError, "percentage"),
         ({"alpha": -1}, SpecError, "alpha"),
+        ({"alpha": True}, SpecError, "alpha"),
         ({"n_train": 1}, SpecError, "n_train"),
         ({"n_pairs": 0}, SpecError, "n_pairs"),
         ({"max_iter": 0}, SpecError, "max_iter"),
@@ -244,3 +254,26 @@ def test_cli_fit_with_mpad_options(tmp_path, rng_data, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["spec"] == "mpad6,int8" and info["code_size"] == 6
     assert info["options"]["alpha"] == 4 and info["options"]["tail"] == "upper"
+
+
+def test_study_script_quick_run(tmp_path, monkeypatch):
+    """bench/mpad_vs_pca.py end to end on its small synthetic set (the full run is manual)."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "mpad_vs_pca.py"
+    spec = importlib.util.spec_from_file_location("mpad_vs_pca", path)
+    assert spec is not None and spec.loader is not None
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mpad_vs_pca", study)  # dataclasses look it up
+    spec.loader.exec_module(study)
+    assert study.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "mpad_vs_pca.json").read_text())["results"]
+    table = results[0]["table"]
+    assert [row["dims"] for row in table] == [2, 4, 8, 12]
+    for row in table:
+        assert 0.0 <= row["pca_recall"] <= 1.0 and 0.0 <= row["mpad_default_recall"] <= 1.0
+    assert (tmp_path / "mpad_vs_pca.png").stat().st_size > 0
+    assert "| dims |" in (tmp_path / "mpad_vs_pca.md").read_text()

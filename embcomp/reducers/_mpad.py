@@ -71,7 +71,9 @@ class MPADReducer(LinearReducer):
         An int: the objective over that many seeded random pairs (cheaper per step,
         approximate).
     max_iter : int
-        L-BFGS iterations per axis.
+        L-BFGS iterations per axis. With more than 2,048 training vectors (exact
+        objective), these run on a seeded 2,048-vector subsample and are followed by
+        ``max(5, max_iter // 10)`` iterations on all of them.
     seed : int
         Seeds the training sample, the random starts and the pair sample.
 
@@ -114,18 +116,16 @@ class MPADReducer(LinearReducer):
 
     def _check_params(self, d: int) -> None:
         k = self.n_components
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if not _is_int(k) or k < 1:
             raise SpecError(f"MPAD n_components must be a positive int; got {k!r}")
         if k > d:
             raise DimensionMismatchError(
                 f"mpad{k} keeps more dimensions than the {d} the training vectors have; "
                 f"use at most mpad{d}"
             )
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)) or (
-            self.alpha < 0
-        ):
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha < 0:
             raise SpecError(f"MPAD alpha must be a finite number >= 0; got {self.alpha!r}")
-        if not isinstance(self.b, (int, float)) or not 0.0 < self.b <= 100.0:
+        if not _is_number(self.b) or not 0.0 < self.b <= 100.0:
             raise SpecError(f"MPAD b is a percentage of pairs in (0, 100]; got {self.b!r}")
         if self.tail not in _TAILS:
             raise SpecError(f"MPAD tail must be 'lower' or 'upper'; got {self.tail!r}")
@@ -133,9 +133,11 @@ class MPADReducer(LinearReducer):
             raise SpecError(f"MPAD init must be 'random' or 'pca'; got {self.init!r}")
         for name, low in (("n_train", 2), ("n_pairs", 1)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+            if value is not None and (not _is_int(value) or value < low):
                 raise SpecError(f"MPAD {name} must be null or an int >= {low}; got {value!r}")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
+        if not _is_int(self.seed) or self.seed < 0:
+            raise SpecError(f"MPAD seed must be an int >= 0; got {self.seed!r}")
+        if not _is_int(self.max_iter) or self.max_iter < 1:
             raise SpecError(f"MPAD max_iter must be an int >= 1; got {self.max_iter!r}")
 
     def _fit(self, X: np.ndarray) -> None:
@@ -143,20 +145,25 @@ class MPADReducer(LinearReducer):
         self._check_params(d)
         if n < 2:
             raise InputError(f"MPAD needs at least 2 training vectors; got {n}")
-        started = time.perf_counter()
-        rng = np.random.default_rng(self.seed)
+        started, started_cpu = time.perf_counter(), time.process_time()
+        # Independent streams: what one draw consumes never shifts another, so the
+        # first k axes of mpad{m} are exactly mpad{k} (greedy and nested).
+        streams = np.random.SeedSequence(int(self.seed)).spawn(3)
+        sample_rng, stage_rng, start_rng = (np.random.default_rng(s) for s in streams)
         # Products run in the input's precision (float32 from the codec: half the
         # memory traffic); sorting, tail selection and sums run in float64.
         work_dtype = np.float64 if X.dtype == np.float64 else np.float32
-        mean, train = _centered_sample(X, self.n_train, rng, work_dtype)
+        mean, train = _centered_sample(X, self.n_train, sample_rng, work_dtype)
         rms = float(np.sqrt(np.einsum("ij,ij->", train, train, dtype=np.float64) / len(train)))
         if rms > 0:
             train /= np.asarray(rms, dtype=work_dtype)
-        starts = self._starting_directions(train, rng)
-        stages = self._stages(train, rng)
+        stages = self._stages(train, stage_rng)
+        starts = self._starting_directions(train, start_rng)
         final = stages[-1][0]
         axes = np.zeros((self.n_components, d))
-        info: dict[str, Any] = {"n_train": len(train), "nit": [], "nfev": [], "tail_mean": []}
+        info: dict[str, Any] = {"n_train": len(train)}
+        for key in ("nit", "nfev", "tail_mean", "seconds_to_axis", "cpu_seconds_to_axis"):
+            info[key] = []
         with _one_blas_thread():
             for k in range(self.n_components):
                 axis, nit, nfev = _fit_axis(stages, axes[:k], starts[k], float(self.alpha))
@@ -164,6 +171,10 @@ class MPADReducer(LinearReducer):
                 info["nit"].append(nit)
                 info["nfev"].append(nfev)
                 info["tail_mean"].append(float(final(axis)[0]) * rms)
+                # cumulative, so a prefix of the axes has its own fit time (greedy: the
+                # first k axes are exactly what mpad{k} would fit)
+                info["seconds_to_axis"].append(time.perf_counter() - started)
+                info["cpu_seconds_to_axis"].append(time.process_time() - started_cpu)
         components = flip_signs(axes).astype(np.float32)
         self.mean_ = mean.astype(np.float32)
         self.components_ = components
@@ -208,6 +219,14 @@ class MPADReducer(LinearReducer):
         return starts / np.linalg.norm(starts, axis=1, keepdims=True)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     """Limit BLAS to one thread while fitting, when threadpoolctl is installed.
 
@@ -229,6 +248,7 @@ def _centered_sample(
     """Mean of all of ``X`` (d,) float64 and a centered seeded row sample in ``dtype``."""
     n = X.shape[0]
     mean = _streamed_mean(X)
+    sample: np.ndarray
     if n_train is not None and n_train < n:
         rows = np.sort(rng.choice(n, size=int(n_train), replace=False))
         sample = np.array(X[rows], dtype=dtype)
@@ -383,6 +403,7 @@ class GapTailObjective:
         n = len(s)
         if k <= 0:
             return 0.0, np.zeros(n)
+        weights: np.ndarray
         if k >= self.total_pairs:
             weights = (2 * self._index - (n - 1)).astype(np.float64)
             return float(weights @ s), weights
