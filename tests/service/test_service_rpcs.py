@@ -15,7 +15,7 @@ from embcomp.client import CompressionClient
 from embcomp.v1 import compression_service_pb2 as pb
 from embcomp.v1 import types_pb2
 
-SPECS = ["fp8", "int8", "fp16", "pca128,int8", "l2norm,pca64,bin", "rot,int4", "pca96,fp4"]
+SPECS = ["fp8", "int8", "fp16", "fp4", "pca128,int8", "l2norm,pca64,bin", "rot,int4"]
 
 
 @pytest.fixture(scope="module")
