@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,20 @@ def quantizer_names() -> list[str]:
     ]
 
 
+def _casts(
+    dtype: Any,
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """The naive float8/float4 round trip: ``X.astype(dtype)`` and back to float32."""
+
+    def encode(X: np.ndarray) -> np.ndarray:
+        return X.astype(dtype)
+
+    def decode(C: np.ndarray) -> np.ndarray:
+        return C.astype(np.float32)
+
+    return encode, decode
+
+
 def build_methods(X: np.ndarray, train: np.ndarray, specs: Sequence[str]) -> list[Method]:
     import faiss
     import ml_dtypes
@@ -143,14 +158,8 @@ def build_methods(X: np.ndarray, train: np.ndarray, specs: Sequence[str]) -> lis
             methods.append(faiss_built[factory])
         if spec in NAIVE_CAST:
             dtype = getattr(ml_dtypes, NAIVE_CAST[spec])
-            methods.append(
-                Method(
-                    f"astype({NAIVE_CAST[spec]})",
-                    "naive",
-                    lambda A, dtype=dtype: A.astype(dtype),
-                    lambda C: C.astype(np.float32),
-                )
-            )
+            encode, decode = _casts(dtype)
+            methods.append(Method(f"astype({NAIVE_CAST[spec]})", "naive", encode, decode))
     if "SQ8" not in faiss_built:  # the yardstick of the float8/float4 targets
         index = faiss.index_factory(d, "SQ8")
         index.train(train)
@@ -175,8 +184,8 @@ def run_shape(n: int, d: int, repeats: int, data: str | None, specs_filter: Sequ
     codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
     for _ in range(repeats):
         for m in methods:  # interleaved: each run of every method sees the same load
-            m.enc.add(lambda m=m: m.encode(X))
-            m.dec.add(lambda m=m: m.decode(codes[m.name]))
+            m.enc.add(partial(m.encode, X))
+            m.dec.add(partial(m.decode, codes[m.name]))
     nbytes = X.nbytes
     by_name = {m.name: m for m in methods}
     rows = []
@@ -400,10 +409,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         from embcomp._atomic import atomic_output
 
-        with atomic_output(path) as tmp:
-            Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
-        with atomic_output(path.with_suffix(".md")) as tmp:
-            Path(tmp).write_text(markdown(record))
+        with atomic_output(path) as handle:
+            handle.write((json.dumps(record, indent=1) + "\n").encode())
+        with atomic_output(path.with_suffix(".md")) as handle:
+            handle.write(markdown(record).encode())
         print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

@@ -210,6 +210,7 @@ class Codec:
                 out[start:stop] = reducer.inverse_transform_block(z)
                 return
             # LinearReducer.inverse_transform_block (Z @ inverse_components_ + mean_), in place
+            assert reducer.inverse_components_ is not None and reducer.mean_ is not None
             np.matmul(z, reducer.inverse_components_, out=out[start:stop])
             np.add(out[start:stop], reducer.mean_, out=out[start:stop])
 

@@ -48,12 +48,13 @@ class BinaryQuantizer(Quantizer):
     def _encode_into(
         self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
     ) -> None:
+        assert self.center_ is not None
         above = scratch.get("above", X.shape, np.bool_)
         np.greater(X, self.center_, out=above)
         out[...] = np.packbits(above, axis=1, bitorder="little")
 
     def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
-        assert self.d_ is not None
+        assert self.d_ is not None and self.low_ is not None and self.high_ is not None
         bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little")
         np.copyto(out, self.low_)
         np.copyto(out, self.high_, where=bits.view(np.bool_))

@@ -90,7 +90,7 @@ class IntQuantizer(Quantizer):
         pack_nibbles_into(nibbles, out, scratch)
 
     def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
-        assert self.d_ is not None
+        assert self.d_ is not None and self.step_ is not None and self.min_ is not None
         d = self.d_
         if self.bits == 8:
             values = codes
