@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from .._validation import check_finite, check_matrix
-from ..codec import Codec, make_codec
+from ..codec import STAGE_FACTORIES, Codec, make_codec
 from ..evaluation import exact_knn, recall_at_k
-from ..exceptions import ArtifactError, EmbcompError, InputError
+from ..exceptions import ArtifactError, EmbcompError, InputError, SpecError
+from ..spec import parse_spec
 from ..v1 import compression_service_pb2 as pb
 from ..v1 import compression_service_pb2_grpc as pb_grpc
 from ..v1 import types_pb2
@@ -30,7 +33,7 @@ from .errors import LimitExceededError
 from .metrics import ServiceMetrics
 from .store import CodecStore, StoredCodec, check_codec_id
 
-__all__ = ["CompressionServicer", "codec_info_message", "parse_options"]
+__all__ = ["CompressionServicer", "check_option_types", "codec_info_message", "parse_options"]
 
 _METRICS: dict[int, str] = {
     types_pb2.METRIC_UNSPECIFIED: "ip",
@@ -51,6 +54,36 @@ def parse_options(raw: dict[str, str]) -> dict[str, Any]:
         except ValueError:
             options[key] = text
     return options
+
+
+def check_option_types(spec: str, options: dict[str, Any]) -> None:
+    """Reject option values of the wrong type before fitting, as INVALID_ARGUMENT.
+
+    The expected types are the type hints of the spec's stage constructors (plus
+    ``seed: int``), checked strictly with pydantic: ``percentile="abc"`` or
+    ``whiten="yes"`` would otherwise fail deep inside ``fit`` as a bare ValueError, or
+    not at all. Names no stage knows are left to ``make_codec``, which lists the valid ones.
+    """
+    hints: dict[str, Any] = {"seed": int}
+    for stage in parse_spec(spec).stages:
+        factory = STAGE_FACTORIES.get(stage.name)
+        if factory is not None:
+            cls, structural = factory(stage)
+            init = cls.__init__  # type: ignore[misc]  # the class, not an instance
+            for name, hint in typing.get_type_hints(init).items():
+                if name != "return" and name not in structural:
+                    hints[name] = hint
+    for name, value in options.items():
+        if name not in hints:
+            continue
+        try:
+            TypeAdapter(hints[name]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            expected = getattr(hints[name], "__name__", None) or str(hints[name])
+            raise SpecError(
+                f"option {name}={value!r} for spec {spec!r} has the wrong type: expected "
+                f"{expected} ({exc.errors()[0]['msg']})"
+            ) from None
 
 
 def codec_info_message(meta: StoredCodec) -> types_pb2.CodecInfo:
@@ -144,7 +177,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 "the first FitCodec message must be a header with the spec, e.g. "
                 "FitCodecHeader(spec='pca256,fp8'); training chunks follow it"
             )
-        codec = make_codec(first.header.spec, **parse_options(dict(first.header.options)))
+        options = parse_options(dict(first.header.options))
+        check_option_types(first.header.spec, options)
+        codec = make_codec(first.header.spec, **options)
         if not self._fit_slots.acquire(blocking=False):
             raise LimitExceededError(
                 f"{self.config.max_concurrent_fits} fits are already running on this server; "

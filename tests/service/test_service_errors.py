@@ -81,6 +81,22 @@ def test_fit_unknown_option(stub, rows):
     expect(INVALID, stub.FitCodec, messages, match="unknown option")
 
 
+@pytest.mark.parametrize(
+    "spec,options,expected",
+    [
+        ("int8", {"percentile": '"abc"'}, "percentile='abc'"),
+        ("pca8,int8", {"whiten": '"yes"'}, "whiten='yes'"),
+        ("fp8", {"scale": '"nope"'}, "scale='nope'"),
+        ("int8", {"seed": '"x"'}, "seed='x'"),
+        ("int4", {"percentile": "[99, 100]"}, "percentile=[99, 100]"),
+    ],
+)
+def test_fit_option_of_the_wrong_type(stub, rows, spec, options, expected):
+    messages = fit_messages(spec, matrix(rows), options=options)
+    details = expect(INVALID, stub.FitCodec, messages, match=expected)
+    assert "wrong type" in details
+
+
 def test_fit_reducer_wider_than_data(stub, rows):
     expect(INVALID, stub.FitCodec, fit_messages("pca500,int8", matrix(rows)), match="pca384")
 
