@@ -74,7 +74,12 @@ class EmbcompServer:
         """
         self.health.enter_graceful_shutdown()
         done = self.grpc_server.stop(grace)
-        self.metrics.stop_http()
+
+        def close_metrics() -> None:  # keep /metrics up while calls drain
+            done.wait()
+            self.metrics.stop_http()
+
+        threading.Thread(target=close_metrics, name="embcomp-metrics-close", daemon=True).start()
         return done
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -117,6 +117,7 @@ def test_serve_process_health_metrics_logs_and_sigterm_drain(tmp_path, sample, c
             with pytest.raises(ServiceError) as refused:
                 late.list()
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "embcomp_fits_running 1.0" in _metrics(ready["metrics_port"])  # up while draining
         release.set()
         worker.join(60)
         assert "error" not in outcome, outcome.get("error")
