@@ -1,9 +1,10 @@
 """Bounded loopback load on the gRPC service, measured against in-process encoding.
 
-    python bench/service_load.py [--spec int8 --spec pca192,fp8] [--repeats 5] [--json out.json]
+    python bench/service_load.py [--spec int8 --spec fp8 --spec pca192,fp8] [--json out.json]
 
 Starts ``embcomp serve`` as a separate process (default settings: JSON access log at
-INFO, no auth, plaintext) on a free loopback port, then for each spec:
+INFO, no auth, plaintext) on a free loopback port, warms it up for a few seconds, then
+for each spec:
 
 * Encode throughput, MB/s of float32 input, with ~4 MiB batches through
   ``CompressionClient.encode`` (one unary Encode per batch) at 1 and 2 requests in flight,
@@ -59,9 +60,10 @@ def load_vectors(path: str | None) -> tuple[np.ndarray, str]:
 class ServerProcess:
     """``embcomp serve --port 0`` in a child process; its port read from the first log line."""
 
-    def __init__(self, store: str) -> None:
+    def __init__(self, store: str, extra_args: list[str]) -> None:
+        command = [sys.executable, "-m", "embcomp", "serve", "--port", "0", "--store", store]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embcomp", "serve", "--port", "0", "--store", store],
+            [*command, *extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -175,6 +177,19 @@ def measure_spec(
     }
 
 
+def warm_up(client: CompressionClient, base: np.ndarray, batch_bytes: int, seconds: float) -> None:
+    """Send batches for ``seconds`` first: the first seconds of a fresh server and channel
+    (thread pools, HTTP/2 flow-control windows, the allocator) are slower than steady state."""
+    codec = embcomp.make_codec("fp16").fit(base[:1000])
+    info = client.import_codec(codec)
+    batch = np.ascontiguousarray(base[: max(1, batch_bytes // (4 * base.shape[1]))])
+    deadline = time.perf_counter() + seconds
+    with ThreadPoolExecutor(2) as pool:
+        while time.perf_counter() < deadline:
+            list(pool.map(lambda _: client.encode(info.id, batch), range(4)))
+    client.delete(info.id)
+
+
 def faiss_reference(base: np.ndarray, batch_bytes: int, batches: int, repeats: int) -> float | None:
     """In-process FAISS SQ8 sa_encode MB/s on the same batch shape (None without FAISS)."""
     try:
@@ -200,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="4 MiB batches per repeat")
     parser.add_argument("--batch-mib", type=float, default=4.0)
     parser.add_argument("--latency-calls", type=int, default=2000)
+    parser.add_argument("--warmup-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `embcomp serve` argument, e.g. --server-arg=--no-access-log (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -208,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = (1, 2)
     results = []
     with tempfile.TemporaryDirectory() as store:
-        server = ServerProcess(store)
+        server = ServerProcess(store, args.server_arg)
         try:
             with CompressionClient(f"127.0.0.1:{server.port}") as client:
-                for spec in args.spec or ["int8", "pca192,fp8"]:
+                warm_up(client, base, batch_bytes, args.warmup_seconds)
+                for spec in args.spec or ["int8", "fp8", "pca192,fp8"]:
                     results.append(
                         measure_spec(
                             client,
@@ -228,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     faiss_rate = faiss_reference(base, batch_bytes, args.batches, args.repeats)
 
-    print(f"data: {source}; {os.cpu_count()} CPUs; python {platform.python_version()}")
+    print(
+        f"data: {source}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+        f"python {platform.python_version()}; server args {args.server_arg or 'default'}"
+    )
     print(
         f"{'spec':<12}{'batch':>9}{'in-proc MB/s':>14}{'svc x1 MB/s':>13}{'ratio':>7}"
         f"{'svc x2 MB/s':>13}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}{'errors':>8}{'mismatch':>9}"
@@ -244,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     if faiss_rate is not None:
         print(f"reference: FAISS SQ8 sa_encode in-process, same batches: {faiss_rate:.0f} MB/s")
     if args.json:
-        record = {"data": source, "results": results, "faiss_sq8_mb_s": faiss_rate}
+        record = {
+            "data": source,
+            "server_args": args.server_arg,
+            "load_average": os.getloadavg()[0],
+            "results": results,
+            "faiss_sq8_mb_s": faiss_rate,
+        }
         args.json.write_text(json.dumps(record, indent=2))
     failed = sum(r["errors"] + r["mismatches"] for r in results)
     return 1 if failed else 0

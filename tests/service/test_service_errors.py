@@ -9,8 +9,8 @@ import shutil
 import grpc
 import numpy as np
 import pytest
-from conftest import running_server, store_snapshot
 from google.protobuf.message import Message
+from service_helpers import running_server, store_snapshot
 
 import embcomp
 from embcomp.client import CompressionClient, ServiceError

@@ -14,7 +14,7 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import running_server
+from service_helpers import running_server
 
 from embcomp import InputError
 from embcomp.cli import main as cli_main

@@ -9,8 +9,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import running_server, store_snapshot
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_helpers import running_server, store_snapshot
 
 from embcomp.client import CompressionClient, ServiceError
 from embcomp.service.config import MiB

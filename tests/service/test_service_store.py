@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import running_server
+from service_helpers import running_server
 
 import embcomp
 from embcomp import ArtifactError, InputError
