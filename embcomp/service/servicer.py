@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from .._validation import check_finite, check_matrix
 from ..codec import STAGE_FACTORIES, Codec, make_codec
@@ -70,14 +70,22 @@ def check_option_types(spec: str, options: dict[str, Any]) -> None:
         if factory is not None:
             cls, structural = factory(stage)
             init = cls.__init__  # type: ignore[misc]  # the class, not an instance
-            for name, hint in typing.get_type_hints(init).items():
+            try:
+                stage_hints = typing.get_type_hints(init)
+            except (NameError, TypeError):  # unresolvable hints: leave it to the stage
+                continue
+            for name, hint in stage_hints.items():
                 if name != "return" and name not in structural:
                     hints[name] = hint
     for name, value in options.items():
         if name not in hints:
             continue
         try:
-            TypeAdapter(hints[name]).validate_python(value, strict=True)
+            adapter = TypeAdapter(hints[name])
+        except PydanticSchemaGenerationError:  # a hint pydantic cannot check
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
         except ValidationError as exc:
             expected = getattr(hints[name], "__name__", None) or str(hints[name])
             raise SpecError(
