@@ -53,8 +53,33 @@ class BinaryQuantizer(Quantizer):
         np.greater(X, self.center_, out=above)
         out[...] = np.packbits(above, axis=1, bitorder="little")
 
+    def _after_load(self) -> None:
+        assert self.low_ is not None and self.high_ is not None
+        # Decoding table: for byte j and value v, the 8 floats of dims 8j..8j+7 (bit k
+        # of v, little bit order, picks high_ or low_ of dim 8j+k). One 32-byte gather
+        # per code byte; d KiB in all. Padding dims of the last byte decode to 0.
+        n_bytes = -(-self.low_.shape[0] // 8)
+        low = np.zeros(8 * n_bytes, dtype=np.float32)
+        high = np.zeros(8 * n_bytes, dtype=np.float32)
+        low[: self.low_.shape[0]] = self.low_
+        high[: self.high_.shape[0]] = self.high_
+        bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)  # (256, 8)
+        table = np.where(bits, high.reshape(n_bytes, 1, 8), low.reshape(n_bytes, 1, 8))
+        self._table = np.ascontiguousarray(table, dtype=np.float32).view(_EIGHT_FLOATS).ravel()
+        self._offsets = np.arange(n_bytes, dtype=np.intp) * 256
+
     def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
-        assert self.d_ is not None and self.low_ is not None and self.high_ is not None
-        bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little")
-        np.copyto(out, self.low_)
-        np.copyto(out, self.high_, where=bits.view(np.bool_))
+        assert self.d_ is not None
+        n, n_bytes = codes.shape
+        index = scratch.get("index", codes.shape, np.intp)
+        np.add(codes, self._offsets, out=index)
+        if self.d_ % 8 == 0:
+            np.take(self._table, index, out=out.view(_EIGHT_FLOATS), mode="wrap")
+            return
+        wide = scratch.get("wide", (n, 8 * n_bytes), np.float32)
+        np.take(self._table, index, out=wide.view(_EIGHT_FLOATS), mode="wrap")
+        np.copyto(out, wide[:, : self.d_])
+
+
+# eight float32 as one opaque 32-byte item, so np.take moves them with one copy
+_EIGHT_FLOATS = np.dtype((np.void, 32))
