@@ -184,13 +184,16 @@ def test_power_of_two_scale_keeps_ties_exact(fmt, small_blocks):
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp8e5m2", "fp4"])
-def test_every_small_float_code_decodes_like_the_table(fmt):
-    """All 256 (or 16 per nibble) byte values, NaN codes included, decode as the LUT does."""
-    d = 2 if fmt == "fp4" else 1
-    q = FloatQuantizer(fmt).fit(np.random.default_rng(0).standard_normal((50, d)))
-    codes = np.arange(256, dtype=np.uint8)[:, None]
-    if fmt != "fp4":
-        codes = codes.reshape(-1, 1)
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_every_small_float_code_decodes_like_the_table(fmt, d):
+    """Every byte (fp8: every pair of bytes), NaN codes included, decodes as the LUT does."""
+    q = FloatQuantizer(fmt).fit(np.random.default_rng(d).standard_normal((50, d)))
+    pairs = np.arange(1 << 16, dtype=np.uint32)
+    if fmt == "fp4" or d == 1:
+        codes = np.arange(256, dtype=np.uint8).repeat(q.code_size).reshape(256, -1)
+    else:  # all 65536 pairs of codes in adjacent dims
+        codes = np.stack([pairs & 0xFF, pairs >> 8], axis=1).astype(np.uint8)
+        codes = np.tile(codes, (1, d // 2))
     assert_same_bits(q.decode(codes), ref_float_decode(q, codes))
 
 
