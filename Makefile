@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-run: install  ## fit and evaluate codecs on the bundled sample
-	$(VENV)/bin/embcomp demo
+run: install  ## the gRPC service with embedded defaults: 127.0.0.1:50051, store ./store
+	$(VENV)/bin/embcomp serve
 
 test: install  ## the whole test suite
 	$(PY) -m pytest -q
