@@ -1,0 +1,252 @@
+"""``embcomp recommend``: measure every codec embcomp can make on the user's own vectors
+and pick the best one under a byte budget, or the smallest that reaches a recall.
+
+    embcomp recommend --data sample.npy --budget-bytes 96 -o best.codec
+    embcomp recommend --data sample.npy --queries q.npy --min-recall 0.95 --json
+
+Candidates come from the spec grammar at run time (``embcomp.spec.STAGES``): every
+fixed-rate quantizer alone and after a rotation; every reducer that takes a width, at
+1/8 .. 7/8 of the dimensions and at the widths that exactly fill the budget, with every
+quantizer; every byte-budget quantizer (``alloc{bytes}``) at the budget, alone and
+after a full-width reducer. Each is fitted on the data, encodes the whole base and is
+scored by recall@10 (ties count) of exact search over its decoded vectors against the
+exact float32 neighbours of the queries (held out from the data when none are given).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from embcomp.exceptions import EmbcompError, InputError
+
+from .datasets import Dataset, load_dataset, train_rows
+from .methods import (
+    EmbcompMethod,
+    _validate,
+    budget_quantizers,
+    budgets_for,
+    fixed_rate_quantizers,
+    numbered_reducers,
+)
+from .run import Settings, evaluate, make_truth
+
+__all__ = ["Candidate", "candidate_specs", "recommend"]
+
+FRACTIONS = (1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8)
+QUICK_FRACTIONS = (1 / 4, 1 / 2, 3 / 4)
+_RATIOS_WITHOUT_BUDGET = (4, 8, 16, 32, 64)
+
+
+def candidate_specs(
+    d: int, budget_bytes: int | None = None, fractions: Sequence[float] = FRACTIONS
+) -> list[str]:
+    """Canonical specs of every candidate codec for width ``d`` (within the budget)."""
+    quantizers = fixed_rate_quantizers(include_fp32=True)
+    reducers = numbered_reducers()
+    specs: list[str] = []
+    specs += quantizers + [f"rot,{q}" for q in quantizers if q != "fp32"]
+    widths = {max(1, round(d * f)) for f in fractions}
+    from embcomp.spec import STAGES
+
+    for q in quantizers:
+        bits = STAGES[q].bits
+        assert bits is not None
+        fill = {max(1, (8 * budget_bytes) // bits)} if budget_bytes else set()
+        for k in sorted((widths | fill) - {d}):
+            if k < d:
+                specs += [f"{r}{k},{q}" for r in reducers]
+    budgets = [budget_bytes] if budget_bytes else budgets_for(d, _RATIOS_WITHOUT_BUDGET)
+    for qb in budget_quantizers():
+        for b in budgets:
+            specs += [f"{qb}{b}", f"rot,{qb}{b}"] + [f"{r},{qb}{b}" for r in reducers]
+    valid: list[str] = []
+    for spec in specs:
+        try:
+            canonical = _validate("embcomp", spec, d)
+        except EmbcompError:
+            continue
+        if canonical in valid:
+            continue
+        from embcomp.spec import parse_spec
+
+        if budget_bytes is not None and parse_spec(canonical).code_size(d) > budget_bytes:
+            continue
+        valid.append(canonical)
+    return valid
+
+
+@dataclass
+class Candidate:
+    """One measured candidate codec."""
+
+    method: EmbcompMethod
+    results: dict[str, Any]
+
+    @property
+    def spec(self) -> str:
+        return self.method.ref
+
+    def summary(self) -> dict[str, Any]:
+        r = self.results
+        keys = (
+            "recall_at_1",
+            "recall_at_10",
+            "recall_at_100",
+            "ndcg_at_10",
+            "ndcg_retention",
+            "fit_s",
+            "encode_vectors_per_s",
+            "decode_vectors_per_s",
+        )
+        return {
+            "spec": self.spec,
+            "code_size": r["bytes_per_vector"],
+            "compression_ratio": r["compression_ratio"],
+            **{k: r[k] for k in keys if k in r},
+        }
+
+
+@dataclass
+class Recommendation:
+    best: Candidate
+    runner_up: Candidate | None
+    candidates: list[Candidate]
+    dataset: Dataset
+    train_size: int
+    constraint: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.best.summary(),
+            "runner_up": self.runner_up.summary() if self.runner_up else None,
+            "constraint": self.constraint,
+            "candidates_evaluated": len(self.candidates),
+            "data": {**self.dataset.describe(), "train_size": self.train_size},
+        }
+
+
+def recommend(
+    dataset: Dataset,
+    *,
+    budget_bytes: int | None = None,
+    min_recall: float | None = None,
+    train_size: int | None = 50000,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> Recommendation:
+    """Measure the candidates on ``dataset`` and choose under exactly one constraint.
+
+    Raises
+    ------
+    InputError
+        Neither or both constraints, or no candidate meets the constraint.
+    """
+    if (budget_bytes is None) == (min_recall is None):
+        raise InputError("give exactly one of --budget-bytes B or --min-recall R")
+    if budget_bytes is not None and budget_bytes < 1:
+        raise InputError(f"--budget-bytes must be >= 1; got {budget_bytes}")
+    if min_recall is not None and not 0.0 < min_recall <= 1.0:
+        raise InputError(f"--min-recall must be in (0, 1]; got {min_recall}")
+    specs = candidate_specs(dataset.d, budget_bytes, QUICK_FRACTIONS if quick else FRACTIONS)
+    if not specs:
+        raise InputError(
+            f"no embcomp codec fits in {budget_bytes} bytes per {dataset.d}-d vector; "
+            "raise --budget-bytes"
+        )
+    settings = Settings(
+        k=min(100, dataset.n_base),
+        train_size=train_size,
+        train_rows="random",
+        rescore=0,
+        timing_repeats=1,
+        seed=seed,
+    )
+    truth = make_truth(dataset, settings.k, None)
+    train = train_rows(dataset, train_size, "random", seed)
+    log(
+        f"recommend: {len(specs)} candidate codecs on {dataset.n_base} x {dataset.d} "
+        f"({dataset.n_queries} queries), fitted on {train.shape[0]} vectors"
+    )
+    from .run import _progress
+
+    candidates = []
+    for spec in _progress(specs, "candidates", progress):
+        method = EmbcompMethod(spec, {"seed": seed})
+        try:
+            measured = evaluate(method, dataset, train, truth, settings)
+        except EmbcompError as exc:
+            log(f"skipped {spec}: {exc}")
+            continue
+        candidates.append(Candidate(method, measured["results"]))
+    if budget_bytes is not None:
+        feasible = sorted(
+            candidates,
+            key=lambda c: (
+                -c.results["recall_at_10"],
+                c.results["bytes_per_vector"],
+                -(c.results["encode_vectors_per_s"] or 0),
+            ),
+        )
+        constraint: dict[str, Any] = {"budget_bytes": budget_bytes}
+    else:
+        assert min_recall is not None
+        feasible = sorted(
+            (c for c in candidates if c.results["recall_at_10"] >= min_recall),
+            key=lambda c: (c.results["bytes_per_vector"], -c.results["recall_at_10"]),
+        )
+        constraint = {"min_recall_at_10": min_recall}
+        if not feasible:
+            top = max(candidates, key=lambda c: c.results["recall_at_10"])
+            raise InputError(
+                f"no codec reaches recall@10 >= {min_recall}; the best was {top.spec} with "
+                f"{top.results['recall_at_10']:.4f} ({top.results['bytes_per_vector']} bytes)"
+            )
+    if not feasible:
+        raise InputError("no candidate codec could be measured on this data")
+    return Recommendation(
+        feasible[0],
+        feasible[1] if len(feasible) > 1 else None,
+        candidates,
+        dataset,
+        int(train.shape[0]),
+        constraint,
+    )
+
+
+def format_text(rec: Recommendation) -> str:
+    """Human-readable recommendation."""
+    info = rec.dataset
+
+    def line(tag: str, c: Candidate) -> str:
+        r = c.results
+        ndcg = f"  nDCG@10 {r['ndcg_at_10']:.4f}" if r.get("ndcg_at_10") is not None else ""
+        return (
+            f"{tag:<10} {c.spec:<16} {r['bytes_per_vector']:>5} bytes/vector "
+            f"{r['compression_ratio']:>6.1f}x  recall@1 {r['recall_at_1']:.4f}  "
+            f"recall@10 {r['recall_at_10']:.4f}  recall@100 {r.get('recall_at_100', 0):.4f}"
+            f"{ndcg}  encode {r['encode_vectors_per_s']:,.0f} vec/s"
+        )
+
+    if "budget_bytes" in rec.constraint:
+        want = f"at most {rec.constraint['budget_bytes']} bytes per vector, best recall@10"
+    else:
+        want = f"recall@10 >= {rec.constraint['min_recall_at_10']}, fewest bytes"
+    out = [
+        f"data: {info.name} ({info.n_base} x {info.d}, {info.n_queries} queries; "
+        f"fitted on {rec.train_size})",
+        f"constraint: {want}; {len(rec.candidates)} codecs measured",
+        line("best", rec.best),
+    ]
+    if rec.runner_up is not None:
+        out.append(line("runner-up", rec.runner_up))
+    return "\n".join(out)
+
+
+def load_for_recommend(data: str, queries: str | None, qrels: str | None, seed: int) -> Dataset:
+    """The user's sample as a dataset (queries held out when not given)."""
+    return load_dataset(data, queries=queries, qrels=qrels, seed=seed)

@@ -1,0 +1,204 @@
+"""The benchmark harness end to end: sweep YAML -> records -> summary -> plots -> claims.
+
+Tiny seeded synthetic data (a folder in the shared layout, without ground truth so it
+is computed and cached), a handful of methods from every family, real FAISS, real
+files. Runs in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import run as bench_run
+from bench.__main__ import main as bench_main
+from bench.datasets import load_dataset
+from bench.results import COLUMNS, load_records
+
+N_BASE, N_QUERIES, DIM = 1500, 40, 32
+
+SMOKE_YAML = """
+name: test-smoke
+datasets: [{data}]
+settings:
+  k: 20
+  train_size: 1000
+  rescore: 2
+  timing_repeats: 1
+methods:
+  embcomp: [fp16, int8, "pca{{d50}},fp8", bin]
+  faiss: [Flat, SQ8, "PQ{{d/8}}", LSH, RaBitQ]
+  paper: [fp8, int8, binary]
+options:
+  faiss: {{kmeans_niter: 3}}
+ann:
+  factory: IVF8,Flat
+  params: {{nprobe: 2}}
+claims: true
+"""
+
+
+def make_folder(root: Path, seed: int = 7) -> Path:
+    """A shared-layout folder of unit-norm anisotropic vectors with qrels."""
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(1.0, 0.1, DIM)
+    base = rng.standard_normal((N_BASE, DIM)) * scales
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = (
+        base[rng.choice(N_BASE, N_QUERIES, replace=False)]
+        + 0.3 * rng.standard_normal((N_QUERIES, DIM)) * scales
+    )
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    folder = root / "toy"
+    folder.mkdir()
+    np.save(folder / "base.npy", base.astype(np.float32))
+    np.save(folder / "queries.npy", queries.astype(np.float32))
+    top = np.argsort(-(queries @ base.T), axis=1)[:, :2]
+    lines = [f"{q}\t{top[q, q % 2]}" for q in range(N_QUERIES)]
+    (folder / "qrels.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    folder = make_folder(root)
+    sweep = root / "smoke.yaml"
+    sweep.write_text(SMOKE_YAML.format(data=folder))
+    out = root / "out"
+    code = bench_main(["run", str(sweep), "--out", str(out), "--no-progress"])
+    assert code == 0
+    return folder, sweep, out
+
+
+def test_every_run_has_an_ok_record(smoke):
+    _, _, out = smoke
+    records = load_records(out)
+    runs = [r for r in records if r["kind"] == "run"]
+    names = {r["method"]["name"] for r in runs}
+    assert {
+        "embcomp:fp16",
+        "embcomp:int8",
+        "embcomp:pca16,fp8",
+        "embcomp:bin",
+        "faiss:Flat",
+        "faiss:SQ8",
+        "faiss:PQ4",
+        "faiss:LSH",
+        "faiss:RaBitQ",
+        "paper:fp8",
+        "paper:int8",
+        "paper:binary",
+    } <= names
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    by_name = {r["method"]["name"]: r["results"] for r in runs}
+    # storage comes from code_size
+    assert by_name["embcomp:int8"]["bytes_per_vector"] == DIM
+    assert by_name["embcomp:pca16,fp8"]["bytes_per_vector"] == 16
+    assert by_name["embcomp:bin"]["bytes_per_vector"] == DIM // 8
+    assert by_name["faiss:SQ8"]["bytes_per_vector"] == DIM
+    assert by_name["faiss:Flat"]["compression_ratio"] == 1.0
+    # exact float32 search finds exactly the exact neighbours
+    assert by_name["faiss:Flat"]["recall_at_10"] == 1.0
+    assert by_name["faiss:Flat"]["ndcg_retention"] == pytest.approx(1.0)
+    for res in by_name.values():
+        assert 0.0 <= res["recall_at_10"] <= 1.0
+        assert res["encode_vectors_per_s"] > 0 and res["search_s"] > 0
+        assert res["rescore"]["extra_bytes_per_vector"] == 4 * DIM
+    # rescoring the top 20 with float32 can only help a lossy 1-bit code
+    assert (
+        by_name["embcomp:bin"]["rescore"]["recall_at_10"] >= by_name["embcomp:bin"]["recall_at_10"]
+    )
+    # the exact ground truth was computed once and cached under the output folder
+    assert len(list((out / "gt").glob("gt-dir-toy-32-*-ip-k20.npy"))) == 1
+
+
+def test_records_live_at_a_path_that_is_a_function_of_the_parameters(smoke):
+    folder, _, out = smoke
+    dataset = load_dataset(folder)
+    from bench.methods import make_method
+
+    settings = bench_run.Settings(k=20, train_size=1000, rescore=2, timing_repeats=1)
+    method = make_method("embcomp:int8")
+    params = bench_run.run_params(dataset, method, settings)
+    path = bench_run.record_path(out, params)
+    assert path.is_file()
+    assert json.loads(path.read_text())["params"] == params
+    other = bench_run.run_params(dataset, make_method("embcomp:int8", {"seed": 1}), settings)
+    assert bench_run.record_path(out, other) != path
+
+
+def test_rerun_skips_recorded_runs(smoke, capsys):
+    _, sweep, out = smoke
+    before = {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}
+    assert bench_main(["run", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "0 to run" in err
+    after = {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}
+    assert before == after
+
+
+def test_summary_csv_markdown_and_plots(smoke):
+    _, _, out = smoke
+    with open(out / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == COLUMNS
+    assert {"method", "bytes_per_vector", "compression_ratio", "recall_at_10"} <= set(rows[0])
+    assert {"ndcg_at_10", "encode_vectors_per_s"} <= set(rows[0])
+    flat = next(r for r in rows if r["method"] == "faiss:Flat")
+    assert float(flat["recall_at_10"]) == 1.0
+    # every family has a frontier, and the frontier codecs got an ANN record
+    assert {r["family"] for r in rows if r["pareto"] == "True"} == {"embcomp", "faiss", "paper"}
+    ann_rows = [r for r in rows if r["ann_recall_at_10"]]
+    assert ann_rows and all(r["pareto"] == "True" for r in ann_rows)
+    assert all(0 < float(r["ann_float32_recall_at_10"]) <= 1 for r in ann_rows)
+    md = (out / "summary.md").read_text()
+    assert "Best recall@10 within each byte budget" in md
+    assert "| 4x |" in md and "| 32x |" in md
+    for stem in ("recall_vs_bytes", "ndcg_retention_vs_ratio", "encode_throughput"):
+        png = out / "plots" / "dir-toy-32" / f"{stem}.png"
+        svg = png.with_suffix(".svg")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in svg.read_bytes()[:500]
+
+
+def test_plot_and_summary_commands_only_read_records(smoke, tmp_path):
+    _, _, out = smoke
+    copy = tmp_path / "copy"
+    for path in (out / "records").rglob("*.json"):
+        target = copy / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    assert bench_main(["summary", str(copy)]) == 0
+    assert bench_main(["plot", str(copy)]) == 0
+    assert (copy / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    assert (copy / "plots" / "dir-toy-32" / "recall_vs_bytes.svg").is_file()
+
+
+def test_claims_report(smoke):
+    _, _, out = smoke
+    md = (out / "claims-dir-toy-32.md").read_text()
+    report = json.loads((out / "claims-dir-toy-32.json").read_text())
+    assert [c["id"] for c in report["claims"]] == [1, 2, 3, 4]
+    first = report["claims"][0]["rows"]
+    assert {r["a"] for r in first} == {"paper:fp8", "embcomp:fp8"}
+    assert {r["metric"] for r in first} == {"ndcg_at_10", "recall_at_10"}
+    for claim in report["claims"][:3]:
+        for row in claim["rows"]:
+            low, high = row["ci95"]
+            assert low <= high
+            assert row["verdict"] in ("holds", "fails", "within noise")
+    assert "float8 beats int8" in md and "paper:int8" in md
+
+
+def test_bad_sweep_file_is_one_clear_error(tmp_path, capsys):
+    sweep = tmp_path / "bad.yaml"
+    sweep.write_text("name: x\ndatasets: []\nmethods: {embcomp: [int8]}\nbogus: 1\n")
+    assert bench_main(["run", str(sweep), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "datasets" in err and "bogus" in err
+    assert not (tmp_path / "o").exists()
