@@ -18,6 +18,14 @@ gap <= t is a vectorized ``searchsorted`` count, the tail threshold is found by 
 bracketed search on that count, and the tail sum is ``weights @ s`` where each point's
 weight is (#tail pairs in which it is the larger) - (#tail pairs in which it is the
 smaller). The gradient is ``X_c.T @ weights`` in the sorted point order.
+
+Two choices beyond the paper, both stated in the docs: the training vectors are
+divided by their RMS centered norm before the gaps are measured (the optimum is the
+paper's with ``alpha`` in units of that norm, which is ~1 for unit-norm embeddings,
+so ``alpha`` means the same for embeddings of any scale); and above 2,048 training
+vectors each axis is optimized on a seeded 2,048-vector subsample first and then
+refined on the exact all-pairs objective of all of them (on 20,000 MiniLM vectors
+this reached the objective values of 150 full-data iterations with 1/10 of the CPU).
 """
 
 from __future__ import annotations
