@@ -108,7 +108,7 @@ def run_ann(
     )
 
     ours = [r for r in records if r.get("params", {}).get("dataset") == dataset.name]
-    if ann.on == "all":
+    if ann.select == "all":
         chosen = {
             r["method"]["name"] for r in ours if r.get("status") == "ok" and r["method"]["decodes"]
         }

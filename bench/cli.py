@@ -8,6 +8,7 @@ imported here: FAISS, matplotlib and the harness load when a command runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -222,13 +223,19 @@ def add_plot(sub: Any) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add ``sweep``, ``recommend`` and ``claims`` to the ``embcomp`` CLI."""
+    """Add ``sweep``, ``recommend`` and ``claims`` to the ``embcomp`` CLI, and
+    ``bench-speed`` when ``bench/speed.py`` (issue 7) provides it."""
     add_sweep(sub)
     add_recommend(sub)
     add_claims(sub)
-    from .speed import register as add_speed  # embcomp bench-speed (issue 7)
-
-    add_speed(sub)
+    try:
+        speed = importlib.import_module("bench.speed")
+    except ImportError as exc:
+        if exc.name != "bench.speed":
+            raise
+        return
+    if hasattr(speed, "register"):
+        speed.register(sub)  # embcomp bench-speed (issue 7)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -227,6 +227,7 @@ class EmbcompMethod(Method):
 
 # -- FAISS -----------------------------------------------------------------------------
 _SEARCH_ONLY = re.compile(r"(RaBitQ|LSH)")
+_FAISS_OPTIONS = ("kmeans_niter", "rabitq_qb")
 
 
 class FaissMethod(Method):
@@ -237,15 +238,20 @@ class FaissMethod(Method):
     kmeans_niter : int, optional
         k-means iterations for PQ codebooks and OPQ's alternations (FAISS defaults:
         25 for PQ, 50 OPQ rounds); lower trains faster at a small cost in accuracy.
+    rabitq_qb : int, optional
+        Bits per query component in RaBitQ searches (``IndexRaBitQ.qb``; 0 = float
+        queries, the most accurate; index_factory's default is 4).
     """
 
     family = "faiss"
 
     def __init__(self, ref: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(ref.strip(), options)
-        unknown = sorted(set(self.options) - {"kmeans_niter"})
+        unknown = sorted(set(self.options) - set(_FAISS_OPTIONS))
         if unknown:
-            raise SpecError(f"unknown FAISS method option(s) {unknown}; valid: ['kmeans_niter']")
+            raise SpecError(
+                f"unknown FAISS method option(s) {unknown}; valid: {list(_FAISS_OPTIONS)}"
+            )
         self.decodes = _SEARCH_ONLY.search(self.ref) is None
         self.index: Any = None
 
@@ -276,6 +282,10 @@ class FaissMethod(Method):
         niter = self.options.get("kmeans_niter")
         if niter is not None:
             _set_kmeans_niter(index, int(niter))
+        qb = self.options.get("rabitq_qb")
+        inner = _innermost(index)
+        if qb is not None and hasattr(inner, "qb"):
+            inner.qb = int(qb)
         return index
 
     @property

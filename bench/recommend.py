@@ -5,12 +5,14 @@ and pick the best one under a byte budget, or the smallest that reaches a recall
     embcomp recommend --data sample.npy --queries q.npy --min-recall 0.95 --json
 
 Candidates come from the spec grammar at run time (``embcomp.spec.STAGES``): every
-fixed-rate quantizer alone and after a rotation; every reducer that takes a width, at
-1/8 .. 7/8 of the dimensions and at the widths that exactly fill the budget, with every
-quantizer; every byte-budget quantizer (``alloc{bytes}``) at the budget, alone and
-after a full-width reducer. Each is fitted on the data, encodes the whole base and is
-scored by recall@10 (ties count) of exact search over its decoded vectors against the
-exact float32 neighbours of the queries (held out from the data when none are given).
+fixed-rate quantizer alone and after a rotation; PCA at 1/8 .. 7/8 of the dimensions
+and at the widths that exactly fill the budget, with every quantizer; every byte-budget
+quantizer (``alloc{bytes}``) at the budget, alone and after a rotation or full PCA.
+Reducers that are slow to fit (MPAD, and any other that takes a width) are then tried
+in place of PCA in the three best candidates. Each is fitted on the data, encodes the
+whole base and is scored by recall@10 (ties count) of exact search over its decoded
+vectors against the exact float32 neighbours of the queries (held out from the data
+when none are given).
 """
 
 from __future__ import annotations
@@ -128,6 +130,54 @@ class Recommendation:
         }
 
 
+PRIMARY_REDUCER = "pca"
+_SECOND_STAGE_SEEDS = 3
+
+
+def _rank(candidates: list[Candidate], budget_bytes: int | None, min_recall: float | None):
+    """Candidates meeting the constraint, best first."""
+    if budget_bytes is not None:
+        return sorted(
+            (c for c in candidates if c.results["bytes_per_vector"] <= budget_bytes),
+            key=lambda c: (
+                -c.results["recall_at_10"],
+                c.results["bytes_per_vector"],
+                -(c.results["encode_vectors_per_s"] or 0),
+            ),
+        )
+    assert min_recall is not None
+    return sorted(
+        (c for c in candidates if c.results["recall_at_10"] >= min_recall),
+        key=lambda c: (c.results["bytes_per_vector"], -c.results["recall_at_10"]),
+    )
+
+
+def second_stage_specs(
+    ranked: list[Candidate], d: int, budget_bytes: int | None, seeds: int = _SECOND_STAGE_SEEDS
+) -> list[str]:
+    """Specs that swap the primary reducer (PCA) of the best ``seeds`` candidates for
+    every other reducer that takes a width (``pca96,fp8`` -> ``mpad96,fp8``)."""
+    others = [r for r in numbered_reducers() if r != PRIMARY_REDUCER]
+    specs: list[str] = []
+    from embcomp.spec import parse_spec
+
+    for cand in [c for c in ranked if c.method.codec.spec.reducer is not None][:seeds]:
+        spec = cand.method.codec.spec
+        assert spec.reducer is not None
+        if spec.reducer.name != PRIMARY_REDUCER or spec.reducer.arg is None:
+            continue
+        for reducer in others:
+            text = str(spec).replace(str(spec.reducer), f"{reducer}{spec.reducer.arg}", 1)
+            try:
+                canonical = _validate("embcomp", text, d)
+            except EmbcompError:
+                continue
+            fits = budget_bytes is None or parse_spec(canonical).code_size(d) <= budget_bytes
+            if fits and canonical not in specs:
+                specs.append(canonical)
+    return specs
+
+
 def recommend(
     dataset: Dataset,
     *,
@@ -141,6 +191,11 @@ def recommend(
 ) -> Recommendation:
     """Measure the candidates on ``dataset`` and choose under exactly one constraint.
 
+    Two stages keep the cost bounded: first every candidate whose reducer (if any) is
+    PCA; then the reducers that are slow to fit (MPAD, any other registered one) at
+    the widths and quantizers of the best three PCA candidates, where they could
+    change the answer.
+
     Raises
     ------
     InputError
@@ -152,7 +207,17 @@ def recommend(
         raise InputError(f"--budget-bytes must be >= 1; got {budget_bytes}")
     if min_recall is not None and not 0.0 < min_recall <= 1.0:
         raise InputError(f"--min-recall must be in (0, 1]; got {min_recall}")
-    specs = candidate_specs(dataset.d, budget_bytes, QUICK_FRACTIONS if quick else FRACTIONS)
+    from embcomp.spec import parse_spec
+
+    def primary(spec: str) -> bool:
+        reducer = parse_spec(spec).reducer
+        return reducer is None or reducer.arg is None or reducer.name == PRIMARY_REDUCER
+
+    specs = [
+        s
+        for s in candidate_specs(dataset.d, budget_bytes, QUICK_FRACTIONS if quick else FRACTIONS)
+        if primary(s)
+    ]
     if not specs:
         raise InputError(
             f"no embcomp codec fits in {budget_bytes} bytes per {dataset.d}-d vector; "
@@ -172,42 +237,28 @@ def recommend(
         f"recommend: {len(specs)} candidate codecs on {dataset.n_base} x {dataset.d} "
         f"({dataset.n_queries} queries), fitted on {train.shape[0]} vectors"
     )
-    from .run import _progress
-
-    candidates = []
-    for spec in _progress(specs, "candidates", progress):
-        method = EmbcompMethod(spec, {"seed": seed})
-        try:
-            measured = evaluate(method, dataset, train, truth, settings)
-        except EmbcompError as exc:
-            log(f"skipped {spec}: {exc}")
-            continue
-        candidates.append(Candidate(method, measured["results"]))
-    if budget_bytes is not None:
-        feasible = sorted(
-            candidates,
-            key=lambda c: (
-                -c.results["recall_at_10"],
-                c.results["bytes_per_vector"],
-                -(c.results["encode_vectors_per_s"] or 0),
-            ),
-        )
-        constraint: dict[str, Any] = {"budget_bytes": budget_bytes}
-    else:
-        assert min_recall is not None
-        feasible = sorted(
-            (c for c in candidates if c.results["recall_at_10"] >= min_recall),
-            key=lambda c: (c.results["bytes_per_vector"], -c.results["recall_at_10"]),
-        )
-        constraint = {"min_recall_at_10": min_recall}
-        if not feasible:
-            top = max(candidates, key=lambda c: c.results["recall_at_10"])
-            raise InputError(
-                f"no codec reaches recall@10 >= {min_recall}; the best was {top.spec} with "
-                f"{top.results['recall_at_10']:.4f} ({top.results['bytes_per_vector']} bytes)"
-            )
+    candidates = _measure(specs, dataset, train, truth, settings, seed, progress, log)
+    ranked = _rank(candidates, budget_bytes, min_recall)
+    if not ranked:  # for min_recall: seed the second stage with the best recalls
+        ranked = sorted(candidates, key=lambda c: -c.results["recall_at_10"])
+    extra = second_stage_specs(ranked, dataset.d, budget_bytes)
+    if extra:
+        log(f"recommend: {len(extra)} more with other reducers: {', '.join(extra)}")
+        candidates += _measure(extra, dataset, train, truth, settings, seed, progress, log)
+    feasible = _rank(candidates, budget_bytes, min_recall)
     if not feasible:
-        raise InputError("no candidate codec could be measured on this data")
+        if not candidates:
+            raise InputError("no candidate codec could be measured on this data")
+        top = max(candidates, key=lambda c: c.results["recall_at_10"])
+        raise InputError(
+            f"no codec reaches recall@10 >= {min_recall}; the best was {top.spec} with "
+            f"{top.results['recall_at_10']:.4f} ({top.results['bytes_per_vector']} bytes)"
+        )
+    constraint: dict[str, Any] = (
+        {"budget_bytes": budget_bytes}
+        if budget_bytes is not None
+        else {"min_recall_at_10": min_recall}
+    )
     return Recommendation(
         feasible[0],
         feasible[1] if len(feasible) > 1 else None,
@@ -216,6 +267,30 @@ def recommend(
         int(train.shape[0]),
         constraint,
     )
+
+
+def _measure(
+    specs: list[str],
+    dataset: Dataset,
+    train: Any,
+    truth: Any,
+    settings: Settings,
+    seed: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[Candidate]:
+    from .run import _progress
+
+    measured = []
+    for spec in _progress(specs, "candidates", progress):
+        method = EmbcompMethod(spec, {"seed": seed})
+        try:
+            results = evaluate(method, dataset, train, truth, settings)["results"]
+        except EmbcompError as exc:
+            log(f"skipped {spec}: {exc}")
+            continue
+        measured.append(Candidate(method, results))
+    return measured
 
 
 def format_text(rec: Recommendation) -> str:

@@ -65,11 +65,11 @@ class AnnConfig(BaseModel):
     params: dict[str, int | float] = Field(
         default_factory=lambda: {"nprobe": 8}, description="ParameterSpace settings"
     )
-    on: str = Field("frontier", description="'frontier' (each family's) or 'all'")
+    select: str = Field("frontier", description="'frontier' (each family's) or 'all'")
 
-    @field_validator("on")
+    @field_validator("select")
     @classmethod
-    def _on(cls, value: str) -> str:
+    def _select(cls, value: str) -> str:
         if value not in ("frontier", "all"):
             raise ValueError("must be 'frontier' or 'all'")
         return value

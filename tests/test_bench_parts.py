@@ -1,0 +1,258 @@
+"""Benchmark parts: dataset loaders and the ground-truth cache, method templates from the
+spec grammar, the FAISS adapters, the CLI entry points and ``embcomp recommend``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import datasets as ds
+from bench import methods
+from bench.__main__ import main as bench_main
+from embcomp import load_codec
+from embcomp.cli import main as embcomp_main
+from embcomp.exceptions import InputError, SpecError
+from embcomp.io import write_fvecs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * np.linspace(1.0, 0.1, d)
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+
+
+# -- datasets ----------------------------------------------------------------------------
+def test_registry_names_the_bundled_sample():
+    assert ds.list_datasets()[ds.SAMPLE_NAME].startswith("bundled")
+    sample = ds.load_dataset(ds.SAMPLE_NAME)
+    assert (sample.n_base, sample.n_queries, sample.d) == (3000, 200, 384)
+    assert sample.gt is None and sample.metric == "ip"
+
+
+def test_shared_folders_join_the_registry(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus-model"
+    folder.mkdir()
+    np.save(folder / "base.npy", unit_rows(50, 8, 0))
+    np.save(folder / "queries.npy", unit_rows(5, 8, 1))
+    (folder / "qrels.tsv").write_text("0\t3\n1\t4\t2\n")
+    monkeypatch.setenv("EMBCOMP_DATA_DIR", str(tmp_path))
+    assert "shared-corpus-model-8" in ds.list_datasets()
+    data = ds.load_dataset("shared-corpus-model-8")
+    assert data.qrels == {0: {3: 1.0}, 1: {4: 2.0}}
+
+
+def test_matrix_file_holds_out_queries_and_the_truth_is_cached(tmp_path, monkeypatch):
+    X = unit_rows(300, 16, 2)
+    path = tmp_path / "vectors.fvecs"
+    write_fvecs(path, X)
+    data = ds.load_dataset(path, n_queries=20, seed=5)
+    assert (data.n_base, data.n_queries) == (280, 20)
+    assert data.name == "file-vectors-16-holdout20"
+    # the held-out queries are removed from the base, so none finds itself
+    assert not (data.queries[:, None, :] == data.base[None]).all(axis=2).any()
+    gt = ds.ground_truth(data, 10, tmp_path / "gt")
+    cached = list((tmp_path / "gt").glob("*.npy"))
+    assert len(cached) == 1 and gt.shape == (20, 10)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("ground truth must come from the cache")
+
+    monkeypatch.setattr(ds, "exact_knn", fail)
+    again = ds.load_dataset(path, n_queries=20, seed=5)
+    np.testing.assert_array_equal(ds.ground_truth(again, 10, tmp_path / "gt"), gt)
+
+
+def test_ann_benchmarks_hdf5(tmp_path):
+    import h5py
+
+    base, queries = unit_rows(200, 12, 3) * 3.0, unit_rows(10, 12, 4) * 2.0
+    scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        base / np.linalg.norm(base, axis=1, keepdims=True)
+    ).T
+    neighbors = np.argsort(-scores, axis=1)[:, :10].astype(np.int32)
+    path = tmp_path / "toy-angular.hdf5"
+    with h5py.File(path, "w") as handle:
+        handle["train"], handle["test"], handle["neighbors"] = base, queries, neighbors
+        handle.attrs["distance"] = "angular"
+    data = ds.load_dataset(path)
+    assert data.name == "hdf5-toy-angular-12" and data.metric == "ip"
+    np.testing.assert_allclose(np.linalg.norm(data.base, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(ds.ground_truth(data, 10, None), neighbors)
+
+
+def test_bad_dataset_references_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="neither a registered name"):
+        ds.load_dataset("no-such-dataset")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="lacks base.npy"):
+        ds.load_dataset(tmp_path / "empty")
+    np.save(tmp_path / "a.npy", unit_rows(30, 8, 0))
+    np.save(tmp_path / "q.npy", unit_rows(3, 9, 0))
+    with pytest.raises(InputError, match="queries have 9 dims but the base has 8"):
+        ds.load_dataset(tmp_path / "a.npy", queries=tmp_path / "q.npy")
+
+
+# -- methods -----------------------------------------------------------------------------
+def test_templates_expand_from_the_spec_grammar():
+    refs, skipped = methods.expand_templates(
+        "embcomp", ["{q}", "pca{d50},{q}", "{r}{d25},fp8", "pca{d/8},int8"], 64
+    )
+    quantizers = methods.fixed_rate_quantizers()
+    assert refs[: len(quantizers)] == quantizers
+    assert "fp32" not in quantizers and {"fp8", "int8", "bin"} <= set(quantizers)
+    assert "pca32,int4" in refs and "pca8,int8" in refs
+    assert {f"{r}16,fp8" for r in methods.numbered_reducers()} <= set(refs)
+    assert not skipped
+    faiss_refs, _ = methods.expand_templates("faiss", ["PCA{d50},SQ8", "PQ{d/8}"], 64)
+    assert faiss_refs == ["PCA32,SQ8", "PQ8"]
+
+
+def test_a_new_stage_joins_the_sweep_automatically(monkeypatch):
+    from embcomp import codec as codec_module
+    from embcomp import spec as spec_module
+    from embcomp.quantizers import IntQuantizer
+
+    info = spec_module.StageInfo("quantizer", "none", 4, "test-only quantizer")
+    monkeypatch.setitem(spec_module.STAGES, "testq", info)
+    monkeypatch.setitem(
+        codec_module.STAGE_FACTORIES, "testq", lambda s: (IntQuantizer, {"bits": 4})
+    )
+    refs, _ = methods.expand_templates("embcomp", ["{q}", "pca{d50},{q}"], 32)
+    assert "testq" in refs and "pca16,testq" in refs
+    # a stage in the grammar without an implementation is skipped, with the reason
+    monkeypatch.setitem(spec_module.STAGES, "nocode", info)
+    refs, skipped = methods.expand_templates("embcomp", ["{q}"], 32)
+    assert "nocode" not in refs
+    assert any(s.startswith("embcomp:nocode:") and "no implementation" in s for s in skipped)
+
+
+def test_invalid_expansions_are_skipped_with_reasons():
+    templates = ["pca99,int8", "bogus"] + [f"{q}200" for q in methods.budget_quantizers()]
+    refs, skipped = methods.expand_templates("embcomp", templates, 32)
+    assert refs == []
+    if methods.budget_quantizers():
+        assert any("more than float32" in s for s in skipped)
+    assert any("keeps 99 dims of 32" in s for s in skipped)
+    assert any("unknown stage 'bogus'" in s for s in skipped)
+    refs, skipped = methods.expand_templates("faiss", ["NotAnIndex"], 32)
+    assert refs == [] and "FAISS cannot build" in skipped[0]
+    with pytest.raises(SpecError, match="unknown method family"):
+        methods.make_method("annoy:x")
+    with pytest.raises(SpecError, match="unknown FAISS method option"):
+        methods.make_method("faiss:SQ8", {"nlist": 3})
+
+
+def test_family_options_reach_only_the_specs_that_take_them():
+    method = methods.make_method("embcomp:pca8,int8", {"percentile": 99.0, "whiten": False})
+    assert method.options == {"percentile": 99.0, "whiten": False}
+    method = methods.make_method("embcomp:fp8", {"percentile": 99.0})
+    assert method.options == {}
+
+
+def test_shared_reducer_fit_gives_the_codec_a_fresh_fit_gives():
+    X = unit_rows(400, 24, 6)
+    first = methods.make_method("embcomp:pca12,int8")
+    first.fit(X)
+    second = methods.make_method("embcomp:pca12,fp8")
+    second.fit(X)
+    assert second.reducer_cached and second.fit_s >= first.reducer_fit_s
+    fresh = methods.make_method("embcomp:pca12,fp8")
+    fresh.codec.fit(X)
+    np.testing.assert_array_equal(second.encode(X), fresh.codec.encode(X))
+    np.testing.assert_array_equal(second.codec.reducer.components_, fresh.codec.reducer.components_)
+
+
+def test_faiss_search_only_codecs_search_their_own_codes():
+    X = unit_rows(500, 32, 7)
+    for name in ("faiss:LSH", "faiss:RaBitQ"):
+        method = methods.make_method(name)
+        method.fit(X[:300])
+        assert not method.decodes
+        codes = method.encode(X)
+        ids = method.search(codes, X[:5], 3)
+        assert ids.shape == (5, 3)
+        assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # each vector finds itself first
+    pq = methods.make_method("faiss:PQ4", {"kmeans_niter": 2})
+    pq.fit(X)
+    assert pq.code_size == 4 and pq.decode(pq.encode(X)).shape == X.shape
+
+
+# -- entry points ------------------------------------------------------------------------
+def test_cli_modules_import_no_heavy_dependency():
+    code = (
+        "import sys, bench.cli, bench.__main__\n"
+        "bench.cli.build_parser()\n"
+        "heavy = ('faiss', 'matplotlib', 'tqdm', 'grpc', 'ray')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_embcomp_cli_has_the_bench_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        embcomp_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("sweep", "recommend", "claims"):
+        assert command in out
+
+
+def test_bench_main_hands_speed_its_own_arguments(monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("bench.speed")
+    fake.main = lambda argv: seen.setdefault("argv", list(argv)) and 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.speed", fake)
+    assert bench_main(["speed", "--quick", "--repeats", "2"]) == 0
+    assert seen["argv"] == ["--quick", "--repeats", "2"]
+
+
+@pytest.fixture(scope="module")
+def user_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rec")
+    path = root / "mine.npy"
+    np.save(path, unit_rows(1200, 32, 11))
+    return path
+
+
+def test_recommend_under_a_budget_writes_the_codec(user_file, tmp_path, capsys):
+    codec_path = tmp_path / "best.codec"
+    argv = ["recommend", "--data", str(user_file), "--budget-bytes", "16", "--quick"]
+    assert embcomp_main([*argv, "--json", "-o", str(codec_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"spec", "code_size", "recall_at_10", "runner_up"} <= set(result)
+    assert result["code_size"] <= 16 and 0 < result["recall_at_10"] <= 1
+    assert result["runner_up"]["recall_at_10"] <= result["recall_at_10"]
+    assert result["data"]["n_queries"] == 120 and result["candidates_evaluated"] > 10
+    codec = load_codec(codec_path)
+    assert str(codec.spec) == result["spec"] and codec.code_size == result["code_size"]
+
+
+def test_recommend_smallest_codec_meeting_a_recall(user_file, capsys):
+    argv = ["recommend", "--data", str(user_file), "--min-recall", "0.9", "--quick"]
+    assert embcomp_main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].startswith("best")
+    best_line = out.splitlines()[2]
+    recall = float(best_line.split("recall@10 ")[1].split()[0])
+    assert recall >= 0.9
+    assert "runner-up" in out
+
+
+def test_recommend_errors(user_file, capsys):
+    assert embcomp_main(["recommend", "--data", str(user_file), "--min-recall", "1.5"]) == 2
+    assert "--min-recall must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        embcomp_main(["recommend", "--data", str(user_file)])
+    assert exc.value.code == 2
