@@ -35,14 +35,15 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     k = min(k, scores.shape[1])
     if k < scores.shape[1]:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        # Include every entry tied with the k-th score so the id tie-break is exact.
-        kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
-        candidates = scores >= kth
-        if candidates.sum() > scores.shape[0] * k:  # ties cross the partition boundary
-            order = np.lexsort((ids, -scores), axis=1)[:, :k]
-            return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, 1)
         scores_k = np.take_along_axis(scores, part, axis=1)
         ids_k = np.take_along_axis(ids, part, axis=1)
+        # Rows where an entry outside the partition ties the k-th score: argpartition
+        # chose among the tied ones arbitrarily, so redo just those rows exactly.
+        kth = scores_k.min(axis=1)
+        tied_rows = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
+        for row in tied_rows:
+            order = np.lexsort((ids[row], -scores[row]))[:k]
+            scores_k[row], ids_k[row] = scores[row, order], ids[row, order]
     else:
         scores_k, ids_k = scores, ids
     order = np.lexsort((ids_k, -scores_k), axis=1)
