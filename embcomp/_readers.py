@@ -1,12 +1,13 @@
 """Streaming readers: any supported input as a sequence of row blocks with bounded memory.
 
-A *source* is one input file: ``.npy`` (read block by block, never mapped whole),
-``.fvecs``, Parquet (an embedding column of ``fixed_size_list<float>`` or
-``list<float>``, optionally an id column carried through) or an ann-benchmarks HDF5
-file (one dataset, ``train`` by default). A directory is the sorted list of the
-supported files in it (names starting with ``.`` or ``_`` are skipped, as Spark and
-Ray write such markers). Sources hold metadata only, no open handles, so they can be
-pickled and shipped to Ray workers.
+A *source* is one input file: ``.npy`` (memory-mapped; a block's pages are released
+once it is done, so resident memory stays about one block), ``.fvecs``, Parquet (an
+embedding column of ``fixed_size_list<float>`` or ``list<float>``, optionally an id
+column carried through) or an ann-benchmarks HDF5 file (one dataset, ``train`` by
+default). A directory is the sorted list of the supported files in it (names
+starting with ``.`` or ``_`` are skipped, as Spark and Ray write such markers).
+Sources hold metadata only, no open handles, so they can be pickled and shipped to
+Ray workers.
 
 Sources come in two kinds: ``"vectors"`` (float rows, read as float32) and
 ``"codes"`` (uint8 rows written by ``embcomp compress``: ``.npy`` or Parquet with a
