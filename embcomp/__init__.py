@@ -9,7 +9,14 @@ benchmark and the Ray engine live behind extras.
 """
 
 from ._version import __version__
-from .artifacts import codec_from_bytes, codec_to_bytes, load_codec, read_manifest, save_codec
+from .artifacts import (
+    codec_from_bytes,
+    codec_id,
+    codec_to_bytes,
+    load_codec,
+    read_manifest,
+    save_codec,
+)
 from .codec import Codec, make_codec
 from .exceptions import (
     ArtifactError,
@@ -36,6 +43,7 @@ __all__ = [
     "SpecError",
     "__version__",
     "codec_from_bytes",
+    "codec_id",
     "codec_to_bytes",
     "load_codec",
     "make_codec",
