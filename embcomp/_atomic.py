@@ -12,6 +12,16 @@ from typing import IO
 from .exceptions import InputError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; outputs should get the permissions a plain open() would.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path``; rename it to ``path`` only on success.
@@ -27,6 +37,7 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
     except PermissionError as exc:
         raise InputError(f"cannot write to directory {str(directory)!r}: {exc.strerror}") from exc
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

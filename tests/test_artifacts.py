@@ -148,3 +148,13 @@ def test_no_pickle_anywhere():
     for source in root.rglob("*.py"):
         text = source.read_text()
         assert "import pickle" not in text and "allow_pickle=True" not in text, source
+
+
+def test_saved_files_get_normal_permissions(tmp_path, rng_data):
+    import os
+    import stat
+
+    path = embcomp.save_codec(make_codec("int8").fit(rng_data), tmp_path / "p.codec")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
