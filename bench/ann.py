@@ -2,7 +2,7 @@
 
 For every codec on its family's Pareto frontier (recall@10 vs bytes per vector, exact
 search), the decoded base vectors are added to a FAISS ANN index (``IVF256,Flat`` with
-``nprobe=8`` by default, or e.g. ``HNSW32`` with ``efSearch``) and searched. Next to it
+``nprobe=32`` by default, or e.g. ``HNSW32`` with ``efSearch``) and searched. Next to it
 the same index over the float32 originals gives the loss from the index alone. An IVF
 index's coarse quantizer is trained once, on the float32 training vectors, and shared
 by every codec, so only the stored vectors differ between them.

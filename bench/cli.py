@@ -92,7 +92,9 @@ def cmd_claims(args: argparse.Namespace) -> int:
     from .run import Settings
 
     dataset = load_dataset(args.data, queries=args.queries, qrels=args.qrels)
-    settings = Settings(train_size=args.train_size, train_rows=args.train_rows)
+    settings = Settings.model_validate(
+        {"train_size": args.train_size, "train_rows": args.train_rows}
+    )
     paths = write_claims(
         dataset, _mk(args.out), settings, force=args.force, progress=not args.no_progress, log=_log
     )

@@ -351,7 +351,7 @@ def _no_polysemous_training(index: Any) -> None:
     if isinstance(index, faiss.IndexPreTransform):
         _no_polysemous_training(index.index)
     elif isinstance(index, faiss.IndexPQ):
-        index.do_polysemous_training = False
+        index.do_polysemous_training = False  # type: ignore[attr-defined]
 
 
 def _set_kmeans_niter(index: Any, niter: int) -> None:
@@ -359,8 +359,9 @@ def _set_kmeans_niter(index: Any, niter: int) -> None:
 
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+        chain: Any = index.chain
+        for i in range(chain.size()):
+            transform = faiss.downcast_VectorTransform(chain.at(i))
             if isinstance(transform, faiss.OPQMatrix):
                 transform.niter = niter
         _set_kmeans_niter(index.index, niter)
@@ -408,8 +409,10 @@ class PaperMethod(Method):
         self.metric, self.d = metric, train.shape[1]
         X = train
         if self.n_components is not None:
-            self.pca = embcomp.PCAReducer(n_components=self.n_components).fit(train)
-            X = self.pca.transform(train)
+            pca = embcomp.PCAReducer(n_components=self.n_components)
+            pca.fit(train)
+            self.pca = pca
+            X = pca.transform(train)
         self.d_out = X.shape[1]
         if self.kind == "int8":
             # sentence-transformers quantize_embeddings(precision="uint8")

@@ -113,6 +113,21 @@ def _front(pts: list[dict[str, Any]], x_key: str, y_key: str, low_x: bool) -> li
     return front
 
 
+def _ratio_ticks(ax: Any, rows: list[dict[str, Any]], axis: str) -> None:
+    """Ticks at the power-of-two compression ratios the points span."""
+    d_bytes = rows[0]["bytes_per_vector"] * rows[0]["compression_ratio"]  # float32 size
+    ratios = [r["compression_ratio"] for r in rows]
+    low, high = min(ratios), max(ratios)
+    ticks = [2.0**j for j in range(-2, 12) if low / 1.01 <= 2.0**j <= high * 1.01]
+    if axis == "bytes":
+        ax.set_xticks([d_bytes / t for t in ticks])
+        ax.set_xticklabels([f"{d_bytes / t:g}\n{t:g}x" for t in ticks], fontsize=8)
+    else:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}x" for t in ticks], fontsize=8)
+    ax.minorticks_off()
+
+
 def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[Path]:
     """The three plots for one dataset's summary rows; returns the files written."""
     plt = _pyplot()
@@ -121,7 +136,8 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     _scatter_with_frontier(ax, rows, "bytes_per_vector", "recall_at_10", frontier_low_x=True)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("bytes per vector (log scale)")
+    _ratio_ticks(ax, rows, "bytes")
+    ax.set_xlabel("bytes per vector (log scale; compression vs float32 below)")
     ax.set_ylabel("recall@10 vs exact float32 search")
     ax.set_title(f"{title}: recall@10 vs storage")
     ax.grid(True, which="both", alpha=0.25)
@@ -135,6 +151,7 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
             ax, rows, "compression_ratio", "ndcg_retention", frontier_low_x=False
         )
         ax.set_xscale("log", base=2)
+        _ratio_ticks(ax, rows, "ratio")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
         ax.set_xlabel("compression ratio vs float32 (log scale)")
         ax.set_ylabel("nDCG@10 / nDCG@10 of float32")
@@ -154,10 +171,18 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
             color=[_STYLE[r["family"]]["color"] for r in timed],
         )
         ax.set_yticks(range(len(timed)))
-        ax.set_yticklabels([_label(r["method"]) for r in timed], fontsize=6)
+        ax.set_yticklabels([r["method"] for r in timed], fontsize=6)
         ax.set_xscale("log")
         ax.set_xlabel("encode throughput, vectors/s (log scale; median of repeats)")
-        ax.set_title(f"{title}: encode throughput (blue embcomp, red FAISS, grey paper)")
+        ax.set_title(f"{title}: encode throughput")
+        from matplotlib.patches import Patch
+
+        families = [f for f in FAMILY_ORDER if any(r["family"] == f for r in timed)]
+        ax.legend(
+            handles=[Patch(color=_STYLE[f]["color"], label=_STYLE[f]["label"]) for f in families],
+            loc="lower right",
+            fontsize=8,
+        )
         ax.grid(True, axis="x", which="both", alpha=0.25)
         written += _save(fig, folder, "encode_throughput")
         plt.close(fig)

@@ -104,7 +104,7 @@ def test_every_run_has_an_ok_record(smoke):
     assert by_name["faiss:Flat"]["compression_ratio"] == 1.0
     # exact float32 search finds exactly the exact neighbours
     assert by_name["faiss:Flat"]["recall_at_10"] == 1.0
-    assert by_name["faiss:Flat"]["ndcg_retention"] == pytest.approx(1.0)
+    assert by_name["faiss:Flat"]["ndcg_retention"] == 1.0  # same search path as the reference
     for res in by_name.values():
         assert 0.0 <= res["recall_at_10"] <= 1.0
         assert res["encode_vectors_per_s"] > 0 and res["search_s"] > 0
@@ -191,7 +191,11 @@ def test_claims_report(smoke):
         for row in claim["rows"]:
             low, high = row["ci95"]
             assert low <= high
-            assert row["verdict"] in ("holds", "fails", "within noise")
+            assert row["verdict"] in ("holds", "fails", "within noise") or (
+                claim["id"] == 1
+                and row["metric"] == "recall_at_10"
+                and row["verdict"].startswith("context")
+            )
     assert "float8 beats int8" in md and "paper:int8" in md
 
 
