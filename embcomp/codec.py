@@ -16,7 +16,13 @@ import numpy as np
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from ._validation import check_codes, check_finite, check_matrix
 from .exceptions import NotFittedError, SpecError
-from .quantizers import BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
+from .quantizers import (
+    AllocQuantizer,
+    BinaryQuantizer,
+    FloatQuantizer,
+    IntQuantizer,
+    Quantizer,
+)
 from .reducers import LinearReducer, MPADReducer, PCAReducer, RandomRotation
 from .spec import CodecSpec, Stage, parse_spec
 
@@ -31,6 +37,7 @@ STAGE_FACTORIES: dict[str, StageFactory] = {
     "int8": lambda s: (IntQuantizer, {"bits": 8}),
     "int4": lambda s: (IntQuantizer, {"bits": 4}),
     "bin": lambda s: (BinaryQuantizer, {}),
+    "alloc": lambda s: (AllocQuantizer, {"budget": s.arg}),
     **{
         name: (lambda s: (FloatQuantizer, {"fmt": s.name}))
         for name in ("fp32", "fp16", "bf16", "fp8", "fp8e5m2", "fp4")

@@ -62,6 +62,9 @@ STAGES: dict[str, StageInfo] = {
     "int8": StageInfo("quantizer", "none", 8, "8-bit uniform levels, per-dim calibrated range"),
     "int4": StageInfo("quantizer", "none", 4, "4-bit uniform levels, per-dim range, 2 per byte"),
     "bin": StageInfo("quantizer", "none", 1, "1 bit per dim: sign about a fitted center"),
+    "alloc": StageInfo(
+        "quantizer", "required", None, "exactly {n} bytes: bits where the variance is + k-means"
+    ),
 }
 
 ALIASES: dict[str, str] = {"fp8e4m3": "fp8", "float32": "fp32", "float16": "fp16"}

@@ -20,7 +20,9 @@ from embcomp.codec import STAGE_FACTORIES
 from embcomp.quantizers import FORMATS
 from embcomp.spec import STAGES
 
-QUANTIZERS = [name for name, info in STAGES.items() if info.kind == "quantizer"]
+QUANTIZERS = [
+    name for name, info in STAGES.items() if info.kind == "quantizer" and info.arg == "none"
+]
 SPECS = QUANTIZERS + [
     "pca16,fp8",
     "pca24,int8",
@@ -34,6 +36,10 @@ SPECS = QUANTIZERS + [
     "pca13,fp4",
     "mpad8,fp8",
     "l2norm,mpad6,int8",
+    "pca,alloc12",
+    "pca,alloc3",
+    "pca16,alloc5",
+    "l2norm,alloc7",
 ]
 
 

@@ -1,5 +1,6 @@
 """Quantizers: float vectors <-> bytes (``fit`` / ``encode`` / ``decode`` / ``code_size``)."""
 
+from ._alloc import AllocQuantizer
 from ._base import Quantizer, pack_nibbles, unpack_nibbles
 from ._binary import BinaryQuantizer
 from ._float import FORMATS, FloatQuantizer
@@ -7,6 +8,7 @@ from ._int import IntQuantizer
 
 __all__ = [
     "FORMATS",
+    "AllocQuantizer",
     "BinaryQuantizer",
     "FloatQuantizer",
     "IntQuantizer",

@@ -1,0 +1,523 @@
+"""Transform coding under an exact byte budget: ``alloc{bytes}`` (e.g. ``pca,alloc96``).
+
+After a rotation that decorrelates the input (``pca``), component variances differ by
+orders of magnitude, and a fixed bit width per dimension wastes most of its bits on
+components that carry almost nothing. This quantizer spends exactly ``8 * budget``
+bits per vector where the variance is (reverse water-filling):
+
+1. Rates. Each component gets a target rate ``r_i = clip(0.5 log2(v_i / theta), 0, 8)``
+   bits, with the water level ``theta`` set so the rates sum to the budget. ``v_i`` is
+   the component's variance times a weight ``variance_i ** weight``: the error that
+   matters for search is the error of inner products with queries, and queries have
+   most of their energy where the data has it (``weight=1`` assumes queries distributed
+   like the data, ``weight=0`` plain MSE; the default 0.5 sits between the two).
+2. Scalar part. Components with ``r_i >= vq_below`` bits each get their own quantizer
+   with an integer width (0..8 bits) chosen by greedy marginal gain on the *measured*
+   distortion of that component at every width (uniform levels with an MSE-optimal
+   clipping range, Lloyd-Max levels, or a small float format: option ``levels``).
+3. Vector part. Below ~2 bits per dimension scalar codes waste bits (a 1-bit scalar
+   code cannot spend less than a whole bit on a component), so the remaining
+   components, consecutive in variance order, are grouped until a group's rates add
+   up to ``vq_bits`` (8: a 256-entry codebook) and each group is coded by k-means:
+   product quantization whose sub-vectors are sized by their variance.
+4. Norm code. ``norm_bits`` bits (default 4) store, per vector, the ratio of its
+   (centred) norm to the norm of its reconstruction, fitted by Lloyd-Max on the
+   training ratios. Decoding rescales the reconstruction by it: coarse codes shrink
+   vectors towards the mean by an amount that varies from vector to vector, and that
+   variation, not the shrinkage itself, is what reorders search results.
+
+The unit codes and the norm code are bit-packed (``_bitpack``) so ``code_size`` is
+exactly the budget: 8-bit fields first, then 4-bit ones, then the rest, each group in
+unit order with the norm code last. Without a preceding rotation the same procedure
+runs on the raw dimensions, sorted by variance (it then allocates by per-dimension
+variance).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import numpy as np
+
+from .._blocks import Scratch
+from ..exceptions import DimensionMismatchError, SpecError
+from ._base import Quantizer
+from ._bitpack import BitLayout
+from ._kmeans import kmeans
+from ._levels import LEVEL_KINDS, LevelIndex, SortedColumns, fit_levels
+
+__all__ = ["AllocQuantizer", "greedy_bits", "water_fill"]
+
+MAX_BITS = 8  # per scalar component and per codebook
+_LEVEL_CHUNK = 64  # columns fitted together
+_BATCH_UNITS = 8  # k-means units encoded by one batched matmul
+_VQ_ROWS = 128  # rows per distance block of a batch
+
+
+def water_fill(variances: np.ndarray, total_bits: float, max_bits: int = MAX_BITS) -> np.ndarray:
+    """Reverse water-filling rates for independent Gaussian components.
+
+    Parameters
+    ----------
+    variances : ndarray (d,) float, non-negative (weighted) variances.
+    total_bits : rate budget; must not exceed ``max_bits * d``.
+
+    Returns
+    -------
+    rates : ndarray (d,) float64, ``clip(0.5 log2(v / theta), 0, max_bits)`` summing to
+        ``total_bits`` (up to bisection precision). More variance never gets fewer bits.
+    """
+    v = np.asarray(variances, dtype=np.float64)
+    positive = v > 0
+    if total_bits <= 0 or not positive.any():
+        return np.zeros_like(v)
+    log_v = np.where(positive, np.log2(np.where(positive, v, 1.0)), -np.inf)
+
+    def rates(log_theta: float) -> np.ndarray:
+        return np.clip(0.5 * (log_v - log_theta), 0.0, max_bits)
+
+    lo = float(log_v[positive].min()) - 2.0 * max_bits - 2.0
+    hi = float(log_v[positive].max())
+    for _ in range(100):  # bisection on log(theta): the rate sum is monotone in it
+        mid = 0.5 * (lo + hi)
+        if rates(mid).sum() > total_bits:
+            lo = mid
+        else:
+            hi = mid
+    return rates(hi)
+
+
+def greedy_bits(
+    distortion: np.ndarray, weights: np.ndarray, total_bits: int, max_bits: int = MAX_BITS
+) -> np.ndarray:
+    """Integer bits per component by greedy marginal gain.
+
+    Parameters
+    ----------
+    distortion : ndarray (c, max_bits + 1), MSE of component i quantized with b bits
+        (column 0: its variance).
+    weights : ndarray (c,), importance of each component's error.
+    total_bits : bits to hand out; must not exceed ``max_bits * c``.
+
+    Returns
+    -------
+    bits : ndarray (c,) int64 summing to ``total_bits``. Each step gives one bit to the
+        component whose weighted distortion drops most (ties: lower index).
+    """
+    c = distortion.shape[0]
+    if total_bits > max_bits * c:
+        raise ValueError(f"cannot place {total_bits} bits on {c} components of <= {max_bits}")
+    bits = np.zeros(c, dtype=np.int64)
+    gain = weights[:, None] * (distortion[:, :-1] - distortion[:, 1:])  # (c, max_bits)
+    heap = [(-float(gain[i, 0]), i) for i in range(c)]
+    heapq.heapify(heap)
+    for _ in range(int(total_bits)):
+        _, i = heapq.heappop(heap)
+        bits[i] += 1
+        if bits[i] < max_bits:
+            heapq.heappush(heap, (-float(gain[i, bits[i]]), i))
+    return bits
+
+
+class _Batch:
+    """k-means units of the same size and codebook length, encoded together.
+
+    Attributes
+    ----------
+    units : ndarray (G,) int64, unit indices.
+    columns : ndarray (G * g,) int64, their input columns, unit by unit.
+    centroids : ndarray (G, K, g) float32.
+    deviation : ndarray (G, K) float32, |centroid - mean|^2 (for the norm code).
+    """
+
+    def __init__(
+        self, units: np.ndarray, columns: np.ndarray, centroids: np.ndarray, mean: np.ndarray
+    ) -> None:
+        self.units = units
+        self.columns = columns
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        g = centroids.shape[2]
+        self.rows = np.arange(len(units))[None, :]
+        # Distances up to |x|^2 as one product: [x, 1] @ [[-2 c^T], [|c|^2]].
+        squared = np.einsum("gkd,gkd->gk", self.centroids, self.centroids)
+        self._augmented = np.ascontiguousarray(
+            np.concatenate([-2.0 * self.centroids.transpose(0, 2, 1), squared[:, None, :]], 1),
+            dtype=np.float32,
+        )
+        offset = self.centroids - mean[columns].reshape(len(units), 1, g)
+        self.deviation = np.einsum("gkd,gkd->gk", offset, offset)
+
+    def encode(self, X: np.ndarray, scratch: Scratch) -> np.ndarray:
+        """Nearest centroid of each unit: (n, G) int64 for vectors X (n, d)."""
+        n, (G, K, g) = X.shape[0], self.centroids.shape
+        labels = np.empty((G, n), dtype=np.int64)
+        # Rows in small chunks: the (G, rows, K) distance block then stays in cache.
+        for start in range(0, n, _VQ_ROWS):
+            stop = min(start + _VQ_ROWS, n)
+            rows = stop - start
+            parts = scratch.get("vq_parts", (G, rows, g + 1), np.float32)
+            parts[:, :, g] = 1.0
+            chunk = X[start:stop, self.columns].reshape(rows, G, g)
+            np.copyto(parts[:, :, :g], chunk.transpose(1, 0, 2))
+            scores = scratch.get("vq_scores", (G, rows, K), np.float32)
+            np.matmul(parts, self._augmented, out=scores)
+            np.argmin(scores, axis=2, out=labels[:, start:stop])
+        return labels.T
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(n, G * g) float32 reconstruction of the units from their codes (n, G)."""
+        n = codes.shape[0]
+        return self.centroids[self.rows, codes].reshape(n, -1)
+
+
+class AllocQuantizer(Quantizer):
+    """Bit allocation + per-component scalar levels + variance-sized k-means groups.
+
+    Parameters
+    ----------
+    budget : int
+        Bytes per encoded vector (``code_size``), from the spec (``alloc96`` -> 96).
+    levels : ``"lloyd"`` (default), ``"uniform"`` or ``"float"``; the scalar levels.
+    weight : float in [0, 1]
+        Exponent of the variance weighting of each component's error (see the module
+        docstring); default 0.5.
+    vq_below : float
+        Components whose target rate is below this many bits go to k-means groups;
+        ``0`` makes every coded component scalar, ``9`` everything vector-quantized.
+    vq_bits : int in [1, 8], bits per k-means codebook (``2**vq_bits`` centroids).
+    norm_bits : int in [0, 8], bits of the per-vector norm-ratio code (0 disables it).
+    kmeans_iters : Lloyd iterations per codebook.
+    train_sample : at most this many training rows (a seeded sample) fit the levels,
+        codebooks and norm code.
+    seed : seed of the sampling and of k-means++.
+
+    Attributes
+    ----------
+    order_ : ndarray (d,) int64, input dimensions by decreasing weighted variance.
+    mean_, variance_ : ndarray (d,) float32, per input dimension.
+    units_ : ndarray (u, 3) int64, one row per coded unit: first position in
+        ``order_``, number of components, bits. Size 1 is a scalar quantizer.
+    codebooks_ : ndarray float32, the ``2**bits x size`` codebooks (levels for
+        scalar units) of all units, flattened and concatenated in unit order.
+    norm_levels_ : ndarray (2**norm_bits,) float32, decoded norm ratios.
+    """
+
+    bits = 0  # not a fixed-rate quantizer: code_size is the budget
+    _state = ("order_", "mean_", "variance_", "units_", "codebooks_", "norm_levels_")
+    order_: np.ndarray | None = None
+    mean_: np.ndarray | None = None
+    variance_: np.ndarray | None = None
+    units_: np.ndarray | None = None
+    codebooks_: np.ndarray | None = None
+    norm_levels_: np.ndarray | None = None
+
+    def __init__(
+        self,
+        budget: int,
+        *,
+        levels: str = "lloyd",
+        weight: float = 0.5,
+        vq_below: float = 2.0,
+        vq_bits: int = 8,
+        norm_bits: int = 4,
+        kmeans_iters: int = 16,
+        train_sample: int = 32768,
+        seed: int = 0,
+    ) -> None:
+        self.budget = budget
+        self.levels = levels
+        self.weight = weight
+        self.vq_below = vq_below
+        self.vq_bits = vq_bits
+        self.norm_bits = norm_bits
+        self.kmeans_iters = kmeans_iters
+        self.train_sample = train_sample
+        self.seed = seed
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per encoded vector: exactly the budget."""
+        self._check_fitted()
+        return int(self.budget)
+
+    # -- fitting ------------------------------------------------------------------------
+    def _check_params(self, d: int) -> None:
+        if self.levels not in LEVEL_KINDS:
+            raise SpecError(f"levels must be one of {LEVEL_KINDS}; got {self.levels!r}")
+        if not 0.0 <= float(self.weight) <= 1.0:
+            raise SpecError(f"weight must be in [0, 1]; got {self.weight!r}")
+        if not 1 <= int(self.vq_bits) <= MAX_BITS:
+            raise SpecError(f"vq_bits must be in [1, {MAX_BITS}]; got {self.vq_bits!r}")
+        if not 0 <= int(self.norm_bits) <= MAX_BITS:
+            raise SpecError(f"norm_bits must be in [0, {MAX_BITS}]; got {self.norm_bits!r}")
+        if int(self.kmeans_iters) < 1 or int(self.train_sample) < 2:
+            raise SpecError("kmeans_iters must be >= 1 and train_sample >= 2")
+        component_bits = 8 * int(self.budget) - int(self.norm_bits)
+        if component_bits < 1:
+            raise SpecError(
+                f"alloc{self.budget} has {8 * int(self.budget)} bits, not enough for "
+                f"norm_bits={self.norm_bits} plus any component; use a larger budget"
+            )
+        if component_bits > MAX_BITS * d:
+            most = (MAX_BITS * d + int(self.norm_bits)) // 8
+            raise DimensionMismatchError(
+                f"alloc{self.budget} would spend more than {MAX_BITS} bits on each of the "
+                f"{d} dims it receives; use at most alloc{most} (or int8/fp16 for more)"
+            )
+
+    def _fit(self, X: np.ndarray) -> None:
+        n, d = X.shape
+        self._check_params(d)
+        rng = np.random.default_rng([int(self.seed), 1])
+        sample = X
+        if n > int(self.train_sample):
+            sample = X[np.sort(rng.choice(n, int(self.train_sample), replace=False))]
+        mean = X.mean(axis=0, dtype=np.float64)
+        variance = X.var(axis=0, dtype=np.float64)
+        weighted = variance * np.power(variance, float(self.weight))
+        order = np.argsort(-weighted, kind="stable")
+        Z = np.ascontiguousarray(sample[:, order], dtype=np.float32)
+        units, tables = self._plan(Z, weighted[order], np.power(variance[order], self.weight))
+        codebooks = []
+        for index, (first, size, bits) in enumerate(units):
+            if size == 1:
+                if (first, bits) not in tables:  # a one-component k-means group
+                    column = SortedColumns(Z[:, first : first + 1])
+                    tables[(first, bits)] = fit_levels(column, bits, "lloyd")[0]
+                codebooks.append(tables[(first, bits)].astype(np.float32).ravel())
+            else:
+                centroids = kmeans(
+                    Z[:, first : first + size],
+                    1 << bits,
+                    iters=int(self.kmeans_iters),
+                    seed=[int(self.seed), 2, index],
+                )
+                codebooks.append(centroids.ravel())
+        self.order_ = order.astype(np.int64)
+        self.mean_ = mean.astype(np.float32)
+        self.variance_ = variance.astype(np.float32)
+        self.units_ = np.asarray(units, dtype=np.int64).reshape(-1, 3)
+        self.codebooks_ = np.concatenate(codebooks) if codebooks else np.zeros(0, dtype=np.float32)
+        self.norm_levels_ = np.ones(1 << int(self.norm_bits), dtype=np.float32)
+        self._after_load()
+        if int(self.norm_bits):
+            fitted = np.ascontiguousarray(sample, dtype=np.float32)
+            ratios = self._norm_ratios(fitted, self._encode_units(fitted, Scratch()))
+            levels = fit_levels(SortedColumns(ratios[:, None]), int(self.norm_bits), "lloyd")
+            self.norm_levels_ = levels[0].astype(np.float32)
+            self._after_load()
+
+    def _plan(
+        self, Z: np.ndarray, weighted: np.ndarray, weights: np.ndarray
+    ) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int], np.ndarray]]:
+        """Units (first, size, bits) in variance order, and the levels of scalar units."""
+        d = Z.shape[1]
+        component_bits = 8 * int(self.budget) - int(self.norm_bits)
+        vq_bits = int(self.vq_bits)
+        rates = water_fill(weighted, component_bits)
+        n_scalar = int(np.count_nonzero(rates >= float(self.vq_below)))
+        coded = int(np.count_nonzero(rates > 1e-9))
+        groups: list[list[int]] = []  # [first, size, bits]
+        first, total = n_scalar, 0.0
+        for position in range(n_scalar, coded):
+            rate = rates[position]
+            # Close the group before this component if adding it would overshoot the
+            # codebook's bits by more than stopping now falls short of them.
+            if position > first and total + rate - vq_bits > vq_bits - total:
+                groups.append([first, position - first, vq_bits])
+                first, total = position, 0.0
+            total += rate
+            if total >= vq_bits - 1e-9:
+                groups.append([first, position + 1 - first, vq_bits])
+                first, total = position + 1, 0.0
+        if first < coded:  # a last, partial group
+            bits = int(round(total))
+            if bits >= 1:
+                groups.append([first, coded - first, min(bits, vq_bits)])
+            elif groups:
+                groups[-1][1] = coded - groups[-1][0]
+        left = component_bits - sum(g[2] for g in groups)
+        while left < 0:  # rounding overspent: drop the weakest group
+            left += groups.pop()[2]
+        while left > MAX_BITS * n_scalar:  # more bits than scalars can hold
+            if groups:
+                group = groups.pop(0)
+                left += group[2]
+                n_scalar = group[0] + group[1]
+            else:
+                n_scalar = d
+        tables: dict[tuple[int, int], np.ndarray] = {}
+        units: list[tuple[int, int, int]] = []
+        if n_scalar:
+            distortion = np.empty((n_scalar, MAX_BITS + 1))
+            # Columns in chunks: the sorted copies and prefix sums stay ~40 MB.
+            for start in range(0, n_scalar, _LEVEL_CHUNK):
+                stop = min(start + _LEVEL_CHUNK, n_scalar)
+                sorted_columns = SortedColumns(Z[:, start:stop])
+                for bits in range(MAX_BITS + 1):
+                    levels = fit_levels(sorted_columns, bits, self.levels)
+                    distortion[start:stop, bits] = sorted_columns.mse(levels)
+                    for position in range(start, stop):
+                        tables[(position, bits)] = levels[position - start]
+            # Measured distortions may wiggle; never let an extra bit look harmful.
+            distortion = np.minimum.accumulate(distortion, axis=1)
+            scalar_bits = greedy_bits(distortion, weights[:n_scalar], left)
+            # Near-equal variances can swap places in measured distortion; keep the
+            # invariant that more (weighted) variance never gets fewer bits.
+            scalar_bits = np.sort(scalar_bits)[::-1]
+            units += [(p, 1, int(b)) for p, b in enumerate(scalar_bits) if b > 0]
+        units += [(g[0], g[1], g[2]) for g in groups]
+        return units, tables
+
+    # -- encoding -----------------------------------------------------------------------
+    def _after_load(self) -> None:
+        assert self.units_ is not None and self.order_ is not None and self.mean_ is not None
+        units = self.units_
+        # Units are planned in variance order; encoding and decoding address the input
+        # columns directly (order_ maps one to the other), so no block is permuted.
+        order = self.order_
+        widths = np.append(units[:, 2], int(self.norm_bits))
+        # Field order in the code: 8-bit fields first, then 4-bit ones, then the rest,
+        # each in unit order (the norm code last among its width): byte and nibble
+        # runs pack without the per-bit path.
+        rank = np.where(widths == 8, 0, np.where(widths == 4, 1, 2))
+        self._field_order = np.argsort(rank, kind="stable")
+        self._layout = BitLayout(widths[self._field_order])
+        if self._layout.n_bytes != int(self.budget) or self._layout.n_bits != 8 * int(self.budget):
+            raise SpecError(
+                f"allocation uses {self._layout.n_bits} bits, budget is {8 * int(self.budget)}"
+            )
+        sizes = units[:, 1] * (1 << units[:, 2])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        assert self.codebooks_ is not None and self.codebooks_.size == offsets[-1]
+        scalar = np.flatnonzero(units[:, 1] == 1)
+        self._scalar_units = scalar
+        self._scalar_columns = order[units[scalar, 0]]
+        self._scalar_bits = units[scalar, 2]
+        # Scalar levels padded to 256 per unit: decode = one gather.
+        table = np.zeros((scalar.size, 1 << MAX_BITS), dtype=np.float32)
+        thresholds = np.full((scalar.size, (1 << MAX_BITS) - 1), np.inf, dtype=np.float32)
+        for row, unit in enumerate(scalar):
+            n_levels = 1 << int(units[unit, 2])
+            values = self.codebooks_[offsets[unit] : offsets[unit] + n_levels]
+            table[row, :n_levels] = values
+            thresholds[row, : n_levels - 1] = 0.5 * (values[1:] + values[:-1])
+        self._scalar_table = table
+        self._scalar_thresholds = thresholds
+        self._table_base = (np.arange(scalar.size) << MAX_BITS).astype(np.int64)
+        if self.levels == "uniform" and scalar.size:
+            # Equally spaced levels: the nearest one is a rounding, no search needed.
+            top = (1 << self._scalar_bits) - 1
+            low = table[:, 0].astype(np.float64)
+            high = table[np.arange(scalar.size), top].astype(np.float64)
+            step = np.maximum((high - low) / np.maximum(top, 1), 1e-30)
+            self._uniform = (
+                low.astype(np.float32),
+                (1.0 / step).astype(np.float32),
+                top.astype(np.float32),
+            )
+        else:
+            self._uniform = None
+            self._level_index = LevelIndex(thresholds, self._scalar_bits)
+        vector = np.flatnonzero(units[:, 1] > 1)
+        self._batches = []
+        # k-means units of equal shape are encoded together: one batched matmul each.
+        for size, n_bits in sorted({(int(units[u, 1]), int(units[u, 2])) for u in vector}):
+            members = [u for u in vector if (units[u, 1], units[u, 2]) == (size, n_bits)]
+            for start in range(0, len(members), _BATCH_UNITS):
+                chosen = np.asarray(members[start : start + _BATCH_UNITS], dtype=np.int64)
+                centroids = np.stack(
+                    [self.codebooks_[offsets[u] : offsets[u + 1]].reshape(-1, size) for u in chosen]
+                )
+                columns = order[(units[chosen, 0][:, None] + np.arange(size)).ravel()]
+                self._batches.append(_Batch(chosen, columns, centroids, self.mean_))
+        assert self.norm_levels_ is not None
+        self._norm_thresholds = 0.5 * (self.norm_levels_[1:] + self.norm_levels_[:-1])
+        # Squared distance of every level from the mean, for the norm code.
+        self._scalar_sq = (table - self.mean_[self._scalar_columns, None]) ** 2
+
+    def _encode_units(self, X: np.ndarray, scratch: Scratch) -> np.ndarray:
+        """Unit codes (n, u + 1) uint16 of vectors X (n, d); the last column is left 0."""
+        assert self.units_ is not None
+        codes = np.zeros((X.shape[0], self.units_.shape[0] + 1), dtype=np.uint16)
+        if self._scalar_units.size:
+            values = X[:, self._scalar_columns]
+            if self._uniform is not None:
+                low, inv_step, top = self._uniform
+                values = (values - low) * inv_step
+                np.rint(values, out=values)
+                np.clip(values, 0.0, top, out=values)
+                codes[:, self._scalar_units] = values.astype(np.uint16)
+            else:
+                codes[:, self._scalar_units] = self._level_index.codes(values)
+        for batch in self._batches:
+            codes[:, batch.units] = batch.encode(X, scratch)
+        return codes
+
+    def _decode_units(self, codes: np.ndarray) -> np.ndarray:
+        """Reconstruction (n, d) float32 from unit codes, before the norm correction."""
+        assert self.mean_ is not None
+        out = np.empty((codes.shape[0], self.mean_.shape[0]), dtype=np.float32)
+        out[:] = self.mean_  # components without bits decode to their mean
+        if self._scalar_units.size:
+            flat = codes[:, self._scalar_units].astype(np.int64) + self._table_base
+            out[:, self._scalar_columns] = self._scalar_table.ravel()[flat]
+        for batch in self._batches:
+            out[:, batch.columns] = batch.decode(codes[:, batch.units])
+        return out
+
+    def _norm_ratios(self, X: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Per row, |x - mean| / |reconstruction - mean| (1 if the latter is 0)."""
+        centered = X - self.mean_
+        true = np.einsum("ij,ij->i", centered, centered)
+        coded = self._coded_sq_norms(codes)
+        safe = coded > 0
+        return np.where(safe, np.sqrt(true / np.where(safe, coded, 1.0)), 1.0)
+
+    def _coded_sq_norms(self, codes: np.ndarray) -> np.ndarray:
+        """|reconstruction - mean|^2 per row, from tables (no full decode)."""
+        total = np.zeros(codes.shape[0], dtype=np.float32)
+        if self._scalar_units.size:
+            flat = codes[:, self._scalar_units].astype(np.int64) + self._table_base
+            total += self._scalar_sq.ravel()[flat].sum(axis=1)
+        for batch in self._batches:
+            total += batch.deviation[batch.rows, codes[:, batch.units]].sum(axis=1)
+        return total
+
+    def _encode_into(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
+    ) -> None:
+        codes = self._encode_units(X, scratch)
+        if int(self.norm_bits):
+            ratios = self._norm_ratios(X, codes)
+            codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
+        out[...] = self._layout.pack(codes[:, self._field_order])
+
+    def _decode_block(self, codes: np.ndarray) -> np.ndarray:
+        fields = np.empty((codes.shape[0], self._field_order.size), dtype=np.uint16)
+        fields[:, self._field_order] = self._layout.unpack(codes)
+        out = self._decode_units(fields)
+        if int(self.norm_bits):
+            assert self.norm_levels_ is not None
+            out -= self.mean_
+            out *= self.norm_levels_[fields[:, -1]][:, None]
+            out += self.mean_
+        return out
+
+    # -- inspection ---------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Summary of the allocation: scalar bit histogram and k-means group sizes."""
+        self._check_fitted()
+        assert self.units_ is not None
+        scalar = self.units_[self.units_[:, 1] == 1]
+        groups = self.units_[self.units_[:, 1] > 1]
+        return {
+            "budget_bits": 8 * int(self.budget),
+            "norm_bits": int(self.norm_bits),
+            "scalar_components": int(scalar.shape[0]),
+            "scalar_bits_histogram": np.bincount(scalar[:, 2], minlength=MAX_BITS + 1).tolist(),
+            "vq_groups": int(groups.shape[0]),
+            "vq_group_sizes": groups[:, 1].tolist(),
+            "uncoded_components": int(self.order_.shape[0] - self.units_[:, 1].sum()),
+        }

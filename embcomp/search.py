@@ -1,0 +1,182 @@
+"""Brute-force search over encoded vectors, in one stage or two.
+
+Two-stage search keeps two codes per vector: a small one scanned for every query, and a
+larger one read only for the few candidates the small one nominates::
+
+    ids, scores = two_stage_search(small, small_codes, large, large_codes, Q, k=10, rerank=4)
+
+finds the top ``rerank * k`` candidates by the small code, decodes their large codes
+and returns the top ``k`` of those. The storage cost is both codes
+(``small.code_size + large.code_size`` bytes per vector); the gain is that the large
+code's accuracy is bought for ``rerank * k`` decodes per query instead of ``n``.
+Rescoring with the float32 originals is the same call with an ``fp32`` codec as the
+large one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._validation import check_codes, check_finite, check_matrix
+from .codec import Codec
+from .exceptions import InputError, NotFittedError
+
+__all__ = ["search_codes", "two_stage_search"]
+
+_BASE_BLOCK = 16384  # decoded base rows per step: 16384 x 768 float32 = 48 MiB at most
+_QUERY_BLOCK = 1024
+
+
+def _check(codec: Codec, codes: Any, name: str) -> np.ndarray:
+    if not isinstance(codec, Codec):
+        raise InputError(f"{name} codec must be an embcomp Codec; got {type(codec).__name__}")
+    if not codec.is_fitted:
+        raise NotFittedError(f"{name} codec {str(codec.spec)!r} is not fitted")
+    return check_codes(codes, code_size=codec.code_size, name=f"{name} codes")
+
+
+def _scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
+    """(m, n) larger-is-better scores: inner products or minus squared L2 distances."""
+    ip = queries @ vectors.T
+    if metric == "ip":
+        return ip
+    vector_sq = np.einsum("ij,ij->i", vectors, vectors)
+    query_sq = np.einsum("ij,ij->i", queries, queries)
+    return 2.0 * ip - vector_sq[None, :] - query_sq[:, None]
+
+
+def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k per row by score, ties to the lower id; (ids, scores) best first."""
+    if k < scores.shape[1]:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores = np.take_along_axis(scores, part, axis=1)
+        ids = np.take_along_axis(ids, part, axis=1)
+    order = np.lexsort((ids, -scores), axis=1)
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
+    if metric not in ("ip", "l2"):
+        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be an integer >= 1; got {k!r}")
+    Q = check_matrix(queries, name="queries", d=d, allow_empty=True)
+    Q32 = np.ascontiguousarray(Q, dtype=np.float32)
+    check_finite(Q32, name="queries")
+    return Q32
+
+
+def _finish(ids: np.ndarray, scores: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = scores.astype(np.float32)
+    return ids.astype(np.int64), scores if metric == "ip" else -scores
+
+
+def search_codes(
+    codec: Codec, codes: Any, queries: Any, k: int, *, metric: str = "ip"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact search of float queries over the decoded vectors of ``codes``.
+
+    Parameters
+    ----------
+    codec : a fitted Codec.
+    codes : ndarray (n, codec.code_size) uint8.
+    queries : (m, d_in) float array.
+    k : neighbours per query (capped at n).
+    metric : ``"ip"`` (larger inner product is nearer) or ``"l2"``.
+
+    Returns
+    -------
+    ids : ndarray (m, k) int64, nearest first, ties to the lower id.
+    scores : ndarray (m, k) float32, inner products or squared L2 distances.
+    """
+    codes = _check(codec, codes, "the")
+    Q = _prepare(queries, codec._check_fitted(), k, metric)
+    n, m = codes.shape[0], Q.shape[0]
+    k = min(k, n)
+    best_ids = np.zeros((m, 0), dtype=np.int64)
+    best_scores = np.zeros((m, 0), dtype=np.float32)
+    for start in range(0, n, _BASE_BLOCK):
+        vectors = codec.decode(codes[start : start + _BASE_BLOCK])
+        block_ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
+        merged = []
+        for q0 in range(0, m, _QUERY_BLOCK):
+            rows = slice(q0, q0 + _QUERY_BLOCK)
+            scores = _scores(Q[rows], vectors, metric)
+            ids = np.broadcast_to(block_ids, scores.shape)
+            merged.append(
+                _best(
+                    np.concatenate([best_scores[rows], scores], axis=1),
+                    np.concatenate([best_ids[rows], ids], axis=1),
+                    k,
+                )
+            )
+        if merged:
+            best_ids = np.concatenate([ids for ids, _ in merged])
+            best_scores = np.concatenate([scores for _, scores in merged])
+    if m == 0:
+        best_ids, best_scores = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return _finish(best_ids, best_scores, metric)
+
+
+def two_stage_search(
+    small_codec: Codec,
+    small_codes: Any,
+    large_codec: Codec,
+    large_codes: Any,
+    queries: Any,
+    k: int,
+    *,
+    rerank: int = 4,
+    metric: str = "ip",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates from the small code, final ranking from the large one.
+
+    Parameters
+    ----------
+    small_codec, small_codes : codec and its codes (n, small_codec.code_size) uint8,
+        scanned in full.
+    large_codec, large_codes : codec and its codes (n, large_codec.code_size) uint8 of
+        the same n vectors, decoded only for the candidates.
+    queries : (m, d_in) float array; both codecs must take width d_in.
+    k : neighbours to return per query.
+    rerank : candidates per query = ``rerank * k`` (at least k).
+    metric : ``"ip"`` or ``"l2"``.
+
+    Returns
+    -------
+    ids : ndarray (m, k) int64, nearest first by the large code's reconstruction.
+    scores : ndarray (m, k) float32, inner products or squared L2 distances by it.
+    """
+    small_codes = _check(small_codec, small_codes, "small")
+    large_codes = _check(large_codec, large_codes, "large")
+    if small_codes.shape[0] != large_codes.shape[0]:
+        raise InputError(
+            f"small and large codes must describe the same vectors; got "
+            f"{small_codes.shape[0]} and {large_codes.shape[0]} rows"
+        )
+    d = small_codec._check_fitted()
+    if large_codec._check_fitted() != d:
+        raise InputError(
+            f"the small codec takes {d}-dim vectors but the large one "
+            f"{large_codec.d_in}-dim; fit both on the same vectors"
+        )
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+        raise InputError(f"rerank must be an integer >= 1; got {rerank!r}")
+    Q = _prepare(queries, d, k, metric)
+    n = small_codes.shape[0]
+    k = min(k, n)
+    candidates, _ = search_codes(small_codec, small_codes, Q, min(n, rerank * k), metric=metric)
+    m, c = candidates.shape
+    if m == 0 or c == 0:
+        return _finish(np.zeros((m, k), np.int64), np.zeros((m, k), np.float32), metric)
+    vectors = large_codec.decode(large_codes[candidates.ravel()]).reshape(m, c, d)
+    ip = np.einsum("mcd,md->mc", vectors, Q)
+    if metric == "ip":
+        scores = ip
+    else:
+        scores = 2.0 * ip - np.einsum("mcd,mcd->mc", vectors, vectors)
+        scores -= np.einsum("md,md->m", Q, Q)[:, None]
+    ids, top = _best(scores, candidates, k)
+    return _finish(ids, top, metric)
