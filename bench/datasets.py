@@ -207,7 +207,9 @@ def load_dataset(
             )
     if queries is not None and Path(text).suffix.lower() not in _VECTOR_SUFFIXES:
         dataset.queries = _float32(read_vectors(queries), f"queries {os.fspath(queries)!r}")
-        dataset.gt = None  # the stored neighbours belong to the other queries
+        # the stored neighbours and relevance labels belong to the other queries
+        dataset.gt, dataset.qrels = None, None
+        dataset.name += "-q" + hashlib.sha256(os.fspath(queries).encode()).hexdigest()[:6]
     if qrels is not None:
         dataset.qrels = load_qrels(qrels)
     _check_widths(dataset)

@@ -155,17 +155,19 @@ def _rank(candidates: list[Candidate], budget_bytes: int | None, min_recall: flo
 def second_stage_specs(
     ranked: list[Candidate], d: int, budget_bytes: int | None, seeds: int = _SECOND_STAGE_SEEDS
 ) -> list[str]:
-    """Specs that swap the primary reducer (PCA) of the best ``seeds`` candidates for
+    """Specs that swap PCA in the best ``seeds`` candidates that reduce with PCA for
     every other reducer that takes a width (``pca96,fp8`` -> ``mpad96,fp8``)."""
     others = [r for r in numbered_reducers() if r != PRIMARY_REDUCER]
     specs: list[str] = []
     from embcomp.spec import parse_spec
 
-    for cand in [c for c in ranked if c.method.codec.spec.reducer is not None][:seeds]:
+    def narrowed_by_pca(c: Candidate) -> bool:
+        reducer = c.method.codec.spec.reducer
+        return reducer is not None and reducer.name == PRIMARY_REDUCER and reducer.arg is not None
+
+    for cand in [c for c in ranked if narrowed_by_pca(c)][:seeds]:
         spec = cand.method.codec.spec
         assert spec.reducer is not None
-        if spec.reducer.name != PRIMARY_REDUCER or spec.reducer.arg is None:
-            continue
         for reducer in others:
             text = str(spec).replace(str(spec.reducer), f"{reducer}{spec.reducer.arg}", 1)
             try:

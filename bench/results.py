@@ -183,12 +183,21 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float) and not isinstance(value, bool):
+        # measured numbers: 6 significant digits are plenty; no exponents for rates
+        return f"{value:.0f}" if abs(value) >= 1e5 else f"{value:.6g}"
+    return value
+
+
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+        writer.writerow({k: _csv_cell(row[k]) for k in COLUMNS})
     return buffer.getvalue()
 
 

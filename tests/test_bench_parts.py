@@ -48,6 +48,31 @@ def test_shared_folders_join_the_registry(tmp_path, monkeypatch):
     assert data.qrels == {0: {3: 1.0}, 1: {4: 2.0}}
 
 
+def test_shipped_sweeps_are_valid_and_expand_without_skips():
+    from bench.run import load_sweep
+
+    for name in ("default", "smoke"):
+        config = load_sweep(REPO / "bench" / "sweeps" / f"{name}.yaml")
+        for family in methods.FAMILIES:
+            templates = getattr(config.methods, family)
+            refs, skipped = methods.expand_templates(family, templates, 384, config.ratios)
+            assert refs or not templates
+            assert skipped == [], skipped
+
+
+def test_other_queries_drop_the_stored_truth_and_labels(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    np.save(folder / "base.npy", unit_rows(50, 8, 0))
+    np.save(folder / "queries.npy", unit_rows(5, 8, 1))
+    np.save(folder / "gt_ip_100.npy", np.zeros((5, 100), dtype=np.int32))
+    (folder / "qrels.tsv").write_text("0\t3\n")
+    np.save(tmp_path / "mine.npy", unit_rows(7, 8, 2))
+    data = ds.load_dataset(folder, queries=tmp_path / "mine.npy")
+    assert data.n_queries == 7 and data.gt is None and data.qrels is None
+    assert data.name.startswith("dir-f-8-q")
+
+
 def test_matrix_file_holds_out_queries_and_the_truth_is_cached(tmp_path, monkeypatch):
     X = unit_rows(300, 16, 2)
     path = tmp_path / "vectors.fvecs"
