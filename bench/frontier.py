@@ -307,7 +307,7 @@ def best_per_size(rows: list[dict[str, Any]], d: int) -> list[dict[str, Any]]:
 
 def rotations(runner: Runner, data: Data) -> list[dict[str, Any]]:
     rows = []
-    for quantizer in ("int8", "int4", "fp4", "bin"):
+    for quantizer in ("int8", "int4", "fp4", "bin", f"alloc{data.d // 4}"):
         for reducer in ("", "rot,", "pca,"):
             seeds = (0, 1, 2) if reducer == "rot," else (0,)
             measured = [
