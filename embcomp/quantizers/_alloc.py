@@ -51,7 +51,7 @@ __all__ = ["AllocQuantizer", "greedy_bits", "water_fill"]
 
 MAX_BITS = 8  # per scalar component and per codebook
 _LEVEL_CHUNK = 64  # columns fitted together
-_BATCH_UNITS = 16  # k-means units encoded by one batched matmul
+_BATCH_UNITS = 8  # k-means units encoded by one batched matmul
 _VQ_ROWS = 128  # rows per distance block of a batch
 
 
@@ -121,7 +121,7 @@ def greedy_bits(
 
 
 class _Batch:
-    """k-means units of one size and codebook length, encoded by one batched product.
+    """k-means units of the same size and codebook length, encoded together.
 
     Attributes
     ----------
@@ -134,18 +134,19 @@ class _Batch:
     def __init__(
         self, units: np.ndarray, columns: np.ndarray, centroids: np.ndarray, mean: np.ndarray
     ) -> None:
-        G, _, g = centroids.shape
         self.units = units
         self.columns = columns
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        self.rows = np.arange(G)[None, :]
+        g = centroids.shape[2]
+        self.rows = np.arange(len(units))[None, :]
         # Distances up to |x|^2 as one product: [x, 1] @ [[-2 c^T], [|c|^2]].
         squared = np.einsum("gkd,gkd->gk", self.centroids, self.centroids)
         self._augmented = np.ascontiguousarray(
-            np.concatenate([-2.0 * self.centroids.transpose(0, 2, 1), squared[:, None, :]], 1)
+            np.concatenate([-2.0 * self.centroids.transpose(0, 2, 1), squared[:, None, :]], 1),
+            dtype=np.float32,
         )
-        centred = self.centroids - mean[columns].reshape(G, 1, g)
-        self.deviation = np.einsum("gkd,gkd->gk", centred, centred)
+        offset = self.centroids - mean[columns].reshape(len(units), 1, g)
+        self.deviation = np.einsum("gkd,gkd->gk", offset, offset)
 
     def encode(self, X: np.ndarray, scratch: Scratch) -> np.ndarray:
         """Nearest centroid of each unit: (n, G) int64 for vectors X (n, d)."""
@@ -166,7 +167,8 @@ class _Batch:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, G * g) float32 reconstruction of the units from their codes (n, G)."""
-        return self.centroids[self.rows, codes].reshape(codes.shape[0], -1)
+        n = codes.shape[0]
+        return self.centroids[self.rows, codes].reshape(n, -1)
 
 
 class AllocQuantizer(Quantizer):
@@ -420,13 +422,14 @@ class AllocQuantizer(Quantizer):
             self._level_index = LevelIndex(thresholds, self._scalar_bits)
         vector = np.flatnonzero(units[:, 1] > 1)
         self._batches = []
-        # k-means units of equal shape are encoded together: one batched product each.
+        # k-means units of equal shape are encoded together: one batched matmul each.
         for size, n_bits in sorted({(int(units[u, 1]), int(units[u, 2])) for u in vector}):
             members = [u for u in vector if (units[u, 1], units[u, 2]) == (size, n_bits)]
             for start in range(0, len(members), _BATCH_UNITS):
                 chosen = np.asarray(members[start : start + _BATCH_UNITS], dtype=np.int64)
-                books = [self.codebooks_[offsets[u] : offsets[u + 1]] for u in chosen]
-                centroids = np.stack(books).reshape(len(chosen), -1, size)
+                centroids = np.stack(
+                    [self.codebooks_[offsets[u] : offsets[u + 1]].reshape(-1, size) for u in chosen]
+                )
                 columns = order[(units[chosen, 0][:, None] + np.arange(size)).ravel()]
                 self._batches.append(_Batch(chosen, columns, centroids, self.mean_))
         assert self.norm_levels_ is not None
