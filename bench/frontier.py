@@ -322,7 +322,7 @@ def level_mse(data: Data) -> list[dict[str, Any]]:
 
 def alloc_variants(runner: Runner, data: Data, sizes: list[int]) -> list[dict[str, Any]]:
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("default (lloyd, weight 0.5, vq_below 2, norm_bits 4)", {}),
+        ("default (lloyd, weight 0.5, vq_below 3, norm_bits 4)", {}),
         ("levels=uniform", {"levels": "uniform"}),
         ("levels=float (fp4/fp6/fp8 where the width has one)", {"levels": "float"}),
         ("norm_bits=0 (no norm code)", {"norm_bits": 0}),
@@ -330,6 +330,8 @@ def alloc_variants(runner: Runner, data: Data, sizes: list[int]) -> list[dict[st
         ("weight=0 (plain MSE)", {"weight": 0.0}),
         ("weight=1 (queries like the data)", {"weight": 1.0}),
         ("vq_below=0 (scalar only)", {"vq_below": 0.0}),
+        ("vq_below=2", {"vq_below": 2.0}),
+        ("vq_below=4", {"vq_below": 4.0}),
         ("vq_below=9 (k-means groups everywhere)", {"vq_below": 9.0}),
     ]
     rows = []

@@ -87,7 +87,8 @@ def test_allocation_follows_the_variance():
         np.testing.assert_array_equal(scalar[:, 0], np.arange(len(scalar)))
         assert (np.diff(scalar[:, 2]) <= 0).all()  # more variance, never fewer bits
         assert (np.diff(groups[:, 2] / groups[:, 1]) <= 1e-12).all()
-        assert (np.diff(groups[:, 1]) >= 0).all()  # smaller variance, bigger groups
+        full = groups[groups[:, 2] == q.vq_bits]  # (a last group may get fewer bits)
+        assert (np.diff(full[:, 1]) >= 0).all()  # smaller variance, bigger groups
         assert (groups[:, 0] >= len(scalar)).all()
         assert (scalar[:, 2] <= 8).all() and (groups[:, 2] <= q.vq_bits).all()
 
@@ -256,7 +257,7 @@ def test_kmeans_with_fewer_points_than_centroids():
 
 # -- real data -------------------------------------------------------------------------
 # Measured on wordnet-minilm (fit on the first 20,000 base rows, exact search over the
-# decoded vectors): pca,alloc192 0.96, pca,alloc96 0.88, pca,alloc48 0.745 recall@10.
+# decoded vectors): pca,alloc192 0.965, pca,alloc96 0.89, pca,alloc48 0.75 recall@10.
 # Floors sit a little under; FAISS at the same or more bytes, in the same run, below.
 REAL_FLOORS = {"pca,alloc192": 0.95, "pca,alloc48": 0.72}
 

@@ -15,11 +15,13 @@ bits per vector where the variance is (reverse water-filling):
    with an integer width (0..8 bits) chosen by greedy marginal gain on the *measured*
    distortion of that component at every width (uniform levels with an MSE-optimal
    clipping range, Lloyd-Max levels, or a small float format: option ``levels``).
-3. Vector part. Below ~2 bits per dimension scalar codes waste bits (a 1-bit scalar
-   code cannot spend less than a whole bit on a component), so the remaining
-   components, consecutive in variance order, are grouped until a group's rates add
-   up to ``vq_bits`` (8: a 256-entry codebook) and each group is coded by k-means:
-   product quantization whose sub-vectors are sized by their variance.
+3. Vector part. At low rates scalar codes waste bits (a scalar code cannot spend less
+   than a whole bit on a component, and a grid of cells fills space worse than a
+   codebook), so the components below ``vq_below`` bits (default 3), consecutive in
+   variance order, are grouped until a group's rates add up to ``vq_bits`` (8: a
+   256-entry codebook) and each group is coded by k-means: product quantization whose
+   sub-vectors are sized by their variance (2-3 components where the rate is high,
+   tens where it is low).
 4. Norm code. ``norm_bits`` bits (default 4) store, per vector, the ratio of its
    (centred) norm to the norm of its reconstruction, fitted by Lloyd-Max on the
    training ratios. Decoding rescales the reconstruction by it: coarse codes shrink
@@ -183,8 +185,9 @@ class AllocQuantizer(Quantizer):
         Exponent of the variance weighting of each component's error (see the module
         docstring); default 0.5.
     vq_below : float
-        Components whose target rate is below this many bits go to k-means groups;
-        ``0`` makes every coded component scalar, ``9`` everything vector-quantized.
+        Components whose target rate is below this many bits (default 3) go to k-means
+        groups; ``0`` makes every coded component scalar, ``9`` everything
+        vector-quantized.
     vq_bits : int in [1, 8], bits per k-means codebook (``2**vq_bits`` centroids).
     norm_bits : int in [0, 8], bits of the per-vector norm-ratio code (0 disables it).
     kmeans_iters : Lloyd iterations per codebook.
@@ -218,7 +221,7 @@ class AllocQuantizer(Quantizer):
         *,
         levels: str = "lloyd",
         weight: float = 0.5,
-        vq_below: float = 2.0,
+        vq_below: float = 3.0,
         vq_bits: int = 8,
         norm_bits: int = 4,
         kmeans_iters: int = 16,
