@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._blocks import blas_single_thread
 from ._validation import check_is_fitted
 from .exceptions import ArtifactError
 
@@ -54,7 +55,8 @@ class FittedStage:
             )
         for name in self._state:
             setattr(self, name, arrays[name])
-        self._after_load()
+        with blas_single_thread():  # derived arrays bit-identical to the fit's
+            self._after_load()
 
     def _after_load(self) -> None:
         """Recompute derived (unsaved) arrays after fit or load. Override as needed."""

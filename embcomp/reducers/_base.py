@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._blocks import for_each_block, rows_per_block
+from .._blocks import blas_single_thread, for_each_block, rows_per_block
 from .._stage import FittedStage
 from .._validation import check_finite, check_matrix
 
@@ -51,8 +51,11 @@ class LinearReducer(FittedStage):
     def fit(self, X: Any, y: Any = None) -> LinearReducer:
         """Fit on training vectors ``X`` (n, d_in) float; returns ``self``."""
         X = check_matrix(X, name="training vectors")
-        self._fit(X)
-        self._after_load()
+        # One BLAS thread: a multi-threaded product run while another thread uses BLAS
+        # can round differently, and a fit must give the same bytes every time.
+        with blas_single_thread():
+            self._fit(X)
+            self._after_load()
         return self
 
     def _after_load(self) -> None:
