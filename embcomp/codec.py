@@ -184,11 +184,14 @@ class Codec:
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block, owned = float32_block(X, start, stop, scratch)
+            if not transformed:  # the quantizer checks finiteness (in its kernel's pass)
+                self.quantizer._encode_checked(
+                    block, out[start:stop], scratch, overwrite=owned, row_offset=start
+                )
+                return
             check_finite(block, row_offset=start)
             block = self._reduce_block(block, scratch, owned=owned)
-            self.quantizer._encode_into(
-                block, out[start:stop], scratch, overwrite=owned or transformed
-            )
+            self.quantizer._encode_into(block, out[start:stop], scratch, overwrite=True)
 
         map_blocks(X.shape[0], rows_per_block(4 * d_in), work, uses_blas=self.reducer is not None)
         return out

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._blocks import Scratch, float32_block, map_blocks, rows_per_block
+from .._blocks import Scratch, blas_single_thread, float32_block, map_blocks, rows_per_block
 from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix
 from ..exceptions import ArtifactError
@@ -43,8 +43,9 @@ class Quantizer(FittedStage):
         X32 = np.ascontiguousarray(X, dtype=np.float32)
         check_finite(X32, name="training vectors")
         self.d_ = X32.shape[1]
-        self._fit(X32)
-        self._after_load()
+        with blas_single_thread():  # deterministic fits (see LinearReducer.fit)
+            self._fit(X32)
+            self._after_load()
         return self
 
     def encode(self, X: Any) -> np.ndarray:
@@ -55,8 +56,7 @@ class Quantizer(FittedStage):
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block, owned = float32_block(X, start, stop, scratch)
-            check_finite(block, row_offset=start)
-            self._encode_into(block, out[start:stop], scratch, overwrite=owned)
+            self._encode_checked(block, out[start:stop], scratch, overwrite=owned, row_offset=start)
 
         assert self.d_ is not None
         map_blocks(X.shape[0], rows_per_block(4 * self.d_), work)
@@ -99,6 +99,32 @@ class Quantizer(FittedStage):
         out = np.empty((codes.shape[0], self.d_), dtype=np.float32)
         self._decode_into(codes, out, Scratch())
         return out
+
+    def _encode_checked(
+        self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool, row_offset: int
+    ) -> None:
+        """Check that block ``X`` is finite, then encode it into ``out``.
+
+        A compiled kernel (:meth:`_jit_encode`) checks as it encodes, in the same pass;
+        ``row_offset`` (the block's first row in the whole input) names a bad row.
+        """
+        finite = self._jit_encode(X, out)
+        if finite is None:  # no compiled kernel: check, then the numpy path
+            check_finite(X, row_offset=row_offset)
+            self._encode_into(X, out, scratch, overwrite=overwrite)
+        elif not finite:
+            check_finite(X, row_offset=row_offset)  # raises, naming the first bad row
+
+    def _jit_encode(self, X: np.ndarray, out: np.ndarray) -> bool | None:
+        """Encode with a compiled kernel if there is one and it is on (``embcomp._jit``).
+
+        Returns None when it did nothing, else whether every value of ``X`` was finite.
+        """
+        return None
+
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+        """Decode with a compiled kernel if there is one and it is on; whether it did."""
+        return False
 
     def _encode_into(
         self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool

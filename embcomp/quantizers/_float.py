@@ -21,8 +21,10 @@ from typing import Any, Literal
 import ml_dtypes
 import numpy as np
 
+from .. import _jit
 from .._blocks import Scratch
 from ..exceptions import SpecError
+from . import _kernels
 from ._base import Quantizer, pack_nibbles_into
 
 ScaleMode = Literal["dim", "global", "none"]
@@ -121,10 +123,40 @@ class FloatQuantizer(Quantizer):
                 pairs = np.stack([self._lut[byte & 0x0F], self._lut[byte >> 4]], axis=1)
                 self._pair_lut = np.ascontiguousarray(pairs).view(np.uint64).ravel()
 
+    def _jit_encode(self, X: np.ndarray, out: np.ndarray) -> bool | None:
+        if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
+            return None
+        fmt = self.format
+        if fmt.bits == 16:
+            encode = _kernels.encode_f16 if self.fmt == "fp16" else _kernels.encode_bf16
+            return bool(encode(X, self._inv_scale, np.float32(fmt.max), out.view(np.uint16)))
+        table = self._table
+        assert table is not None
+        encode = _kernels.encode_small_float if fmt.bits == 8 else _kernels.encode_small_float4
+        return bool(
+            encode(X, self._inv_scale, table.codes, np.uint32(table.shift), np.uint32(table.mask), out)
+        )
+
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+        if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
+            return False
+        fmt = self.format
+        if self.fmt == "fp16":
+            _kernels.decode_f16(codes.view(np.uint16), self.scale_, out)
+        elif self.fmt == "bf16":
+            _kernels.decode_bf16(codes.view(np.uint16), self.scale_, out)
+        elif fmt.bits == 8:
+            _kernels.decode_table(codes, self._lut, self.scale_, out)
+        else:
+            _kernels.decode_table4(codes, self._lut, self.scale_, out)
+        return True
+
     def _encode_into(
         self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
     ) -> None:
         fmt = self.format
+        if self._jit_encode(X, out) is not None:
+            return
         if self.fmt == "fp32":
             np.copyto(out.view("<f4"), X)
             return
@@ -160,6 +192,8 @@ class FloatQuantizer(Quantizer):
     def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
         fmt = self.format
         assert self.d_ is not None and self.scale_ is not None
+        if self._jit_decode(codes, out):
+            return
         n, d = out.shape
         if self.fmt == "fp32":
             np.copyto(out, codes.view("<f4"))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _jit
 from .._blocks import Scratch
 from ..exceptions import SpecError
+from . import _kernels
 from ._base import Quantizer, pack_nibbles_into, unpack_nibbles_into
 
 # A dimension whose calibrated range is (almost) empty still needs a positive step.
@@ -66,9 +68,24 @@ class IntQuantizer(Quantizer):
         # (x - min) / step folded into one multiply-add: x * inv_step + offset
         self._offset = (-self.min_.astype(np.float64) * self._inv_step).astype(np.float32)
 
+    def _jit_encode(self, X: np.ndarray, out: np.ndarray) -> bool | None:
+        if not _jit.ENABLED:
+            return None
+        encode = _kernels.encode_int8 if self.bits == 8 else _kernels.encode_int4
+        return bool(encode(X, self._inv_step, self._offset, np.float32(self.levels), out))
+
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+        if not _jit.ENABLED:
+            return False
+        decode = _kernels.decode_int8 if self.bits == 8 else _kernels.decode_int4
+        decode(codes, self.step_, self.min_, out)
+        return True
+
     def _encode_into(
         self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
     ) -> None:
+        if self._jit_encode(X, out) is not None:
+            return
         y = X if overwrite else scratch.get("scaled", X.shape, np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # inf is clipped just below
             np.multiply(X, self._inv_step, out=y)
@@ -91,6 +108,8 @@ class IntQuantizer(Quantizer):
 
     def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
         assert self.d_ is not None and self.step_ is not None and self.min_ is not None
+        if self._jit_decode(codes, out):
+            return
         d = self.d_
         if self.bits == 8:
             values = codes
