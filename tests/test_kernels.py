@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import embcomp._blocks as blocks
+import embcomp._jit as jit
 from embcomp import make_codec
 from embcomp.exceptions import InputError
 from embcomp.quantizers import FORMATS, BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
@@ -112,6 +113,17 @@ def assert_same_bits(got: np.ndarray, want: np.ndarray) -> None:
     """Equal shapes, dtypes and bytes (so -0.0 != 0.0 and NaN payloads count)."""
     assert got.shape == want.shape and got.dtype == want.dtype
     assert got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+# Every test here runs on the numpy path and, with numba installed, on the compiled one.
+PATHS = ["numpy", "jit"] if jit.AVAILABLE else ["numpy"]
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def kernel_path(request):
+    old = jit.set_enabled(request.param == "jit")
+    yield request.param
+    jit.set_enabled(old)
 
 
 @pytest.fixture
@@ -431,3 +443,53 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     }
     assert "| int8 |" in out.with_suffix(".md").read_text()
     assert "FAISS SQ8 encode" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8", "fp8e5m2", "fp4"])
+def test_compiled_cast_equals_the_library_cast_on_a_sweep_of_all_float32(fmt):
+    """Every 61st float32 bit pattern (70M values, all magnitudes), clipped, cast both ways."""
+    from embcomp.quantizers import _kernels
+
+    fmt_info = FORMATS[fmt]
+    fmax = np.float32(fmt_info.max)
+    for part in range(4):  # 4 slices of 2**30 patterns keep memory at ~0.5 GB
+        bits = np.arange(part << 30, (part + 1) << 30, 61, dtype=np.uint64).astype(np.uint32)
+        values = bits.view(np.float32)
+        values = values[np.isfinite(values)].reshape(1, -1)
+        with np.errstate(over="ignore"):
+            want = np.clip(values, -fmax, fmax).astype(fmt_info.dtype)
+        ones = np.ones(values.shape[1], dtype=np.float32)
+        if fmt_info.bits == 16:
+            got = np.empty(values.shape, dtype=np.uint16)
+            encode = _kernels.encode_f16 if fmt == "fp16" else _kernels.encode_bf16
+            assert encode(values, ones, fmax, got)
+            np.testing.assert_array_equal(got, want.view(np.uint16))
+            decode = _kernels.decode_f16 if fmt == "fp16" else _kernels.decode_bf16
+            back = np.empty(values.shape, dtype=np.float32)
+            decode(got, ones, back)
+            assert_same_bits(back, want.astype(np.float32))
+        else:
+            table = FloatQuantizer(fmt).fit(np.ones((2, 1)))._table  # fp4 too: 1 code a byte
+            got = np.empty(values.shape, dtype=np.uint8)
+            assert _kernels.encode_small_float(
+                values, ones, table.codes, np.uint32(table.shift), np.uint32(table.mask), got
+            )
+            np.testing.assert_array_equal(
+                got, want.view(np.uint8) & (0xFF if fmt_info.bits == 8 else 0x0F)
+            )
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+def test_every_float16_code_decodes_like_numpy():
+    from embcomp.quantizers import _kernels
+
+    codes = np.arange(1 << 16, dtype=np.uint16).reshape(1, -1)
+    want = codes.view(np.float16).astype(np.float32)
+    got = np.empty(want.shape, dtype=np.float32)
+    _kernels.decode_f16(codes, np.ones(want.shape[1], dtype=np.float32), got)
+    finite = np.isfinite(want)
+    assert_same_bits(got[finite], want[finite])
+    assert np.isnan(got[np.isnan(want)]).all() and np.array_equal(
+        got[np.isinf(want)], want[np.isinf(want)]
+    )

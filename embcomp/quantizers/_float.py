@@ -134,7 +134,9 @@ class FloatQuantizer(Quantizer):
         assert table is not None
         encode = _kernels.encode_small_float if fmt.bits == 8 else _kernels.encode_small_float4
         return bool(
-            encode(X, self._inv_scale, table.codes, np.uint32(table.shift), np.uint32(table.mask), out)
+            encode(
+                X, self._inv_scale, table.codes, np.uint32(table.shift), np.uint32(table.mask), out
+            )
         )
 
     def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
