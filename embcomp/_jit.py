@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 try:  # pragma: no cover - depends on the installed extras
     import numba
 except ImportError:  # pragma: no cover
-    numba = None
+    numba = None  # type: ignore[assignment]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,4 +64,5 @@ def kernel(function: F) -> F:
     """
     if numba is None:  # pragma: no cover
         return function
-    return numba.njit(nogil=True, cache=True, error_model="numpy")(function)  # type: ignore[no-any-return]
+    compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    return compiled  # type: ignore[no-any-return]

@@ -132,9 +132,11 @@ class FloatQuantizer(Quantizer):
             return bool(encode(X, self._inv_scale, np.float32(fmt.max), out.view(np.uint16)))
         table = self._table
         assert table is not None
-        encode = _kernels.encode_small_float if fmt.bits == 8 else _kernels.encode_small_float4
+        encode_small = (
+            _kernels.encode_small_float if fmt.bits == 8 else _kernels.encode_small_float4
+        )
         return bool(
-            encode(
+            encode_small(
                 X, self._inv_scale, table.codes, np.uint32(table.shift), np.uint32(table.mask), out
             )
         )
