@@ -112,6 +112,10 @@ class FloatQuantizer(Quantizer):
         # scale_ == 1 (fp32, scale="none"): x * 1 == x and v * 1 == v exactly; skip them.
         self._unit_scale = bool(np.all(self.scale_ == 1))
         self._table = _small_float_table(self.fmt) if fmt.bits <= 8 else None
+        # bf16 has float32's exponent range: its kernel needs no format parameters
+        self._jit_params = (
+            _kernels.float_format_params(fmt.dtype) if fmt.bits < 16 or self.fmt == "fp16" else ()
+        )
         self._lut: np.ndarray | None = None
         if fmt.bits <= 8:
             n_codes = 1 << fmt.bits
@@ -127,19 +131,13 @@ class FloatQuantizer(Quantizer):
         if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
             return None
         fmt = self.format
-        if fmt.bits == 16:
-            encode = _kernels.encode_f16 if self.fmt == "fp16" else _kernels.encode_bf16
-            return bool(encode(X, self._inv_scale, np.float32(fmt.max), out.view(np.uint16)))
-        table = self._table
-        assert table is not None
-        encode_small = (
-            _kernels.encode_small_float if fmt.bits == 8 else _kernels.encode_small_float4
-        )
-        return bool(
-            encode_small(
-                X, self._inv_scale, table.codes, np.uint32(table.shift), np.uint32(table.mask), out
-            )
-        )
+        fmax = np.float32(fmt.max)
+        if self.fmt == "bf16":
+            return bool(_kernels.encode_bf16(X, self._inv_scale, fmax, out.view(np.uint16)))
+        if fmt.bits == 4:
+            return bool(_kernels.encode_float4(X, self._inv_scale, fmax, *self._jit_params, out))
+        codes = out.view(np.uint16) if fmt.bits == 16 else out
+        return bool(_kernels.encode_float(X, self._inv_scale, fmax, *self._jit_params, codes))
 
     def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
         if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
