@@ -1,0 +1,43 @@
+"""`python -m bench speed` end to end on a tiny shape (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import embcomp._jit as jit
+
+QUANTIZERS = ["fp32", "fp16", "bf16", "fp8", "fp8e5m2", "fp4", "int8", "int4", "bin"]
+
+
+def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
+    """`python -m bench speed` end to end on a tiny shape (timings are not asserted)."""
+
+    from bench.speed import main
+
+    out = tmp_path / "speed.json"
+    assert main(["--shapes", "3000x16", "--repeats", "2", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (shape,) = record["shapes"]
+    assert (shape["n"], shape["d"]) == (3000, 16)
+    rows = {row["spec"]: row for row in shape["rows"]}
+    assert set(QUANTIZERS) | {"pca8,int8", "pca8,fp8"} <= set(rows)
+    assert rows["int8"]["faiss"]["factory"] == "SQ8"
+    assert rows["pca8,int8"]["faiss"]["factory"] == "PCA8,SQ8"
+    assert rows["fp8"]["naive"]["cast"] == "float8_e4m3fn"
+    assert len(rows["int4"]["encode"]["wall_s"]) == 2
+    assert all(row["encode"]["mb_per_s"] > 0 for row in rows.values())
+    assert {t["target"] for t in shape["targets"]} >= {
+        "int8 encode >= 1.0x FAISS SQ8",
+        "fp8 encode >= FAISS SQ8 encode",
+        "pca8,fp8 encode >= 1.5x FAISS PCA8,SQ8",
+    }
+    assert "| int8 |" in out.with_suffix(".md").read_text()
+    assert "FAISS SQ8 encode" in capsys.readouterr().out
+
+    if jit.AVAILABLE:  # the numpy path is timed alongside, and numba's cost is measured
+        assert all("numpy_path" in row for spec, row in rows.items() if spec != "fp32")
+        assert "numpy_path_value" in shape["targets"][0]
+        cost = record["jit"]
+        assert cost["installed_mb"]["llvmlite"] > 1 and cost["import_numba_s"] > 0
+        assert cost["first_use_all_quantizers_cold_s"] > cost["first_use_all_quantizers_cached_s"]
+        assert "numpy path" in out.with_suffix(".md").read_text()
