@@ -193,7 +193,10 @@ class Codec:
             block = self._reduce_block(block, scratch, owned=owned)
             self.quantizer._encode_into(block, out[start:stop], scratch, overwrite=True)
 
-        map_blocks(X.shape[0], rows_per_block(4 * d_in), work, uses_blas=self.reducer is not None)
+        # With a reducer, blocks of rows_per_block rows (the grouping BLAS rounding depends
+        # on, which the batch engine and the client align to); else the quantizer's own.
+        rows = rows_per_block(4 * d_in) if transformed else self.quantizer._block_rows(X)
+        map_blocks(X.shape[0], rows, work, uses_blas=self.reducer is not None)
         return out
 
     def decode(self, codes: Any, *, reduced: bool = False) -> np.ndarray:
@@ -224,7 +227,8 @@ class Codec:
             np.matmul(z, reducer.inverse_components_, out=out[start:stop])
             np.add(out[start:stop], reducer.mean_, out=out[start:stop])
 
-        map_blocks(codes.shape[0], rows_per_block(4 * d_in), work, uses_blas=expand)
+        rows = rows_per_block(4 * d_in) if expand else self.quantizer._block_rows()
+        map_blocks(codes.shape[0], rows, work, uses_blas=expand)
         return out
 
     def project_queries(self, Q: Any, *, metric: str = "ip") -> np.ndarray:

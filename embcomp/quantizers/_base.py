@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .. import _jit
 from .._blocks import Scratch, blas_single_thread, float32_block, map_blocks, rows_per_block
 from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix
@@ -59,7 +60,7 @@ class Quantizer(FittedStage):
             self._encode_checked(block, out[start:stop], scratch, overwrite=owned, row_offset=start)
 
         assert self.d_ is not None
-        map_blocks(X.shape[0], rows_per_block(4 * self.d_), work)
+        map_blocks(X.shape[0], self._block_rows(X), work)
         return out
 
     def decode(self, codes: Any) -> np.ndarray:
@@ -73,8 +74,24 @@ class Quantizer(FittedStage):
             block = np.ascontiguousarray(codes[start:stop])
             self._decode_into(block, out[start:stop], scratch)
 
-        map_blocks(codes.shape[0], rows_per_block(4 * self.d_), work)
+        map_blocks(codes.shape[0], self._block_rows(), work)
         return out
+
+    def _block_rows(self, X: np.ndarray | None = None) -> int:
+        """Rows per block of encode (input ``X``) or decode.
+
+        The numpy path keeps its temporaries in cache with ~1 MiB blocks. A compiled
+        kernel needs no temporaries, so unless the input must be converted to float32
+        block by block, it takes 8x larger blocks: fewer per-block Python calls (+10-20%
+        on fast formats). A quantizer's codes do not depend on how rows are grouped, so
+        this changes no result.
+        """
+        assert self.d_ is not None
+        rows = rows_per_block(4 * self.d_)
+        converts = X is not None and not (X.dtype == np.float32 and X.flags.c_contiguous)
+        if _jit.ENABLED and type(self)._jit_encode is not Quantizer._jit_encode and not converts:
+            return 8 * rows
+        return rows
 
     # -- for subclasses -------------------------------------------------------------
     # Implement _fit plus either the pair _encode_block/_decode_block (simple: return

@@ -77,16 +77,18 @@ def _row_is_finite(X, i):  # type: ignore[no-untyped-def]
 
 @kernel
 def f16_bits_to_f32(h):  # type: ignore[no-untyped-def]
-    """float32 value of float16 bits ``h`` (exact, like numpy's cast)."""
+    """float32 value of float16 bits ``h`` (exact, like numpy's cast).
+
+    All three cases are computed and one selected, so the loop vectorizes.
+    """
     h = _U(h)
     sign = (h & _U(0x8000)) << _U(16)
     a = h & _U(0x7FFF)
-    if a >= _U(0x7C00):  # inf / NaN (payload kept)
-        return _U(sign | _EXP | ((a & _U(0x3FF)) << _U(13))).view(np.float32)
-    if a >= _U(0x400):  # normal: rebias exponent 15 -> 127
-        return _U(sign | ((a << _U(13)) + _U(0x38000000))).view(np.float32)
-    v = np.float32(a) * _TWO_M24  # zero / subnormal: a * 2**-24, exact
-    return -v if sign else v
+    special = _EXP | ((a & _U(0x3FF)) << _U(13))  # inf / NaN (payload kept)
+    normal = (a << _U(13)) + _U(0x38000000)  # rebias the exponent 15 -> 127
+    tiny = np.float32(np.float32(a) * _TWO_M24).view(np.uint32)  # zero/subnormal: exact
+    bits = special if a >= _U(0x7C00) else (normal if a >= _U(0x400) else tiny)
+    return _U(sign | bits).view(np.float32)
 
 
 # -- float formats ----------------------------------------------------------------------
