@@ -15,7 +15,7 @@ import numpy as np
 
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from ._validation import check_codes, check_finite, check_matrix
-from .exceptions import NotFittedError, SpecError
+from .exceptions import InputError, NotFittedError, SpecError
 from .quantizers import (
     AllocQuantizer,
     BinaryQuantizer,
@@ -189,9 +189,22 @@ class Codec:
                     block, out[start:stop], scratch, overwrite=owned, row_offset=start
                 )
                 return
-            check_finite(block, row_offset=start)
-            block = self._reduce_block(block, scratch, owned=owned)
-            self.quantizer._encode_into(block, out[start:stop], scratch, overwrite=True)
+            # A NaN or inf in an input row makes its normalized or reduced row non-finite
+            # too (inf * 0 is NaN), so checking the quantizer's input is enough, and saves
+            # a pass over the (wider) input. Only a failure looks at the input again.
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                reduced = self._reduce_block(block, scratch, owned=owned)
+            try:
+                self.quantizer._encode_checked(
+                    reduced, out[start:stop], scratch, overwrite=True, row_offset=start
+                )
+            except InputError:
+                check_finite(X[start:stop], row_offset=start)  # names the bad input row
+                raise InputError(
+                    f"row {_first_nonfinite_row(reduced) + start} becomes inf after "
+                    f"{'normalization' if self.reducer is None else 'the reducer'}: its "
+                    "values are too large for float32 arithmetic; rescale the vectors"
+                ) from None
 
         # With a reducer, blocks of rows_per_block rows (the grouping BLAS rounding depends
         # on, which the batch engine and the client align to); else the quantizer's own.
@@ -262,6 +275,10 @@ class Codec:
     def __repr__(self) -> str:
         fitted = f"d_in={self.d_in}, code_size={self.code_size}" if self.is_fitted else "unfitted"
         return f"Codec({str(self.spec)!r}, {fitted})"
+
+
+def _first_nonfinite_row(block: np.ndarray) -> int:
+    return int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
 
 
 def _l2_normalize(X: np.ndarray) -> np.ndarray:
