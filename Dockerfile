@@ -9,9 +9,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Install the package with the service extra (same command as the README).
+# Install the package with the service extra and the compiled kernels (numba), and
+# compile them now into numba's cache so the first requests do not wait for it.
 COPY . /src
-RUN pip install "/src[service]" && rm -rf /src
+RUN pip install "/src[service,fast]" && rm -rf /src \
+    && python -c "import embcomp._jit as jit; jit.warm_up()"
 
 # A non-root user owning the codec store, which lives on a volume.
 RUN useradd --create-home --uid 10001 embcomp && mkdir /data && chown embcomp:embcomp /data

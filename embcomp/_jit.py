@@ -66,3 +66,25 @@ def kernel(function: F) -> F:
         return function
     compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy")(function)
     return compiled  # type: ignore[no-any-return]
+
+
+def warm_up() -> float:
+    """Compile every quantizer kernel now (or load it from numba's cache); returns seconds.
+
+    Kernels otherwise compile on first use, which makes the first call of each format
+    ~1 s slower. The service warms up in the background at start.
+    """
+    import time
+
+    import numpy as np
+
+    from .codec import make_codec
+    from .quantizers import FORMATS
+
+    start = time.perf_counter()
+    if ENABLED:
+        X = np.linspace(-1.0, 1.0, 6 * 5, dtype=np.float32).reshape(6, 5)  # odd d: both 4-bit paths
+        for spec in [*(f for f in FORMATS if f != "fp32"), "int8", "int4"]:
+            codec = make_codec(spec).fit(X)
+            codec.decode(codec.encode(X))
+    return time.perf_counter() - start

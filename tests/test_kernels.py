@@ -462,3 +462,12 @@ def test_every_float16_code_decodes_like_numpy():
     assert np.isnan(got[np.isnan(want)]).all() and np.array_equal(
         got[np.isinf(want)], want[np.isinf(want)]
     )
+
+
+def test_warm_up_compiles_the_kernels(kernel_path):
+    from embcomp.quantizers import _kernels
+
+    assert jit.warm_up() >= 0
+    compiled = [_kernels.encode_float, _kernels.encode_int4, _kernels.decode_f16]
+    if kernel_path == "jit":
+        assert all(kernel.signatures for kernel in compiled)

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .. import _jit
 from .._version import __version__
 from ..exceptions import InputError
 from ..v1 import compression_service_pb2, compression_service_pb2_grpc
@@ -154,6 +155,15 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     return EmbcompServer(server, port, config, store, metrics, health_servicer), port
 
 
+def _warm_up() -> None:
+    try:
+        seconds = _jit.warm_up()
+    except Exception:  # noqa: BLE001 - a failed warm-up only delays first calls
+        logger.exception("kernel warm-up failed")
+        return
+    logger.info("kernels ready", extra={"compiled": _jit.ENABLED, "seconds": round(seconds, 2)})
+
+
 def serve(config: ServiceConfig | None = None) -> int:
     """Run until SIGTERM or SIGINT, then drain in-flight calls for ``grace_seconds``."""
     config = config if config is not None else ServiceConfig()
@@ -167,6 +177,8 @@ def serve(config: ServiceConfig | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
+        # compile the quantizer kernels off the request path (see embcomp._jit)
+        threading.Thread(target=_warm_up, name="embcomp-warm-up", daemon=True).start()
         logger.info(
             "serving",
             extra={
