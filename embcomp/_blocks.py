@@ -35,6 +35,7 @@ __all__ = [
     "float32_block",
     "for_each_block",
     "map_blocks",
+    "cache_rows_per_block",
     "rows_per_block",
 ]
 
@@ -42,6 +43,9 @@ __all__ = [
 # makes per block cost little next to the work, small enough that a block and its
 # temporaries mostly stay in a core's L2 cache.
 _BLOCK_BYTES = 1 << 20
+# A codec with a reducer multiplies each block by its projection: single-threaded sgemm
+# runs ~10% faster on 1,000+ rows than on the ~340 rows of 1 MiB of 768-d input.
+_MIN_PRODUCT_ROWS = 1024
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -58,11 +62,17 @@ def default_threads() -> int:
 
 
 def rows_per_block(row_bytes: int) -> int:
-    """Rows per block for rows of ``row_bytes`` bytes (float32 input width * 4).
+    """Rows per block of a codec's matrix products, for rows of ``row_bytes`` bytes
+    (float32 input width * 4).
 
-    Codecs cut their input at multiples of this, and callers that need a codec's
-    results to be independent of how they group rows rely on that.
+    Codecs with a reducer cut their input at multiples of this, and callers that need
+    a codec's results to be independent of how they group rows rely on that.
     """
+    return max(_MIN_PRODUCT_ROWS, _BLOCK_BYTES // max(1, row_bytes))
+
+
+def cache_rows_per_block(row_bytes: int) -> int:
+    """Rows per block of a numpy kernel with block-sized temporaries: ~1 MiB of input."""
     return max(64, _BLOCK_BYTES // max(1, row_bytes))
 
 

@@ -130,6 +130,7 @@ def kernel_path(request):
 def small_blocks(monkeypatch):
     """64-row blocks, so a few hundred rows make many blocks spread over two threads."""
     monkeypatch.setattr(blocks, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(blocks, "_MIN_PRODUCT_ROWS", 64)
     monkeypatch.setenv("EMBCOMP_THREADS", "2")
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import _jit
-from .._blocks import Scratch, blas_single_thread, float32_block, map_blocks, rows_per_block
+from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix
 from ..exceptions import ArtifactError
@@ -87,7 +87,7 @@ class Quantizer(FittedStage):
         this changes no result.
         """
         assert self.d_ is not None
-        rows = rows_per_block(4 * self.d_)
+        rows = cache_rows_per_block(4 * self.d_)
         converts = X is not None and not (X.dtype == np.float32 and X.flags.c_contiguous)
         if _jit.ENABLED and type(self)._jit_encode is not Quantizer._jit_encode and not converts:
             return 8 * rows
