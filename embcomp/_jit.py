@@ -64,7 +64,10 @@ def kernel(function: F) -> F:
     """
     if numba is None:  # pragma: no cover
         return function
-    compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    try:
+        compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    except RuntimeError:  # no writable cache directory: compile in every process instead
+        compiled = numba.njit(nogil=True, error_model="numpy")(function)
     return compiled  # type: ignore[no-any-return]
 
 

@@ -472,3 +472,11 @@ def test_warm_up_compiles_the_kernels(kernel_path):
     compiled = [_kernels.encode_float, _kernels.encode_int4, _kernels.decode_f16]
     if kernel_path == "jit":
         assert all(kernel.signatures for kernel in compiled)
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+def test_kernels_compile_without_a_cache_directory():
+    """numba refuses cache=True where it finds no writable cache; kernels still compile."""
+    namespace: dict = {}
+    exec("def add_one(x):\n    return x + 1", namespace)  # no source file: no cache locator
+    assert jit.kernel(namespace["add_one"])(1) == 2
