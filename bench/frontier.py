@@ -19,9 +19,10 @@ seconds; (7) fit time on 20,000 x 768; (8) MPAD as the rotation, from the MPAD s
 
 Search: exact flat search over the decoded vectors for every codec that decodes;
 RaBitQ and LSH search their own codes with FAISS (their decoded vectors are not meant
-for search; RaBitQ with float queries, ``qb=0``, its most accurate setting). FAISS
-codecs use FAISS's default training. Timings are from a shared 2-core machine: read
-the ratios against FAISS in the same run, not the absolute values.
+for search; RaBitQ with 8-bit queries, ``qb=8``, as accurate as float queries here and
+far faster, rather than FAISS's default 4). FAISS codecs use FAISS's default training.
+Timings are from a shared 2-core machine: read the ratios against FAISS in the same
+run, not the absolute values.
 
     python bench/frontier.py                 # both datasets (long: FAISS PQ/OPQ training)
     python bench/frontier.py --quick         # small synthetic data, a few codecs
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -60,6 +62,9 @@ WORDNET = REPO.parent / "shared" / "data" / "wordnet-minilm"
 MPAD_STUDY = REPO / "bench" / "results" / "mpad_vs_pca.md"
 K = 10
 RATIOS = (4, 8, 16, 32)
+# RaBitQ's query quantization: 8 bits measured within 0.001 recall@10 of float queries
+# (qb=0) on wordnet at 1 bit, and qb=0 searches ~100x slower in FAISS 1.15.
+_RABITQ_QUERY_BITS = 8
 
 
 # -- data ------------------------------------------------------------------------------
@@ -159,6 +164,13 @@ def _quality(ids: np.ndarray, data: Data) -> dict[str, Any]:
     return out
 
 
+def _embcomp_source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "embcomp").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Runner:
     """Measures methods (``embcomp:`` specs, ``faiss:`` factory strings), with a cache."""
 
@@ -171,7 +183,11 @@ class Runner:
     def _path(self, data: Data, name: str, options: dict[str, Any]) -> Path | None:
         if self.cache is None:
             return None
-        key = json.dumps([data.key(), name, options], sort_keys=True)
+        # embcomp results are keyed by the library's source too: edit it, re-measure.
+        code = _embcomp_source_digest() if name.startswith("embcomp:") else "faiss"
+        if "RaBitQ" in name:
+            code += f"-qb{_RABITQ_QUERY_BITS}"
+        key = json.dumps([data.key(), name, options, code], sort_keys=True)
         return self.cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
     def measure(self, data: Data, name: str, **options: Any) -> dict[str, Any]:
@@ -184,6 +200,10 @@ class Runner:
         method = make_method(name, options)
         with Clock() as fit:
             method.fit(data.train, "ip")
+        if "RaBitQ" in name:
+            from bench.methods import _innermost
+
+            _innermost(method.index).qb = _RABITQ_QUERY_BITS
         with Clock() as enc:
             codes = method.encode(data.base)
         ids = method.search(codes, data.queries, K)
@@ -252,6 +272,21 @@ def headline_methods(d: int, quick: bool) -> list[str]:
     if quick:
         faiss = ["SQ4", f"PQ{d // 8}", "RaBitQ", f"OPQ{d // 8},PQ{d // 8}"]
     return [f"embcomp:{s}" for s in embcomp_specs] + [f"faiss:{s}" for s in faiss]
+
+
+def truncated(runner: Runner, data: Data, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``pca{k},alloc{B}`` with k = the components ``pca,alloc{B}`` gave bits to: the
+    same allocation from a narrower (cheaper) rotation; k is read from the fit."""
+    extra = []
+    for row in rows:
+        allocation = row.get("allocation")
+        if not row["method"].startswith("embcomp:pca,alloc") or not allocation:
+            continue
+        coded = data.d - allocation["uncoded_components"]
+        if coded < data.d:
+            budget = row["method"].rpartition("alloc")[2]
+            extra.append(runner.measure(data, f"embcomp:pca{coded},alloc{budget}"))
+    return extra
 
 
 def best_per_size(rows: list[dict[str, Any]], d: int) -> list[dict[str, Any]]:
@@ -392,13 +427,29 @@ def two_stage(data: Data, log: Callable[[str], None]) -> list[dict[str, Any]]:
     return rows
 
 
-def encode_speed(data: Data, repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Encode all base vectors, embcomp and FAISS interleaved; medians of wall and CPU."""
+def speed_pairs(data: Data, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(embcomp, FAISS) method pairs of equal size for the throughput comparison."""
+    pairs = []
+    for ratio in (8, 16, 32):
+        size = 4 * data.d // ratio
+        ours = [
+            r["method"]
+            for r in rows
+            if r["bytes"] == size and re.fullmatch(r"embcomp:pca\d*,alloc\d+", r["method"])
+        ]
+        for name in sorted(set(ours)):
+            pairs += [(name, f"faiss:PQ{size}"), (name, "faiss:SQ4")]
+    return pairs + [("embcomp:int4", "faiss:SQ4")]
+
+
+def encode_speed(
+    data: Data, pairs: list[tuple[str, str]], repeats: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Encode all base vectors, every method interleaved with the others, ``repeats``
+    rounds; vectors per second from the median wall and CPU (all threads) seconds."""
     from bench.methods import make_method
 
-    d = data.d
-    pairs = [(f"embcomp:pca,alloc{4 * d // r}", f"faiss:PQ{4 * d // r}") for r in (8, 16, 32)]
-    names = sorted({n for pair in pairs for n in pair} | {"faiss:SQ4", "embcomp:int4"})
+    names = sorted({name for pair in pairs for name in pair})
     methods = {}
     for name in names:
         method = make_method(name)
@@ -417,11 +468,11 @@ def encode_speed(data: Data, repeats: int, log: Callable[[str], None]) -> list[d
         return n / statistics.median(timings[name][kind])
 
     rows = []
-    for ours, theirs in pairs + [("embcomp:int4", "faiss:SQ4")]:
+    for ours, theirs in pairs:
         row = {
             "embcomp": ours.partition(":")[2],
             "faiss": theirs.partition(":")[2],
-            "bytes": methods[ours].code_size,
+            "bytes": f"{methods[ours].code_size} / {methods[theirs].code_size}",
             "embcomp_vec_per_s": round(speed(ours, "wall")),
             "faiss_vec_per_s": round(speed(theirs, "wall")),
             "ratio_wall": round(speed(ours, "wall") / speed(theirs, "wall"), 2),
@@ -429,17 +480,6 @@ def encode_speed(data: Data, repeats: int, log: Callable[[str], None]) -> list[d
         }
         rows.append(row)
         log(f"  speed {row}")
-    for ours in [p[0] for p in pairs]:
-        row = {
-            "embcomp": ours.partition(":")[2],
-            "faiss": "SQ4",
-            "bytes": methods[ours].code_size,
-            "embcomp_vec_per_s": round(speed(ours, "wall")),
-            "faiss_vec_per_s": round(speed("faiss:SQ4", "wall")),
-            "ratio_wall": round(speed(ours, "wall") / speed("faiss:SQ4", "wall"), 2),
-            "ratio_cpu": round(speed(ours, "cpu") / speed("faiss:SQ4", "cpu"), 2),
-        }
-        rows.append(row)
     return rows
 
 
@@ -629,7 +669,7 @@ def markdown(report: dict[str, Any]) -> str:
                 [
                     ("embcomp", "embcomp"),
                     ("faiss", "FAISS"),
-                    ("bytes", "bytes"),
+                    ("bytes", "bytes (embcomp / FAISS)"),
                     ("embcomp_vec_per_s", "embcomp vec/s"),
                     ("faiss_vec_per_s", "FAISS vec/s"),
                     ("ratio_wall", "ratio (wall)"),
@@ -678,6 +718,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{data.name}: {data.note}")
         d = data.d
         rows = [runner.measure(data, name) for name in headline_methods(d, args.quick)]
+        rows += truncated(runner, data, rows)
         entry: dict[str, Any] = {
             "name": data.name,
             "note": data.note,
@@ -685,16 +726,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "best": best_per_size(rows, d),
         }
         sizes = [4 * d // r for r in (8, 16, 32)]
+        if not args.quick:
+            entry["variants"] = alloc_variants(runner, data, sizes)
         if not args.quick and data.qrels is not None:
             entry["rotations"] = rotations(runner, data)
             entry["level_mse"] = level_mse(data)
-            entry["variants"] = alloc_variants(runner, data, sizes)
             entry["two_stage"] = two_stage(data, log)
         elif args.quick:
             entry["variants"] = alloc_variants(runner, data, sizes[-1:])
             entry["two_stage"] = two_stage(data, log)
         if data.qrels is not None or args.quick:
-            entry["speed"] = encode_speed(data, 1 if args.quick else args.repeats, log)
+            pairs = speed_pairs(data, rows)
+            entry["speed"] = encode_speed(data, pairs, 1 if args.quick else args.repeats, log)
         if d >= 768 or args.quick:
             entry["fit_times"] = fit_times(data, log)
         report["datasets"].append(entry)

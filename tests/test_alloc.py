@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 
 import embcomp
-from embcomp import DimensionMismatchError, SpecError, codec_to_bytes, make_codec
-from embcomp.evaluation import exact_knn, recall_at_k
+import embcomp._jit as jit
+from embcomp import DimensionMismatchError, InputError, SpecError, codec_to_bytes, make_codec
+from embcomp._blocks import Scratch
+from embcomp.evaluation import recall_at_k
 from embcomp.quantizers import AllocQuantizer
-from embcomp.quantizers._alloc import greedy_bits, water_fill
+from embcomp.quantizers._alloc import _Batch, greedy_bits, water_fill
+from embcomp.quantizers._alloc_kernels import row_sums
 from embcomp.quantizers._kmeans import assign, kmeans
 from embcomp.quantizers._levels import (
     SortedColumns,
@@ -26,6 +29,34 @@ def _gaussian(n: int, d: int, seed: int = 0, decay: float = 0.9) -> np.ndarray:
     scales = decay ** np.arange(d)
     basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
     return ((rng.standard_normal((n, d)) * scales) @ basis.T + 0.1).astype(np.float32)
+
+
+# Tests taking the ``path`` fixture run on the numpy path and, with numba installed, on
+# the compiled kernels (embcomp._jit); both must give the same bytes.
+PATHS = ["numpy", "jit"] if jit.AVAILABLE else ["numpy"]
+needs_numba = pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed")
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    old = jit.set_enabled(request.param == "jit")
+    yield request.param
+    jit.set_enabled(old)
+
+
+def _both_paths(codec, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of X and their decoded vectors, asserting both paths give the same bits."""
+    old = jit.set_enabled(False)
+    try:
+        codes = codec.encode(X)
+        decoded = codec.decode(codes)
+        if jit.AVAILABLE:
+            jit.set_enabled(True)
+            np.testing.assert_array_equal(codec.encode(X), codes)
+            assert codec.decode(codes).tobytes() == decoded.tobytes()
+    finally:
+        jit.set_enabled(old)
+    return codes, decoded
 
 
 def _per_component_bits(q: AllocQuantizer) -> np.ndarray:
@@ -64,7 +95,7 @@ def test_greedy_bits_is_exact_and_monotone():
 
 
 @pytest.mark.parametrize("d", [3, 16, 48, 100])
-def test_code_size_is_exactly_the_budget(d):
+def test_code_size_is_exactly_the_budget(d, path):
     X = _gaussian(500, d, seed=d)
     budgets = sorted({1, 2, 3, d // 4 + 1, d // 2 + 1, d - 1, d} - {0})
     for budget in budgets:
@@ -103,7 +134,7 @@ def test_without_rotation_dimensions_are_sorted_by_variance():
     assert (np.diff(bits) <= 1e-9).all(), bits
 
 
-def test_more_budget_means_less_error():
+def test_more_budget_means_less_error(path):
     X = _gaussian(2000, 32, seed=4)
     errors = []
     for budget in (2, 4, 8, 16, 32):
@@ -112,7 +143,7 @@ def test_more_budget_means_less_error():
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
-def test_scalar_only_and_vector_only_extremes():
+def test_scalar_only_and_vector_only_extremes(path):
     X = _gaussian(1500, 32, seed=5)
     scalar = make_codec("pca,alloc16", vq_below=0.0).fit(X).quantizer
     assert (scalar.units_[:, 1] == 1).all()
@@ -121,14 +152,14 @@ def test_scalar_only_and_vector_only_extremes():
     assert vector.units_[:, 2].sum() + vector.norm_bits == 128
 
 
-def test_reduced_pca_then_alloc():
+def test_reduced_pca_then_alloc(path):
     X = _gaussian(800, 40, seed=6)
     codec = make_codec("pca16,alloc6", kmeans_iters=4).fit(X)
     assert codec.d_out == 16 and codec.code_size == 6 and str(codec.spec) == "pca16,alloc6"
     assert codec.decode(codec.encode(X), reduced=True).shape == (800, 16)
 
 
-def test_norm_code_restores_norms():
+def test_norm_code_restores_norms(path):
     X = _gaussian(3000, 48, seed=7)
     plain = make_codec("pca,alloc8", norm_bits=0, kmeans_iters=8).fit(X)
     fixed = make_codec("pca,alloc8", norm_bits=6, kmeans_iters=8).fit(X)
@@ -144,7 +175,7 @@ def test_norm_code_restores_norms():
 
 
 @pytest.mark.parametrize("levels", ["uniform", "lloyd", "float"])
-def test_level_kinds_round_trip_through_artifacts(levels, tmp_path):
+def test_level_kinds_round_trip_through_artifacts(levels, tmp_path, path):
     X = _gaussian(1200, 24, seed=8)
     codec = make_codec("pca,alloc20", levels=levels, kmeans_iters=4).fit(X)
     loaded = embcomp.load_codec(embcomp.save_codec(codec, tmp_path / "a.codec"))
@@ -154,7 +185,7 @@ def test_level_kinds_round_trip_through_artifacts(levels, tmp_path):
     assert loaded.options["levels"] == levels
 
 
-def test_deterministic_and_seeded():
+def test_deterministic_and_seeded(path):
     X = _gaussian(1500, 32, seed=9)
     a = make_codec("pca,alloc6", kmeans_iters=6).fit(X)
     b = make_codec("pca,alloc6", kmeans_iters=6).fit(X)
@@ -188,6 +219,128 @@ def test_describe():
     assert info["budget_bits"] == 80
     coded = sum(info["vq_group_sizes"]) + info["scalar_components"]
     assert coded + info["uncoded_components"] == 32
+
+
+# -- the two encode paths ----------------------------------------------------------------
+def _awkward_rows(X: np.ndarray, q: AllocQuantizer, rng: np.random.Generator) -> np.ndarray:
+    """Rows where rounding decides: values on level boundaries and on levels, points
+    equidistant from two centroids, far outliers, zeros, repeats."""
+    rows = [X[:200], np.zeros((2, X.shape[1]), np.float32), X[:3] * 50.0, X[:3] * -1e6]
+    on_edges = np.repeat(X[:1], 8, axis=0).copy()
+    for s, column in enumerate(q._scalar_columns):
+        n_levels = 1 << int(q._scalar_bits[s])
+        edges = q._scalar_thresholds[s, : n_levels - 1]
+        levels = q._scalar_table[s, :n_levels]
+        if edges.size:
+            on_edges[:4, column] = rng.choice(edges, 4)
+            on_edges[4:, column] = rng.choice(levels, 4)
+    rows.append(on_edges)
+    for batch in q._batches:  # midpoints between two centroids of each k-means unit
+        G, K, g = batch.centroids.shape
+        mid = np.repeat(X[:1], 4, axis=0).copy()
+        for member in range(G):
+            a, b = rng.choice(K, 2, replace=False)
+            point = 0.5 * (batch.centroids[member, a] + batch.centroids[member, b])
+            mid[:, batch.columns[member * g : (member + 1) * g]] = point
+        rows.append(mid)
+    return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "spec,options",
+    [
+        ("pca,alloc12", {}),
+        ("pca,alloc20", {"levels": "uniform"}),
+        ("pca,alloc20", {"levels": "float"}),
+        ("pca,alloc7", {"norm_bits": 0}),
+        ("pca,alloc16", {"vq_below": 0.0}),
+        ("pca,alloc16", {"vq_below": 9.0}),
+        ("pca,alloc30", {"vq_bits": 5, "norm_bits": 7}),
+        ("alloc10", {}),
+        ("l2norm,alloc9", {"levels": "uniform"}),
+        ("pca20,alloc5", {}),
+    ],
+)
+def test_compiled_kernels_give_the_numpy_bytes(spec, options):
+    rng = np.random.default_rng(21)
+    X = _gaussian(2500, 48, seed=22)
+    codec = make_codec(spec, kmeans_iters=4, **options).fit(X)
+    q = codec.quantizer
+    awkward = _awkward_rows(X, q, rng) if codec.reducer is None and not codec.spec.normalize else X
+    for data in (X, awkward, X[::-1], X[:1], X[:0]):
+        _both_paths(codec, data)
+    # The quantizer alone (no reducer): values on its boundaries, centroid midpoints.
+    Z = np.ascontiguousarray(codec.reducer.transform(X) if codec.reducer else X, np.float32)
+    awkward = _awkward_rows(Z, q, rng)
+    old = jit.set_enabled(False)
+    try:
+        want = q.encode(awkward)
+        back = q.decode(want)
+        jit.set_enabled(True)
+        np.testing.assert_array_equal(q.encode(awkward), want)
+        assert q.decode(want).tobytes() == back.tobytes()
+    finally:
+        jit.set_enabled(old)
+
+
+@needs_numba
+def test_compiled_kernels_on_ties_and_overflow():
+    # Few distinct points: k-means repeats centroids, so scores tie exactly (the lowest
+    # index wins); huge values overflow the scores to inf (the careful path).
+    rng = np.random.default_rng(23)
+    X = np.repeat(rng.standard_normal((5, 12)).astype(np.float32), 40, axis=0)
+    q = AllocQuantizer(4, vq_below=9.0, kmeans_iters=3).fit(X)
+    assert (q.units_[:, 1] > 1).any()
+    top = np.abs(X[:4]).max()
+    huge = np.concatenate([X[:4] * (1e30 / top), X[:4] * (-3e38 / top), X[:4]])
+    for data in (X, huge):
+        old = jit.set_enabled(False)
+        try:
+            want = q.encode(data)
+            jit.set_enabled(True)
+            np.testing.assert_array_equal(q.encode(data), want)
+        finally:
+            jit.set_enabled(old)
+
+
+def test_non_finite_input_is_refused(path):
+    X = _gaussian(600, 16, seed=24)
+    for spec in ("alloc6", "pca,alloc6"):
+        codec = make_codec(spec, kmeans_iters=2).fit(X)
+        for bad in (np.nan, np.inf):
+            Y = X[:300].copy()
+            Y[137, 5] = bad
+            with pytest.raises(InputError, match="137"):
+                codec.encode(Y)
+
+
+def test_near_ties_follow_the_exact_scores():
+    """The numpy path takes the BLAS argmin except within BLAS's rounding error of a
+    tie, where it uses the exact scores (summed in component order, as the kernel)."""
+    rng = np.random.default_rng(25)
+    G, K, g = 3, 16, 3
+    centroids = rng.standard_normal((G, K, g)).astype(np.float32)
+    mean = np.zeros(G * g, np.float32)
+    batch = _Batch(np.arange(G), np.arange(G * g), centroids, mean)
+    pick = rng.integers(0, K, (500, G, 2))
+    mids = 0.5 * (centroids[np.arange(G), pick[..., 0]] + centroids[np.arange(G), pick[..., 1]])
+    X = np.concatenate([mids.reshape(500, -1), rng.standard_normal((500, G * g))])
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    found = batch.encode(X, Scratch())
+    for member in range(G):
+        x = X[:, member * g : (member + 1) * g]
+        exact = np.repeat(batch._augmented[member, g][None], len(X), axis=0)
+        for j in range(g):
+            exact = exact + x[:, j, None] * batch._augmented[member, j][None]
+        np.testing.assert_array_equal(found[:, member], np.argmin(exact, axis=1))
+
+
+def test_row_sums_follow_numpy():
+    rng = np.random.default_rng(26)
+    for d in [1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 136, 255, 256, 257, 384, 767, 768, 1500]:
+        A = (rng.standard_normal((3, d)) * rng.lognormal(0, 3, d)).astype(np.float32)
+        assert row_sums(A).tobytes() == A.sum(axis=1).tobytes()
 
 
 # -- scalar levels ---------------------------------------------------------------------
@@ -266,17 +419,27 @@ def _recall(ids: np.ndarray, data: dict) -> float:
     return recall_at_k(ids, data["gt"], 10, base=data["base"], queries=data["queries"])
 
 
+def _top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Ids of the 10 largest inner products per query, any order (recall needs no order;
+    exact_knn's exact tie-breaking is slow on quantized vectors, which tie often)."""
+    found = []
+    for start in range(0, len(queries), 200):
+        scores = queries[start : start + 200] @ vectors.T
+        found.append(np.argpartition(-scores, 9, axis=1)[:, :10])
+    return np.concatenate(found)
+
+
 @pytest.fixture(scope="module")
 def faiss_recalls(wordnet):
     faiss = pytest.importorskip("faiss")
     base, train, queries = wordnet["base"], wordnet["base"][:20000], wordnet["queries"]
     sq4 = faiss.index_factory(base.shape[1], "SQ4", faiss.METRIC_INNER_PRODUCT)
     sq4.train(train)
-    found, _ = exact_knn(sq4.sa_decode(sq4.sa_encode(base)), queries, 10)
+    found = _top10(sq4.sa_decode(sq4.sa_encode(base)), queries)
     rabitq = faiss.index_factory(base.shape[1], "RaBitQ", faiss.METRIC_INNER_PRODUCT)
     rabitq.train(train)
     rabitq.add(base)
-    rabitq.qb = 0  # float queries: its best setting
+    rabitq.qb = 8  # 8-bit queries: within 0.001 of float queries (qb=0), 100x faster
     _, rabitq_ids = rabitq.search(queries, 10)
     return {
         "SQ4": (sq4.sa_code_size(), _recall(found, wordnet)),
@@ -287,7 +450,8 @@ def faiss_recalls(wordnet):
 @pytest.mark.parametrize("spec,floor", REAL_FLOORS.items())
 def test_real_recall_floor_and_faiss(spec, floor, wordnet, faiss_recalls):
     codec = make_codec(spec).fit(wordnet["base"][:20000])
-    found, _ = exact_knn(codec.decode(codec.encode(wordnet["base"])), wordnet["queries"], 10)
+    _, decoded = _both_paths(codec, wordnet["base"])  # the same bytes on both paths
+    found = _top10(decoded, wordnet["queries"])
     recall = _recall(found, wordnet)
     assert recall >= floor, f"{spec}: recall@10 {recall:.4f} < floor {floor}"
     rival = "SQ4" if codec.code_size == 192 else "RaBitQ"

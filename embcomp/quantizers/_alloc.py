@@ -42,8 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import _jit
 from .._blocks import Scratch
 from ..exceptions import DimensionMismatchError, SpecError
+from . import _alloc_kernels
 from ._base import Quantizer
 from ._bitpack import BitLayout
 from ._kmeans import kmeans
@@ -53,7 +55,7 @@ __all__ = ["AllocQuantizer", "greedy_bits", "water_fill"]
 
 MAX_BITS = 8  # per scalar component and per codebook
 _LEVEL_CHUNK = 64  # columns fitted together
-_BATCH_UNITS = 8  # k-means units encoded by one batched matmul
+_BATCH_UNITS = 16  # k-means units encoded by one batched matmul
 _VQ_ROWS = 128  # rows per distance block of a batch
 
 
@@ -123,7 +125,7 @@ def greedy_bits(
 
 
 class _Batch:
-    """k-means units of the same size and codebook length, encoded together.
+    """k-means units of one size and codebook length, encoded by one batched product.
 
     Attributes
     ----------
@@ -136,19 +138,23 @@ class _Batch:
     def __init__(
         self, units: np.ndarray, columns: np.ndarray, centroids: np.ndarray, mean: np.ndarray
     ) -> None:
+        G, _, g = centroids.shape
         self.units = units
         self.columns = columns
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        g = centroids.shape[2]
-        self.rows = np.arange(len(units))[None, :]
+        self.rows = np.arange(G)[None, :]
         # Distances up to |x|^2 as one product: [x, 1] @ [[-2 c^T], [|c|^2]].
         squared = np.einsum("gkd,gkd->gk", self.centroids, self.centroids)
         self._augmented = np.ascontiguousarray(
-            np.concatenate([-2.0 * self.centroids.transpose(0, 2, 1), squared[:, None, :]], 1),
-            dtype=np.float32,
+            np.concatenate([-2.0 * self.centroids.transpose(0, 2, 1), squared[:, None, :]], 1)
         )
-        offset = self.centroids - mean[columns].reshape(len(units), 1, g)
-        self.deviation = np.einsum("gkd,gkd->gk", offset, offset)
+        centred = self.centroids - mean[columns].reshape(G, 1, g)
+        self.deviation = np.einsum("gkd,gkd->gk", centred, centred)
+        # Rounding error of a score, BLAS's or the exact one (both are sums of g + 1
+        # products): at most about (g + 1) 2**-24 (|x|^2 + 2 |c|^2); twice the sum of
+        # both, again doubled for safety, per unit of (|x|^2 + 2 max |c|^2).
+        self._tolerance = np.float32(8 * (g + 2) * 2.0**-24)
+        self._reach = (2.0 * squared.max(axis=1)).astype(np.float32)
 
     def encode(self, X: np.ndarray, scratch: Scratch) -> np.ndarray:
         """Nearest centroid of each unit: (n, G) int64 for vectors X (n, d)."""
@@ -164,13 +170,41 @@ class _Batch:
             np.copyto(parts[:, :, :g], chunk.transpose(1, 0, 2))
             scores = scratch.get("vq_scores", (G, rows, K), np.float32)
             np.matmul(parts, self._augmented, out=scores)
-            np.argmin(scores, axis=2, out=labels[:, start:stop])
+            found = labels[:, start:stop]
+            np.argmin(scores, axis=2, out=found)
+            self._settle_near_ties(parts, scores, found)
         return labels.T
+
+    def _settle_near_ties(self, parts: np.ndarray, scores: np.ndarray, found: np.ndarray) -> None:
+        """Make the BLAS argmin ``found`` (G, rows) that of the exact scores.
+
+        BLAS sums each score in an order of its own. Where the runner-up is within the
+        rounding error of both sums (rare), the exact scores of all centroids,
+        ``|c_k|^2 + sum_j x_j (-2 c_jk)`` summed in j order in float32 (what the compiled
+        kernel computes), decide; elsewhere the BLAS argmin is the exact one. So codes
+        do not depend on the BLAS build or on whether the compiled kernels are on.
+        """
+        g = parts.shape[2] - 1
+        head = parts[:, :, :g]
+        norms = np.einsum("grj,grj->gr", head, head)
+        norms += self._reach[:, None]
+        norms *= self._tolerance
+        lowest = np.take_along_axis(scores, found[:, :, None], axis=2)[:, :, 0]
+        norms += lowest  # now the highest score that may still win
+        np.put_along_axis(scores, found[:, :, None], np.inf, axis=2)
+        # (not >: NaN scores, from overflow, also take the exact path)
+        close = np.nonzero(~(scores.min(axis=2) > norms))
+        if close[0].size == 0:
+            return
+        unit, row = close
+        exact = self._augmented[unit, g, :].copy()
+        for j in range(g):
+            exact += head[unit, row, j][:, None] * self._augmented[unit, j, :]
+        found[unit, row] = np.argmin(exact, axis=1)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, G * g) float32 reconstruction of the units from their codes (n, G)."""
-        n = codes.shape[0]
-        return self.centroids[self.rows, codes].reshape(n, -1)
+        return self.centroids[self.rows, codes].reshape(codes.shape[0], -1)
 
 
 class AllocQuantizer(Quantizer):
@@ -409,6 +443,7 @@ class AllocQuantizer(Quantizer):
         self._scalar_table = table
         self._scalar_thresholds = thresholds
         self._table_base = (np.arange(scalar.size) << MAX_BITS).astype(np.int64)
+        self._uniform: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if self.levels == "uniform" and scalar.size:
             # Equally spaced levels: the nearest one is a rounding, no search needed.
             top = (1 << self._scalar_bits) - 1
@@ -421,24 +456,150 @@ class AllocQuantizer(Quantizer):
                 top.astype(np.float32),
             )
         else:
-            self._uniform = None
             self._level_index = LevelIndex(thresholds, self._scalar_bits)
         vector = np.flatnonzero(units[:, 1] > 1)
         self._batches = []
-        # k-means units of equal shape are encoded together: one batched matmul each.
+        # k-means units of equal shape are encoded together: one batched product each.
         for size, n_bits in sorted({(int(units[u, 1]), int(units[u, 2])) for u in vector}):
             members = [u for u in vector if (units[u, 1], units[u, 2]) == (size, n_bits)]
             for start in range(0, len(members), _BATCH_UNITS):
                 chosen = np.asarray(members[start : start + _BATCH_UNITS], dtype=np.int64)
-                centroids = np.stack(
-                    [self.codebooks_[offsets[u] : offsets[u + 1]].reshape(-1, size) for u in chosen]
-                )
+                books = [self.codebooks_[offsets[u] : offsets[u + 1]] for u in chosen]
+                centroids = np.stack(books).reshape(len(chosen), -1, size)
                 columns = order[(units[chosen, 0][:, None] + np.arange(size)).ravel()]
                 self._batches.append(_Batch(chosen, columns, centroids, self.mean_))
         assert self.norm_levels_ is not None
         self._norm_thresholds = 0.5 * (self.norm_levels_[1:] + self.norm_levels_[:-1])
         # Squared distance of every level from the mean, for the norm code.
         self._scalar_sq = (table - self.mean_[self._scalar_columns, None]) ** 2
+        self._kernel_arrays()
+
+    def _kernel_arrays(self) -> None:
+        """Flat arrays of the compiled kernels (``_alloc_kernels``), in numpy-path order."""
+        assert self.units_ is not None and self.mean_ is not None
+        assert self.norm_levels_ is not None
+        f32, i64 = np.float32, np.int64
+        if self._uniform is not None:
+            low, inv_step, top = self._uniform
+            index = None
+        else:
+            low = inv_step = top = np.zeros(0, f32)
+            index = self._level_index
+        level_arrays = (
+            (
+                index._start,
+                index._inv_width,
+                index._top_cell,
+                index._offset,
+                index._table,
+                index._thresholds.ravel(),
+                index._row,
+                int(index._steps),
+            )
+            if index is not None
+            else (
+                np.zeros(0, f32),
+                np.zeros(0, f32),
+                np.zeros(0, f32),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.int16),
+                np.zeros(0, f32),
+                np.zeros(0, np.int32),
+                0,
+            )
+        )
+        fields, sizes, col_start, cols, book, ks, augmented = [], [], [], [], [], [], []
+        deviation, dev, centroids, centroid, batch_start = [], [], [], [], [0]
+        n_cols = n_book = n_dev = n_centroid = 0
+        for batch in self._batches:
+            G, K, g = batch.centroids.shape
+            for member in range(G):
+                fields.append(int(batch.units[member]))
+                sizes.append(g)
+                ks.append(K)
+                col_start.append(n_cols)
+                cols.append(batch.columns[member * g : (member + 1) * g])
+                n_cols += g
+                book.append(n_book)
+                augmented.append(batch._augmented[member].ravel())
+                n_book += (g + 1) * K
+                dev.append(n_dev)
+                deviation.append(batch.deviation[member])
+                n_dev += K
+                centroid.append(n_centroid)
+                centroids.append(batch.centroids[member].ravel())
+                n_centroid += K * g
+            batch_start.append(len(fields))
+
+        def flat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+            return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0), dtype)
+
+        vector = (
+            np.asarray(fields, i64),
+            np.asarray(sizes, i64),
+            np.asarray(col_start, i64),
+            flat(cols, i64),
+            np.asarray(book, i64),
+            np.asarray(ks, i64),
+        )
+        pack = (self._field_order.astype(i64), np.asarray(self._layout.widths, i64))
+        n_fields = int(self.units_.shape[0]) + 1
+        scalar_columns = self._scalar_columns.astype(i64)
+        scalar_fields = self._scalar_units.astype(i64)
+        self._encode_args = (
+            n_fields,
+            scalar_columns,
+            scalar_fields,
+            self._uniform is not None,
+            *level_arrays,
+            np.ascontiguousarray(low, f32),
+            np.ascontiguousarray(inv_step, f32),
+            np.ascontiguousarray(top, f32),
+            *vector,
+            flat(augmented, f32),
+            self._overflow_free(flat(augmented, f32), max(sizes, default=0)),
+            flat(deviation, f32),
+            np.asarray(dev, i64),
+            np.asarray(batch_start, i64),
+            int(self.norm_bits),
+            np.ascontiguousarray(self.mean_, f32),
+            np.ascontiguousarray(self._scalar_sq, f32),
+            np.ascontiguousarray(self._norm_thresholds, f32),
+            *pack,
+        )
+        self._decode_args = (
+            n_fields,
+            scalar_columns,
+            scalar_fields,
+            np.ascontiguousarray(self._scalar_table, f32),
+            *vector[:4],
+            flat(centroids, f32),
+            np.asarray(centroid, i64),
+            int(self.norm_bits),
+            np.ascontiguousarray(self.mean_, f32),
+            np.ascontiguousarray(self.norm_levels_, f32),
+            *pack,
+        )
+
+    @staticmethod
+    def _overflow_free(augmented: np.ndarray, group: int) -> np.float32:
+        """Largest |x| for which no k-means score can overflow (then none is NaN)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            largest = float(np.abs(augmented).max(initial=0.0))
+        if not np.isfinite(largest) or largest > 1e30:
+            return np.float32(0.0)  # always the careful path
+        return np.float32(min(1e36 / ((group + 1) * max(largest, 1.0)), 1e36))
+
+    def _jit_encode(self, X: np.ndarray, out: np.ndarray) -> bool | None:
+        if not _jit.ENABLED:
+            return None
+        return bool(_alloc_kernels.encode_alloc(X, out, *self._encode_args))
+
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+        if not _jit.ENABLED:
+            return False
+        _alloc_kernels.decode_alloc(codes, out, *self._decode_args)
+        return True
 
     def _encode_units(self, X: np.ndarray, scratch: Scratch) -> np.ndarray:
         """Unit codes (n, u + 1) uint16 of vectors X (n, d); the last column is left 0."""
@@ -473,29 +634,45 @@ class AllocQuantizer(Quantizer):
     def _norm_ratios(self, X: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Per row, |x - mean| / |reconstruction - mean| (1 if the latter is 0)."""
         centered = X - self.mean_
-        true = np.einsum("ij,ij->i", centered, centered)
+        np.multiply(centered, centered, out=centered)
+        true = np.ascontiguousarray(centered).sum(axis=1)  # pairwise, as the kernel
         coded = self._coded_sq_norms(codes)
         safe = coded > 0
         return np.where(safe, np.sqrt(true / np.where(safe, coded, 1.0)), 1.0)
 
     def _coded_sq_norms(self, codes: np.ndarray) -> np.ndarray:
-        """|reconstruction - mean|^2 per row, from tables (no full decode)."""
+        """|reconstruction - mean|^2 per row, from tables (no full decode).
+
+        Each sum runs over a C-contiguous row (numpy then sums pairwise along it, in the
+        order ``_alloc_kernels.pairwise_sum`` repeats; over a column-major gather it
+        would add whole columns one after another instead).
+        """
         total = np.zeros(codes.shape[0], dtype=np.float32)
         if self._scalar_units.size:
             flat = codes[:, self._scalar_units].astype(np.int64) + self._table_base
-            total += self._scalar_sq.ravel()[flat].sum(axis=1)
+            total += np.ascontiguousarray(self._scalar_sq.ravel()[flat]).sum(axis=1)
         for batch in self._batches:
-            total += batch.deviation[batch.rows, codes[:, batch.units]].sum(axis=1)
+            parts = batch.deviation[batch.rows, codes[:, batch.units]]
+            total += np.ascontiguousarray(parts).sum(axis=1)
         return total
 
     def _encode_into(
         self, X: np.ndarray, out: np.ndarray, scratch: Scratch, *, overwrite: bool
     ) -> None:
-        codes = self._encode_units(X, scratch)
-        if int(self.norm_bits):
-            ratios = self._norm_ratios(X, codes)
-            codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
+        if self._jit_encode(X, out) is not None:
+            return
+        # Finite values near float32's limits may overflow a score or a norm: inf is
+        # clipped to the last level, NaN scores settle as in the compiled kernel.
+        with np.errstate(over="ignore", invalid="ignore"):
+            codes = self._encode_units(X, scratch)
+            if int(self.norm_bits):
+                ratios = self._norm_ratios(X, codes)
+                codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
         out[...] = self._layout.pack(codes[:, self._field_order])
+
+    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+        if not self._jit_decode(codes, out):
+            out[...] = self._decode_block(codes)
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:
         fields = np.empty((codes.shape[0], self._field_order.size), dtype=np.uint16)
@@ -512,7 +689,7 @@ class AllocQuantizer(Quantizer):
     def describe(self) -> dict[str, Any]:
         """Summary of the allocation: scalar bit histogram and k-means group sizes."""
         self._check_fitted()
-        assert self.units_ is not None
+        assert self.units_ is not None and self.order_ is not None
         scalar = self.units_[self.units_[:, 1] == 1]
         groups = self.units_[self.units_[:, 1] > 1]
         return {

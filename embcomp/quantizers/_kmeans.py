@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["assign", "kmeans"]
 
-_ASSIGN_BLOCK = 2048  # rows per distance block: 2048 x 256 float32 = 2 MiB
+_ASSIGN_BLOCK = 256  # rows per distance block: 256 x 256 float32 = 256 KiB, cache-resident
 _SEED_POINTS_PER_CENTROID = 16
 
 

@@ -1,0 +1,406 @@
+"""Compiled one-pass encode and decode of ``alloc{bytes}`` (used when ``embcomp._jit`` is on).
+
+The numpy path of :class:`~embcomp.quantizers.AllocQuantizer` makes a dozen passes
+over a block (gather the scalar columns, look their levels up, one batched product and
+argmin per shape of k-means group, the norm code, then the bit packing); these kernels
+do one row at a time, all of it, and write the packed bytes straight into the output.
+
+Bit-identical to the numpy path, by construction:
+
+- scalar codes repeat :class:`~embcomp.quantizers._levels.LevelIndex` (lloyd and float
+  levels) or the uniform rounding operation by operation, in float32;
+- k-means groups: the score of centroid ``k`` is ``|c_k|^2 + sum_j x_j (-2 c_jk)``
+  summed in ``j`` order, one float32 rounding per product and per sum (numba does not
+  fuse them into FMAs without ``fastmath``), and the lowest index wins ties. The numpy
+  path gets its argmin from a BLAS product, whose summation order is its own, and
+  recomputes these exact scores wherever the BLAS scores leave two centroids within
+  their rounding error of each other (see ``_Batch.encode``);
+- sums over a row (the norm code's squared norms) follow numpy's pairwise summation
+  (:func:`pairwise_sum`), which ``ndarray.sum(axis=1)`` uses for float32 rows.
+
+``tests/test_alloc.py`` runs its checks on both paths and compares their bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._jit import kernel
+
+_U = np.uint32
+_EXP = np.uint32(0x7F800000)  # exponent bits of float32: all set means inf or NaN
+_ROUNDER = np.float32(2.0**23)
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
+
+@kernel
+def _leaf_sum(a, lo, n):  # type: ignore[no-untyped-def]
+    """numpy's pairwise summation of ``a[lo:lo + n]`` for ``n <= 128`` (see below)."""
+    if n < 8:
+        res = _ZERO
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0 = a[lo]
+    r1 = a[lo + 1]
+    r2 = a[lo + 2]
+    r3 = a[lo + 3]
+    r4 = a[lo + 4]
+    r5 = a[lo + 5]
+    r6 = a[lo + 6]
+    r7 = a[lo + 7]
+    i = 8
+    end = n - n % 8
+    while i < end:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@kernel
+def pairwise_sum(a, lo, n, stack, values):  # type: ignore[no-untyped-def]
+    """float32 sum of ``a[lo:lo + n]`` in the order of numpy's ``pairwise_sum``.
+
+    numpy (``loops_utils.h``): below 8 values a plain loop; up to 128, eight running
+    sums over strides of 8, combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), then the
+    rest one by one; above 128, the sums of the two halves (the first a multiple of 8
+    long), computed the same way, added. The recursion runs on an explicit stack
+    (numba cannot cache recursive functions): ``stack`` int64 (2, >= 128) and
+    ``values`` float32 (>= 64) are scratch.
+    """
+    if n <= 128:
+        return _leaf_sum(a, lo, n)
+    top = 0
+    stack[0, 0] = lo
+    stack[1, 0] = n
+    depth = 0
+    while top >= 0:
+        first = stack[0, top]
+        count = stack[1, top]
+        top -= 1
+        if count < 0:  # both halves done: add them, left + right
+            depth -= 1
+            values[depth - 1] = values[depth - 1] + values[depth]
+        elif count <= 128:
+            values[depth] = _leaf_sum(a, first, count)
+            depth += 1
+        else:
+            half = count // 2
+            half -= half % 8
+            stack[0, top + 1] = 0
+            stack[1, top + 1] = -1
+            stack[0, top + 2] = first + half
+            stack[1, top + 2] = count - half
+            stack[0, top + 3] = first
+            stack[1, top + 3] = half
+            top += 3
+    return values[0]
+
+
+@kernel
+def row_sums(A):  # type: ignore[no-untyped-def]
+    """``A.sum(axis=1)`` of a C-contiguous float32 (n, m) array, by :func:`pairwise_sum`."""
+    n, m = A.shape
+    out = np.empty(n, dtype=np.float32)
+    flat = A.ravel()
+    stack = np.empty((2, 128), dtype=np.int64)
+    values = np.empty(64, dtype=np.float32)
+    for i in range(n):
+        out[i] = _ZERO + pairwise_sum(flat, i * m, m, stack, values)
+    return out
+
+
+@kernel
+def _key(s, c):  # type: ignore[no-untyped-def]
+    """int64 whose order is that of (float32 ``s``, index ``c``): the float's bits as an
+    order-preserving int32 (negative floats: all bits but the sign flipped) above ``c``."""
+    u = np.int64(np.float32(s).view(np.int32))
+    return ((u ^ ((u >> 31) & 0x7FFFFFFF)) << 32) | c
+
+
+@kernel
+def _nearest(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-untyped-def]
+    """Index of the lowest score (the first of equal ones), scores summed in j order:
+    ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k`` centroids whose
+    ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for each j, then
+    ``|c|^2``. Scores must not be NaN (the caller makes sure of it).
+
+    Up to four products join each pass over ``out`` (float32 (k,) scratch), keeping the
+    additions in order (((s + x0 a0) + x1 a1) + ...), and the last pass keeps no scores:
+    it takes the minimum of ``_key(score, c)`` as it goes (vectorized integer minimum).
+    """
+    A = augmented[book : book + (g + 1) * k].reshape((g + 1, k))
+    for c in range(k):
+        out[c] = A[g, c]
+    j = 0
+    while g - j > 4:
+        x0 = X[i, cols[first + j]]
+        x1 = X[i, cols[first + j + 1]]
+        x2 = X[i, cols[first + j + 2]]
+        x3 = X[i, cols[first + j + 3]]
+        for c in range(k):
+            out[c] = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
+                j + 3, c
+            ]
+        j += 4
+    best = np.int64(0x7FFFFFFFFFFFFFFF)
+    step = g - j
+    if step == 0:
+        for c in range(k):
+            best = min(best, _key(out[c], c))
+    elif step == 1:
+        x0 = X[i, cols[first + j]]
+        for c in range(k):
+            best = min(best, _key(out[c] + x0 * A[j, c], c))
+    elif step == 2:
+        x0 = X[i, cols[first + j]]
+        x1 = X[i, cols[first + j + 1]]
+        for c in range(k):
+            best = min(best, _key((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c], c))
+    elif step == 3:
+        x0 = X[i, cols[first + j]]
+        x1 = X[i, cols[first + j + 1]]
+        x2 = X[i, cols[first + j + 2]]
+        for c in range(k):
+            s = ((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]
+            best = min(best, _key(s, c))
+    else:
+        x0 = X[i, cols[first + j]]
+        x1 = X[i, cols[first + j + 1]]
+        x2 = X[i, cols[first + j + 2]]
+        x3 = X[i, cols[first + j + 3]]
+        for c in range(k):
+            s = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[j + 3, c]
+            best = min(best, _key(s, c))
+    return best & 0xFFFFFFFF
+
+
+@kernel
+def _nearest_checked(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-untyped-def]
+    """:func:`_nearest` one product at a time, keeping the scores, with np.argmin's
+    answer for NaN scores (the first NaN): for rows whose values could overflow."""
+    A = augmented[book : book + (g + 1) * k].reshape((g + 1, k))
+    for c in range(k):
+        out[c] = A[g, c]
+    for j in range(g):
+        xj = X[i, cols[first + j]]
+        for c in range(k):
+            out[c] = out[c] + xj * A[j, c]
+    label = 0
+    for c in range(k):
+        if out[c] != out[c]:
+            return c
+        if out[c] < out[label]:
+            label = c
+    return label
+
+
+@kernel
+def encode_alloc(  # type: ignore[no-untyped-def]
+    X,
+    out,
+    n_fields,
+    s_col,
+    s_field,
+    uniform,
+    lx_start,
+    lx_inv_width,
+    lx_top,
+    lx_offset,
+    lx_table,
+    lx_thresholds,
+    lx_row,
+    lx_steps,
+    u_low,
+    u_inv_step,
+    u_top,
+    v_field,
+    v_size,
+    v_col_start,
+    v_cols,
+    v_book,
+    v_k,
+    augmented,
+    safe,
+    deviation,
+    v_dev,
+    batch_start,
+    norm_bits,
+    mean,
+    scalar_sq,
+    norm_thresholds,
+    pack_field,
+    pack_width,
+):
+    """Encode rows of X (n, d) float32 into ``out`` (n, budget) uint8; all finite?
+
+    Unit ``codes`` per row: scalar unit ``s`` -> field ``s_field[s]`` from column
+    ``s_col[s]``; k-means unit ``v`` -> field ``v_field[v]`` from the ``v_size[v]``
+    columns ``v_cols[v_col_start[v]:]`` and its augmented codebook
+    ``augmented[v_book[v]:]`` (``v_size + 1`` rows of ``v_k[v]``: ``-2 c^T`` then
+    ``|c|^2``; rows whose largest value reaches ``safe`` take the slow path that
+    allows for overflow) and ``|c_k - mean|^2`` at ``deviation[v_dev[v]:]``; consecutive k-means
+    units ``batch_start[b]:batch_start[b + 1]`` form batch ``b`` of the numpy path, whose
+    sums the norm code repeats. The norm code is field ``n_fields - 1``. Fields are packed in
+    ``pack_field`` order with widths ``pack_width``, least significant bit first.
+    """
+    n, d = X.shape
+    n_scalar = s_col.shape[0]
+    n_vector = v_field.shape[0]
+    k_max = 1
+    for v in range(n_vector):
+        k_max = max(k_max, v_k[v])
+    scores = np.empty(k_max, dtype=np.float32)
+    codes = np.zeros(n_fields, dtype=np.uint32)
+    squares = np.empty(max(d, 1), dtype=np.float32)
+    parts = np.empty(max(n_scalar, 1), dtype=np.float32)
+    group = np.empty(max(n_vector, 1), dtype=np.float32)
+    stack = np.empty((2, 128), dtype=np.int64)
+    values = np.empty(64, dtype=np.float32)
+    bad = _U(0)
+    safe_bits = np.float32(safe).view(np.uint32)
+    for i in range(n):
+        # The largest |value| of the row, as bits (their order is the values' order):
+        # inf or NaN if it reaches the exponent mask.
+        top = _U(0)
+        for j in range(d):
+            top = max(top, np.float32(X[i, j]).view(np.uint32) & _U(0x7FFFFFFF))
+        if top >= _EXP:  # the caller raises; codes of NaN would index out of bounds
+            bad = _U(1)
+            for b in range(out.shape[1]):
+                out[i, b] = 0
+            continue
+        # -- scalar units
+        for s in range(n_scalar):
+            x = X[i, s_col[s]]
+            if uniform:
+                y = (x - u_low[s]) * u_inv_step[s]
+                y = min(max(y, _ZERO), u_top[s])
+                codes[s_field[s]] = np.float32(y + _ROUNDER).view(np.uint32) & _U(0xFF)
+            else:
+                p = np.floor((x - lx_start[s]) * lx_inv_width[s])
+                p = min(max(p, _ZERO), lx_top[s])
+                c = np.int64(lx_table[np.int64(np.int32(p)) + lx_offset[s]])
+                for _ in range(lx_steps):
+                    if x >= lx_thresholds[c + lx_row[s]]:
+                        c += 1
+                codes[s_field[s]] = c
+        # -- k-means units
+        for v in range(n_vector):
+            g = v_size[v]
+            k = v_k[v]
+            book = v_book[v]
+            first = v_col_start[v]
+            if top < safe_bits:
+                codes[v_field[v]] = _nearest(X, i, v_cols, first, g, augmented, book, k, scores)
+            else:
+                codes[v_field[v]] = _nearest_checked(
+                    X, i, v_cols, first, g, augmented, book, k, scores
+                )
+        # -- norm code: |x - mean| / |reconstruction - mean|
+        if norm_bits:
+            for j in range(d):
+                centred = X[i, j] - mean[j]
+                squares[j] = centred * centred
+            true = _ZERO + pairwise_sum(squares, 0, d, stack, values)
+            coded = _ZERO
+            if n_scalar:
+                for s in range(n_scalar):
+                    parts[s] = scalar_sq[s, codes[s_field[s]]]
+                coded += pairwise_sum(parts, 0, n_scalar, stack, values)
+            for b in range(batch_start.shape[0] - 1):
+                first = batch_start[b]
+                size = batch_start[b + 1] - first
+                for t in range(size):
+                    v = first + t
+                    group[t] = deviation[v_dev[v] + codes[v_field[v]]]
+                coded += pairwise_sum(group, 0, size, stack, values)
+            ratio = _ONE
+            if coded > _ZERO:
+                ratio = np.sqrt(np.float32(true / coded))
+            code = 0
+            if ratio != ratio:  # NaN (from overflow): last, as np.searchsorted puts it
+                code = norm_thresholds.shape[0]
+            while code < norm_thresholds.shape[0] and norm_thresholds[code] < ratio:
+                code += 1
+            codes[n_fields - 1] = code
+        # -- bit packing
+        buffer = np.uint64(0)
+        filled = 0
+        position = 0
+        for f in range(pack_field.shape[0]):
+            width = pack_width[f]
+            value = np.uint64(codes[pack_field[f]]) & np.uint64((1 << width) - 1)
+            buffer |= value << np.uint64(filled)
+            filled += width
+            while filled >= 8:
+                out[i, position] = np.uint8(buffer & np.uint64(0xFF))
+                buffer >>= np.uint64(8)
+                filled -= 8
+                position += 1
+        if filled > 0:
+            out[i, position] = np.uint8(buffer & np.uint64(0xFF))
+    return bad == 0
+
+
+@kernel
+def decode_alloc(  # type: ignore[no-untyped-def]
+    packed,
+    out,
+    n_fields,
+    s_col,
+    s_field,
+    s_table,
+    v_field,
+    v_size,
+    v_col_start,
+    v_cols,
+    centroids,
+    v_centroid,
+    norm_bits,
+    mean,
+    norm_levels,
+    pack_field,
+    pack_width,
+):
+    """Decode ``packed`` (n, budget) uint8 into ``out`` (n, d) float32 (see encode_alloc)."""
+    n, d = out.shape
+    codes = np.zeros(n_fields, dtype=np.uint32)
+    for i in range(n):
+        buffer = np.uint64(0)
+        filled = 0
+        position = 0
+        for f in range(pack_field.shape[0]):
+            width = pack_width[f]
+            while filled < width:
+                buffer |= np.uint64(packed[i, position]) << np.uint64(filled)
+                filled += 8
+                position += 1
+            codes[pack_field[f]] = np.uint32(buffer & np.uint64((1 << width) - 1))
+            buffer >>= np.uint64(width)
+            filled -= width
+        for j in range(d):
+            out[i, j] = mean[j]
+        for s in range(s_col.shape[0]):
+            out[i, s_col[s]] = s_table[s, codes[s_field[s]]]
+        for v in range(v_field.shape[0]):
+            g = v_size[v]
+            first = v_centroid[v] + np.int64(codes[v_field[v]]) * g
+            for j in range(g):
+                out[i, v_cols[v_col_start[v] + j]] = centroids[first + j]
+        if norm_bits:
+            level = norm_levels[codes[n_fields - 1]]
+            for j in range(d):
+                out[i, j] = (out[i, j] - mean[j]) * level + mean[j]
