@@ -122,7 +122,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_SPECS = ("fp16", "int8", "fp8", "int4", "fp4", "pca192,int8", "pca192,fp8", "bin")
+DEMO_SPECS = (
+    "fp16",
+    "int8",
+    "fp8",
+    "int4",
+    "fp4",
+    "pca192,int8",
+    "pca192,fp8",
+    "bin",
+    "pca,alloc192",
+    "pca,alloc96",
+    "pca,alloc48",
+)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
