@@ -5,10 +5,12 @@ then encodes ``clip(x / scale, -max, max)`` cast to the format. The clip comes
 before the cast because ml_dtypes turns out-of-range float8 E4M3 into NaN (and E5M2
 into inf).
 
-Speed: ml_dtypes casts float8/float4 one element at a time (~0.4 GB/s), so encoding
-them is a lookup in a small table indexed by the top bits of the float32 pattern
-(:class:`_SmallFloatTable`), bit-identical to clip + cast. Decoding 8- and 4-bit formats
-is a 256-entry table lookup (for fp4, a table of value pairs, one lookup per byte).
+Speed: with numba installed, one compiled pass per block does it all
+(``_kernels.encode_float``: the format's bits computed from the float32 bits). The numpy
+path, bit-identical: ml_dtypes casts float8/float4 one element at a time (~0.4 GB/s), so
+encoding them is a lookup in a small table indexed by the top bits of the float32
+pattern (:class:`_SmallFloatTable`), bit-identical to clip + cast. Decoding 8- and 4-bit
+formats is a 256-entry table lookup (for fp4, a table of value pairs, one lookup per byte).
 """
 
 from __future__ import annotations
