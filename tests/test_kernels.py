@@ -17,6 +17,7 @@ import pytest
 
 import embcomp._blocks as blocks
 import embcomp._jit as jit
+import embcomp.quantizers._base as quantizer_base
 from embcomp import make_codec
 from embcomp.exceptions import InputError
 from embcomp.quantizers import FORMATS, BinaryQuantizer, FloatQuantizer, IntQuantizer, Quantizer
@@ -131,6 +132,7 @@ def small_blocks(monkeypatch):
     """64-row blocks, so a few hundred rows make many blocks spread over two threads."""
     monkeypatch.setattr(blocks, "_BLOCK_BYTES", 1)
     monkeypatch.setattr(blocks, "_MIN_PRODUCT_ROWS", 64)
+    monkeypatch.setattr(quantizer_base, "_COMPILED_BLOCK_FACTOR", 1)
     monkeypatch.setenv("EMBCOMP_THREADS", "2")
 
 

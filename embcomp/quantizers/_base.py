@@ -13,6 +13,9 @@ from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix
 from ..exceptions import ArtifactError
 
+# Compiled kernels use no block-sized temporaries: their blocks are this many times larger.
+_COMPILED_BLOCK_FACTOR = 8
+
 
 class Quantizer(FittedStage):
     """Maps float vectors of width ``d_`` to ``code_size`` bytes each, and back.
@@ -90,7 +93,7 @@ class Quantizer(FittedStage):
         rows = cache_rows_per_block(4 * self.d_)
         converts = X is not None and not (X.dtype == np.float32 and X.flags.c_contiguous)
         if _jit.ENABLED and type(self)._jit_encode is not Quantizer._jit_encode and not converts:
-            return 8 * rows
+            return _COMPILED_BLOCK_FACTOR * rows
         return rows
 
     # -- for subclasses -------------------------------------------------------------
