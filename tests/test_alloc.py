@@ -11,7 +11,7 @@ import embcomp._jit as jit
 from embcomp import DimensionMismatchError, InputError, SpecError, codec_to_bytes, make_codec
 from embcomp._blocks import Scratch
 from embcomp.evaluation import recall_at_k
-from embcomp.quantizers import AllocQuantizer
+from embcomp.quantizers import AllocQuantizer, _alloc_kernels
 from embcomp.quantizers._alloc import _Batch, greedy_bits, water_fill
 from embcomp.quantizers._alloc_kernels import row_sums
 from embcomp.quantizers._kmeans import assign, kmeans
@@ -302,6 +302,36 @@ def test_compiled_kernels_on_ties_and_overflow():
             np.testing.assert_array_equal(q.encode(data), want)
         finally:
             jit.set_enabled(old)
+
+
+@pytest.mark.parametrize("compiled", [False, True] if jit.AVAILABLE else [False])
+def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
+    """``_nearest`` (k-means units) against np.argmin of the scores summed in j order:
+    exact ties go to the lowest index, and -0.0 equals +0.0 (the first one wins)."""
+    nearest = _alloc_kernels._nearest
+    if not compiled:
+        nearest = getattr(nearest, "py_func", nearest)
+    rng = np.random.default_rng(31)
+    for g in (1, 2, 3, 4, 5, 8, 9):
+        for k in (1, 7, 64, 300):
+            C = rng.integers(-3, 4, size=(k, g)).astype(np.float32)  # many exact ties
+            augmented = np.concatenate([-2.0 * C.T, (C * C).sum(1)[None]]).astype(np.float32)
+            X = rng.integers(-3, 4, size=(20, g + 3)).astype(np.float32) / 2
+            cols = rng.permutation(g + 3)[:g].astype(np.int64)
+            scratch = np.empty(k, np.float32)
+            for i in range(X.shape[0]):
+                scores = augmented[g].copy()
+                for j in range(g):
+                    scores = scores + X[i, cols[j]] * augmented[j]
+                got = nearest(X, i, cols, 0, g, augmented.ravel(), 0, k, scratch)
+                assert got == np.argmin(scores), (g, k, i)
+    # Scores 3, +0.0, -0.0, 1, -0.0 (x = 0 times negative weights adds -0.0): index 1.
+    augmented = np.array([[-1, -1, -1, -1, -1], [3, 0.0, -0.0, 1, -0.0]], np.float32)
+    X = np.zeros((1, 1), np.float32)
+    got = nearest(
+        X, 0, np.zeros(1, np.int64), 0, 1, augmented.ravel(), 0, 5, np.empty(5, np.float32)
+    )
+    assert got == 1
 
 
 def test_non_finite_input_is_refused(path):

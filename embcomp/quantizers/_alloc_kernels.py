@@ -122,24 +122,35 @@ def row_sums(A):  # type: ignore[no-untyped-def]
     return out
 
 
+_I32 = np.int32
+_LOW31 = np.int32(0x7FFFFFFF)
+_SIGN = np.int32(31)
+
+
 @kernel
-def _key(s, c):  # type: ignore[no-untyped-def]
-    """int64 whose order is that of (float32 ``s``, index ``c``): the float's bits as an
-    order-preserving int32 (negative floats: all bits but the sign flipped) above ``c``."""
-    u = np.int64(np.float32(s).view(np.int32))
-    return ((u ^ ((u >> 31) & 0x7FFFFFFF)) << 32) | c
+def _key(bits):  # type: ignore[no-untyped-def]
+    """int32 whose order is that of the float32 with these int32 ``bits`` (not NaN;
+    -0.0 just below +0.0): all bits but the sign flipped for negative floats. Applied
+    to a key, it gives back the bits.
+
+    Every step is cast back to int32: numba widens integer arithmetic to int64, and
+    the casts let LLVM narrow it again, so loops over keys run eight floats wide.
+    """
+    return _I32(bits ^ _I32(_I32(bits >> _SIGN) & _LOW31))
 
 
 @kernel
 def _nearest(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-untyped-def]
-    """Index of the lowest score (the first of equal ones), scores summed in j order:
-    ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k`` centroids whose
-    ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for each j, then
-    ``|c|^2``. Scores must not be NaN (the caller makes sure of it).
+    """Index of the lowest score (the first of equal ones, as np.argmin), scores summed
+    in j order: ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k``
+    centroids whose ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for
+    each j, then ``|c|^2``. Scores must not be NaN (the caller makes sure of it).
 
     Up to four products join each pass over ``out`` (float32 (k,) scratch), keeping the
-    additions in order (((s + x0 a0) + x1 a1) + ...), and the last pass keeps no scores:
-    it takes the minimum of ``_key(score, c)`` as it goes (vectorized integer minimum).
+    additions in order (((s + x0 a0) + x1 a1) + ...). The last pass also takes the
+    minimum of the scores' int32 ``_key``; one more pass finds the first score equal to
+    that minimum. Both are integer minimums, which vectorize (a float minimum would need
+    fast-math).
     """
     A = augmented[book : book + (g + 1) * k].reshape((g + 1, k))
     for c in range(k):
@@ -155,27 +166,32 @@ def _nearest(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-
                 j + 3, c
             ]
         j += 4
-    best = np.int64(0x7FFFFFFFFFFFFFFF)
+    best = _LOW31
     step = g - j
     if step == 0:
         for c in range(k):
-            best = min(best, _key(out[c], c))
+            best = _I32(min(best, _key(np.float32(out[c]).view(np.int32))))
     elif step == 1:
         x0 = X[i, cols[first + j]]
         for c in range(k):
-            best = min(best, _key(out[c] + x0 * A[j, c], c))
+            s = out[c] + x0 * A[j, c]
+            out[c] = s
+            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
     elif step == 2:
         x0 = X[i, cols[first + j]]
         x1 = X[i, cols[first + j + 1]]
         for c in range(k):
-            best = min(best, _key((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c], c))
+            s = (out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]
+            out[c] = s
+            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
     elif step == 3:
         x0 = X[i, cols[first + j]]
         x1 = X[i, cols[first + j + 1]]
         x2 = X[i, cols[first + j + 2]]
         for c in range(k):
             s = ((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]
-            best = min(best, _key(s, c))
+            out[c] = s
+            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
     else:
         x0 = X[i, cols[first + j]]
         x1 = X[i, cols[first + j + 1]]
@@ -183,8 +199,13 @@ def _nearest(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-
         x3 = X[i, cols[first + j + 3]]
         for c in range(k):
             s = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[j + 3, c]
-            best = min(best, _key(s, c))
-    return best & 0xFFFFFFFF
+            out[c] = s
+            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
+    lowest = np.int32(_key(best)).view(np.float32)
+    label = _I32(k)
+    for c in range(k):
+        label = _I32(min(label, _I32(c) if out[c] == lowest else _I32(k)))
+    return np.int64(label)
 
 
 @kernel
