@@ -115,9 +115,9 @@ class FloatQuantizer(Quantizer):
         self._unit_scale = bool(np.all(self.scale_ == 1))
         self._table = _small_float_table(self.fmt) if fmt.bits <= 8 else None
         # bf16 has float32's exponent range: its kernel needs no format parameters
-        self._jit_params = (
-            _kernels.float_format_params(fmt.dtype) if fmt.bits < 16 or self.fmt == "fp16" else ()
-        )
+        self._jit_params: tuple[Any, Any, Any, Any] | None = None
+        if fmt.bits < 16 or self.fmt == "fp16":
+            self._jit_params = _kernels.float_format_params(fmt.dtype)
         self._lut: np.ndarray | None = None
         if fmt.bits <= 8:
             n_codes = 1 << fmt.bits
@@ -136,10 +136,13 @@ class FloatQuantizer(Quantizer):
         fmax = np.float32(fmt.max)
         if self.fmt == "bf16":
             return bool(_kernels.encode_bf16(X, self._inv_scale, fmax, out.view(np.uint16)))
+        assert self._jit_params is not None
+        shift, rebias, min_normal, sub_scale = self._jit_params
+        params = (self._inv_scale, fmax, shift, rebias, min_normal, sub_scale)
         if fmt.bits == 4:
-            return bool(_kernels.encode_float4(X, self._inv_scale, fmax, *self._jit_params, out))
+            return bool(_kernels.encode_float4(X, *params, out))
         codes = out.view(np.uint16) if fmt.bits == 16 else out
-        return bool(_kernels.encode_float(X, self._inv_scale, fmax, *self._jit_params, codes))
+        return bool(_kernels.encode_float(X, *params, codes))
 
     def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
         if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
