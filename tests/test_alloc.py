@@ -306,32 +306,39 @@ def test_compiled_kernels_on_ties_and_overflow():
 
 @pytest.mark.parametrize("compiled", [False, True] if jit.AVAILABLE else [False])
 def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
-    """``_nearest`` (k-means units) against np.argmin of the scores summed in j order:
-    exact ties go to the lowest index, and -0.0 equals +0.0 (the first one wins)."""
-    nearest = _alloc_kernels._nearest
+    """``_nearest_rows`` (k-means units) against np.argmin of the scores summed in j
+    order: exact ties go to the lowest index, -0.0 equals +0.0 (the first one wins),
+    and rows at or above ``safe_bits`` are left to the careful path."""
+    nearest = _alloc_kernels._nearest_rows
     if not compiled:
         nearest = getattr(nearest, "py_func", nearest)
     rng = np.random.default_rng(31)
+    safe_bits = np.float32(100.0).view(np.uint32)
     for g in (1, 2, 3, 4, 5, 8, 9):
         for k in (1, 7, 64, 300):
             C = rng.integers(-3, 4, size=(k, g)).astype(np.float32)  # many exact ties
             augmented = np.concatenate([-2.0 * C.T, (C * C).sum(1)[None]]).astype(np.float32)
             X = rng.integers(-3, 4, size=(20, g + 3)).astype(np.float32) / 2
+            X[7] *= 1000  # above safe_bits: skipped
+            tops = np.abs(X).max(axis=1).view(np.uint32)
             cols = rng.permutation(g + 3)[:g].astype(np.int64)
-            scratch = np.empty(k, np.float32)
+            codes = np.full((20, 2), 7777, np.uint32)
+            args = (tops, safe_bits, cols, 0, g, augmented.ravel(), 0, k, np.empty(k, np.float32))
+            nearest(X, 0, 20, *args, codes, 1)
             for i in range(X.shape[0]):
                 scores = augmented[g].copy()
                 for j in range(g):
                     scores = scores + X[i, cols[j]] * augmented[j]
-                got = nearest(X, i, cols, 0, g, augmented.ravel(), 0, k, scratch)
-                assert got == np.argmin(scores), (g, k, i)
+                want = 7777 if i == 7 else np.argmin(scores)
+                assert codes[i, 1] == want, (g, k, i)
+            assert (codes[:, 0] == 7777).all()
     # Scores 3, +0.0, -0.0, 1, -0.0 (x = 0 times negative weights adds -0.0): index 1.
     augmented = np.array([[-1, -1, -1, -1, -1], [3, 0.0, -0.0, 1, -0.0]], np.float32)
-    X = np.zeros((1, 1), np.float32)
-    got = nearest(
-        X, 0, np.zeros(1, np.int64), 0, 1, augmented.ravel(), 0, 5, np.empty(5, np.float32)
-    )
-    assert got == 1
+    codes = np.zeros((1, 1), np.uint32)
+    zeros = np.zeros(1, np.int64)
+    args = (zeros.view(np.uint32)[:1], safe_bits, zeros, 0, 1, augmented.ravel(), 0, 5)
+    nearest(np.zeros((1, 1), np.float32), 0, 1, *args, np.empty(5, np.float32), codes, 0)
+    assert codes[0, 0] == 1
 
 
 def test_non_finite_input_is_refused(path):

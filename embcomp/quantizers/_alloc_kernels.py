@@ -125,6 +125,8 @@ def row_sums(A):  # type: ignore[no-untyped-def]
 _I32 = np.int32
 _LOW31 = np.int32(0x7FFFFFFF)
 _SIGN = np.int32(31)
+# Rows per pass of encode_alloc: each k-means unit scores a chunk of rows in one call.
+_CHUNK = 64
 
 
 @kernel
@@ -140,78 +142,90 @@ def _key(bits):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def _nearest(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-untyped-def]
-    """Index of the lowest score (the first of equal ones, as np.argmin), scores summed
-    in j order: ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k``
-    centroids whose ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for
-    each j, then ``|c|^2``. Scores must not be NaN (the caller makes sure of it).
+def _nearest_rows(  # type: ignore[no-untyped-def]
+    X, start, rows, tops, safe_bits, cols, first, g, augmented, book, k, out, codes, field
+):
+    """``codes[r, field]`` = index of the lowest score (the first of equal ones, as
+    np.argmin) for rows ``i = start + r`` of X whose ``tops[r]`` (largest |value|, as
+    float32 bits) is below ``safe_bits``; scores summed in j order:
+    ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k`` centroids whose
+    ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for each j, then
+    ``|c|^2``. Below ``safe_bits`` no score can overflow, so none is NaN.
 
     Up to four products join each pass over ``out`` (float32 (k,) scratch), keeping the
     additions in order (((s + x0 a0) + x1 a1) + ...). The last pass also takes the
     minimum of the scores' int32 ``_key``; one more pass finds the first score equal to
     that minimum. Both are integer minimums, which vectorize (a float minimum would need
-    fast-math).
+    fast-math). One call covers many rows: a call per row and unit cost as much as
+    scoring 256 centroids.
     """
     A = augmented[book : book + (g + 1) * k].reshape((g + 1, k))
-    for c in range(k):
-        out[c] = A[g, c]
-    j = 0
-    while g - j > 4:
-        x0 = X[i, cols[first + j]]
-        x1 = X[i, cols[first + j + 1]]
-        x2 = X[i, cols[first + j + 2]]
-        x3 = X[i, cols[first + j + 3]]
+    for r in range(rows):
+        if tops[r] >= safe_bits:
+            continue
+        i = start + r
         for c in range(k):
-            out[c] = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
-                j + 3, c
-            ]
-        j += 4
-    best = _LOW31
-    step = g - j
-    if step == 0:
+            out[c] = A[g, c]
+        j = 0
+        while g - j > 4:
+            x0 = X[i, cols[first + j]]
+            x1 = X[i, cols[first + j + 1]]
+            x2 = X[i, cols[first + j + 2]]
+            x3 = X[i, cols[first + j + 3]]
+            for c in range(k):
+                out[c] = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
+                    j + 3, c
+                ]
+            j += 4
+        best = _LOW31
+        step = g - j
+        if step == 0:
+            for c in range(k):
+                best = _I32(min(best, _key(np.float32(out[c]).view(np.int32))))
+        elif step == 1:
+            x0 = X[i, cols[first + j]]
+            for c in range(k):
+                s = out[c] + x0 * A[j, c]
+                out[c] = s
+                best = _I32(min(best, _key(np.float32(s).view(np.int32))))
+        elif step == 2:
+            x0 = X[i, cols[first + j]]
+            x1 = X[i, cols[first + j + 1]]
+            for c in range(k):
+                s = (out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]
+                out[c] = s
+                best = _I32(min(best, _key(np.float32(s).view(np.int32))))
+        elif step == 3:
+            x0 = X[i, cols[first + j]]
+            x1 = X[i, cols[first + j + 1]]
+            x2 = X[i, cols[first + j + 2]]
+            for c in range(k):
+                s = ((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]
+                out[c] = s
+                best = _I32(min(best, _key(np.float32(s).view(np.int32))))
+        else:
+            x0 = X[i, cols[first + j]]
+            x1 = X[i, cols[first + j + 1]]
+            x2 = X[i, cols[first + j + 2]]
+            x3 = X[i, cols[first + j + 3]]
+            for c in range(k):
+                s = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
+                    j + 3, c
+                ]
+                out[c] = s
+                best = _I32(min(best, _key(np.float32(s).view(np.int32))))
+        lowest = np.int32(_key(best)).view(np.float32)
+        label = _I32(k)
         for c in range(k):
-            best = _I32(min(best, _key(np.float32(out[c]).view(np.int32))))
-    elif step == 1:
-        x0 = X[i, cols[first + j]]
-        for c in range(k):
-            s = out[c] + x0 * A[j, c]
-            out[c] = s
-            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
-    elif step == 2:
-        x0 = X[i, cols[first + j]]
-        x1 = X[i, cols[first + j + 1]]
-        for c in range(k):
-            s = (out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]
-            out[c] = s
-            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
-    elif step == 3:
-        x0 = X[i, cols[first + j]]
-        x1 = X[i, cols[first + j + 1]]
-        x2 = X[i, cols[first + j + 2]]
-        for c in range(k):
-            s = ((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]
-            out[c] = s
-            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
-    else:
-        x0 = X[i, cols[first + j]]
-        x1 = X[i, cols[first + j + 1]]
-        x2 = X[i, cols[first + j + 2]]
-        x3 = X[i, cols[first + j + 3]]
-        for c in range(k):
-            s = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[j + 3, c]
-            out[c] = s
-            best = _I32(min(best, _key(np.float32(s).view(np.int32))))
-    lowest = np.int32(_key(best)).view(np.float32)
-    label = _I32(k)
-    for c in range(k):
-        label = _I32(min(label, _I32(c) if out[c] == lowest else _I32(k)))
-    return np.int64(label)
+            label = _I32(min(label, _I32(c) if out[c] == lowest else _I32(k)))
+        codes[r, field] = label
 
 
 @kernel
 def _nearest_checked(X, i, cols, first, g, augmented, book, k, out):  # type: ignore[no-untyped-def]
-    """:func:`_nearest` one product at a time, keeping the scores, with np.argmin's
-    answer for NaN scores (the first NaN): for rows whose values could overflow."""
+    """:func:`_nearest_rows` for one row, one product at a time, keeping the scores,
+    with np.argmin's answer for NaN scores (the first NaN): for rows whose values could
+    overflow."""
     A = augmented[book : book + (g + 1) * k].reshape((g + 1, k))
     for c in range(k):
         out[c] = A[g, c]
@@ -284,7 +298,8 @@ def encode_alloc(  # type: ignore[no-untyped-def]
     for v in range(n_vector):
         k_max = max(k_max, v_k[v])
     scores = np.empty(k_max, dtype=np.float32)
-    codes = np.zeros(n_fields, dtype=np.uint32)
+    codes = np.zeros((_CHUNK, n_fields), dtype=np.uint32)
+    tops = np.zeros(_CHUNK, dtype=np.uint32)
     squares = np.empty(max(d, 1), dtype=np.float32)
     parts = np.empty(max(n_scalar, 1), dtype=np.float32)
     group = np.empty(max(n_vector, 1), dtype=np.float32)
@@ -292,87 +307,112 @@ def encode_alloc(  # type: ignore[no-untyped-def]
     values = np.empty(64, dtype=np.float32)
     bad = _U(0)
     safe_bits = np.float32(safe).view(np.uint32)
-    for i in range(n):
-        # The largest |value| of the row, as bits (their order is the values' order):
-        # inf or NaN if it reaches the exponent mask.
-        top = _U(0)
-        for j in range(d):
-            top = max(top, np.float32(X[i, j]).view(np.uint32) & _U(0x7FFFFFFF))
-        if top >= _EXP:  # the caller raises; codes of NaN would index out of bounds
-            bad = _U(1)
-            for b in range(out.shape[1]):
-                out[i, b] = 0
-            continue
-        # -- scalar units
-        for s in range(n_scalar):
-            x = X[i, s_col[s]]
-            if uniform:
-                y = (x - u_low[s]) * u_inv_step[s]
-                y = min(max(y, _ZERO), u_top[s])
-                codes[s_field[s]] = np.float32(y + _ROUNDER).view(np.uint32) & _U(0xFF)
-            else:
-                p = np.floor((x - lx_start[s]) * lx_inv_width[s])
-                p = min(max(p, _ZERO), lx_top[s])
-                c = np.int64(lx_table[np.int64(np.int32(p)) + lx_offset[s]])
-                for _ in range(lx_steps):
-                    if x >= lx_thresholds[c + lx_row[s]]:
-                        c += 1
-                codes[s_field[s]] = c
-        # -- k-means units
+    for start in range(0, n, _CHUNK):
+        rows = min(_CHUNK, n - start)
+        for r in range(rows):
+            i = start + r
+            # The largest |value| of the row, as bits (their order is the values'
+            # order): inf or NaN if it reaches the exponent mask.
+            top = _U(0)
+            for j in range(d):
+                top = max(top, np.float32(X[i, j]).view(np.uint32) & _U(0x7FFFFFFF))
+            tops[r] = top
+            if top >= _EXP:  # the caller raises; codes of NaN would index out of bounds
+                bad = _U(1)
+                continue
+            # -- scalar units
+            for s in range(n_scalar):
+                x = X[i, s_col[s]]
+                if uniform:
+                    y = (x - u_low[s]) * u_inv_step[s]
+                    y = min(max(y, _ZERO), u_top[s])
+                    codes[r, s_field[s]] = np.float32(y + _ROUNDER).view(np.uint32) & _U(0xFF)
+                else:
+                    p = np.floor((x - lx_start[s]) * lx_inv_width[s])
+                    p = min(max(p, _ZERO), lx_top[s])
+                    c = np.int64(lx_table[np.int64(np.int32(p)) + lx_offset[s]])
+                    for _ in range(lx_steps):
+                        if x >= lx_thresholds[c + lx_row[s]]:
+                            c += 1
+                    codes[r, s_field[s]] = c
+        # -- k-means units, each over the whole chunk (rows with large values: the
+        # careful path, one by one)
         for v in range(n_vector):
             g = v_size[v]
             k = v_k[v]
             book = v_book[v]
             first = v_col_start[v]
-            if top < safe_bits:
-                codes[v_field[v]] = _nearest(X, i, v_cols, first, g, augmented, book, k, scores)
-            else:
-                codes[v_field[v]] = _nearest_checked(
-                    X, i, v_cols, first, g, augmented, book, k, scores
-                )
-        # -- norm code: |x - mean| / |reconstruction - mean|
-        if norm_bits:
-            for j in range(d):
-                centred = X[i, j] - mean[j]
-                squares[j] = centred * centred
-            true = _ZERO + pairwise_sum(squares, 0, d, stack, values)
-            coded = _ZERO
-            if n_scalar:
-                for s in range(n_scalar):
-                    parts[s] = scalar_sq[s, codes[s_field[s]]]
-                coded += pairwise_sum(parts, 0, n_scalar, stack, values)
-            for b in range(batch_start.shape[0] - 1):
-                first = batch_start[b]
-                size = batch_start[b + 1] - first
-                for t in range(size):
-                    v = first + t
-                    group[t] = deviation[v_dev[v] + codes[v_field[v]]]
-                coded += pairwise_sum(group, 0, size, stack, values)
-            ratio = _ONE
-            if coded > _ZERO:
-                ratio = np.sqrt(np.float32(true / coded))
-            code = 0
-            if ratio != ratio:  # NaN (from overflow): last, as np.searchsorted puts it
-                code = norm_thresholds.shape[0]
-            while code < norm_thresholds.shape[0] and norm_thresholds[code] < ratio:
-                code += 1
-            codes[n_fields - 1] = code
-        # -- bit packing
-        buffer = np.uint64(0)
-        filled = 0
-        position = 0
-        for f in range(pack_field.shape[0]):
-            width = pack_width[f]
-            value = np.uint64(codes[pack_field[f]]) & np.uint64((1 << width) - 1)
-            buffer |= value << np.uint64(filled)
-            filled += width
-            while filled >= 8:
+            field = v_field[v]
+            _nearest_rows(
+                X,
+                start,
+                rows,
+                tops,
+                safe_bits,
+                v_cols,
+                first,
+                g,
+                augmented,
+                book,
+                k,
+                scores,
+                codes,
+                field,
+            )
+            for r in range(rows):
+                if safe_bits <= tops[r] < _EXP:
+                    codes[r, field] = _nearest_checked(
+                        X, start + r, v_cols, first, g, augmented, book, k, scores
+                    )
+        for r in range(rows):
+            i = start + r
+            if tops[r] >= _EXP:
+                for b in range(out.shape[1]):
+                    out[i, b] = 0
+                continue
+            # -- norm code: |x - mean| / |reconstruction - mean|
+            if norm_bits:
+                for j in range(d):
+                    centred = X[i, j] - mean[j]
+                    squares[j] = centred * centred
+                true = _ZERO + pairwise_sum(squares, 0, d, stack, values)
+                coded = _ZERO
+                if n_scalar:
+                    for s in range(n_scalar):
+                        parts[s] = scalar_sq[s, codes[r, s_field[s]]]
+                    coded += pairwise_sum(parts, 0, n_scalar, stack, values)
+                for b in range(batch_start.shape[0] - 1):
+                    first = batch_start[b]
+                    size = batch_start[b + 1] - first
+                    for t in range(size):
+                        v = first + t
+                        group[t] = deviation[v_dev[v] + codes[r, v_field[v]]]
+                    coded += pairwise_sum(group, 0, size, stack, values)
+                ratio = _ONE
+                if coded > _ZERO:
+                    ratio = np.sqrt(np.float32(true / coded))
+                code = 0
+                if ratio != ratio:  # NaN (from overflow): last, as np.searchsorted puts it
+                    code = norm_thresholds.shape[0]
+                while code < norm_thresholds.shape[0] and norm_thresholds[code] < ratio:
+                    code += 1
+                codes[r, n_fields - 1] = code
+            # -- bit packing
+            buffer = np.uint64(0)
+            filled = 0
+            position = 0
+            for f in range(pack_field.shape[0]):
+                width = pack_width[f]
+                value = np.uint64(codes[r, pack_field[f]]) & np.uint64((1 << width) - 1)
+                buffer |= value << np.uint64(filled)
+                filled += width
+                while filled >= 8:
+                    out[i, position] = np.uint8(buffer & np.uint64(0xFF))
+                    buffer >>= np.uint64(8)
+                    filled -= 8
+                    position += 1
+            if filled > 0:
                 out[i, position] = np.uint8(buffer & np.uint64(0xFF))
-                buffer >>= np.uint64(8)
-                filled -= 8
-                position += 1
-        if filled > 0:
-            out[i, position] = np.uint8(buffer & np.uint64(0xFF))
     return bad == 0
 
 
