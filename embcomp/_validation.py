@@ -84,6 +84,24 @@ def check_codes(codes: Any, *, code_size: int, name: str = "codes") -> np.ndarra
     return codes
 
 
+def check_output(out: Any, shape: tuple[int, int], codes: np.ndarray) -> np.ndarray:
+    """Check a caller's ``out=`` buffer for decode: a writeable, C-contiguous float32
+    ndarray of exactly ``shape`` that does not overlap ``codes``."""
+    if not isinstance(out, np.ndarray):
+        raise InputError(f"out must be a numpy array; got {type(out).__name__}")
+    if out.dtype != np.float32:
+        raise InputError(f"out must be float32; got dtype {out.dtype}")
+    if out.shape != shape:
+        raise DimensionMismatchError(
+            f"out has shape {out.shape}; decoding these codes needs {shape}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InputError("out must be C-contiguous and writeable")
+    if np.shares_memory(out, codes):
+        raise InputError("out overlaps the codes being decoded; pass a separate buffer")
+    return out
+
+
 def check_is_fitted(obj: object, attribute: str) -> None:
     """Raise ``NotFittedError`` unless ``obj`` has the fitted ``attribute``."""
     if getattr(obj, attribute, None) is None:

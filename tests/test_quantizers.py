@@ -74,3 +74,44 @@ def test_global_scale_is_one_number():
     train = np.random.default_rng(0).standard_normal((100, 6)).astype(np.float32)
     codec = make_codec("fp8", scale="global").fit(train)
     assert np.unique(codec.quantizer.scale_).size == 1
+
+
+@pytest.mark.parametrize("spec", ["int8", "bf16", "fp8", "fp4", "fp32", "pca8,int8", "l2norm,fp16"])
+def test_decode_into_a_callers_buffer(spec):
+    """``decode(codes, out=buf)`` writes the same floats into buf and returns it."""
+    X = np.random.default_rng(41).standard_normal((300, 16)).astype(np.float32)
+    codec = make_codec(spec).fit(X)
+    codes = codec.encode(X)
+    want = codec.decode(codes)
+    buf = np.full(want.shape, np.nan, dtype=np.float32)
+    assert codec.decode(codes, out=buf) is buf
+    np.testing.assert_array_equal(buf, want)
+    reduced = codec.decode(codes, reduced=True)
+    buf = np.empty_like(reduced)
+    np.testing.assert_array_equal(codec.decode(codes, reduced=True, out=buf), reduced)
+    quantizer_buf = np.empty_like(reduced)
+    assert codec.quantizer.decode(codes, out=quantizer_buf) is quantizer_buf
+    np.testing.assert_array_equal(quantizer_buf, reduced)
+
+
+def test_decode_refuses_a_bad_buffer_and_leaves_it_alone():
+    from embcomp import DimensionMismatchError, InputError
+
+    X = np.random.default_rng(42).standard_normal((50, 8)).astype(np.float32)
+    codec = make_codec("fp32").fit(X)
+    codes = codec.encode(X)
+    cases = [
+        (np.zeros((50, 8), np.float64), InputError, "float32"),
+        (np.zeros((49, 8), np.float32), DimensionMismatchError, r"\(50, 8\)"),
+        (np.zeros((50, 8), np.float32, order="F"), InputError, "C-contiguous"),
+        ([[0.0] * 8] * 50, InputError, "numpy array"),
+        (codes.view(np.float32), InputError, "overlaps"),  # fp32 codes are the floats
+    ]
+    readonly = np.zeros((50, 8), np.float32)
+    readonly.flags.writeable = False
+    cases.append((readonly, InputError, "writeable"))
+    for buf, error, words in cases:
+        before = np.array(buf, copy=True)
+        with pytest.raises(error, match=words):
+            codec.decode(codes, out=buf)
+        np.testing.assert_array_equal(np.asarray(buf), before)

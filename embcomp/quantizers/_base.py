@@ -10,7 +10,7 @@ import numpy as np
 from .. import _jit
 from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
-from .._validation import check_codes, check_finite, check_matrix
+from .._validation import check_codes, check_finite, check_matrix, check_output
 from ..exceptions import ArtifactError
 
 # Compiled kernels use no block-sized temporaries: their blocks are this many times larger.
@@ -66,12 +66,20 @@ class Quantizer(FittedStage):
         map_blocks(X.shape[0], self._block_rows(X), work)
         return out
 
-    def decode(self, codes: Any) -> np.ndarray:
-        """Decode uint8 codes (n, code_size) -> float32 vectors (n, d_)."""
+    def decode(self, codes: Any, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode uint8 codes (n, code_size) -> float32 vectors (n, d_).
+
+        ``out``: a float32 (n, d_) C-contiguous buffer to write into and return (reusing
+        one skips the page faults of fresh memory, which cost decode about a third).
+        """
         self._check_fitted()
         codes = check_codes(codes, code_size=self.code_size)
         assert self.d_ is not None
-        out = np.empty((codes.shape[0], self.d_), dtype=np.float32)
+        shape = (codes.shape[0], self.d_)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        else:
+            out = check_output(out, shape, codes)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block = np.ascontiguousarray(codes[start:stop])
