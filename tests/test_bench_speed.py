@@ -30,7 +30,9 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         "int8 encode >= 1.0x FAISS SQ8",
         "fp8 encode >= FAISS SQ8 encode",
         "pca8,fp8 encode >= 1.5x FAISS PCA8,SQ8",
+        "int8 decode into a buffer >= 1.0x FAISS SQ8",
     }
+    assert rows["int8"]["decode_into_ratio"] > 0 and "decode_into" in rows["int8"]["faiss"]
     assert "| int8 |" in out.with_suffix(".md").read_text()
     assert "FAISS SQ8 encode" in capsys.readouterr().out
 
