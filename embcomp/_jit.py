@@ -62,12 +62,24 @@ def kernel(function: F) -> F:
     when :func:`enabled` is true, so it never runs element by element in Python
     (except in tests that check it against the compiled one).
     """
+    return _compile(function)
+
+
+def inline_kernel(function: F) -> F:
+    """:func:`kernel` for helpers that other kernels call in their inner loops: numba
+    inlines it into every caller. A call between kernels passes each array as a struct
+    and counts its references (atomic operations), which costs as much as summing a
+    hundred floats."""
+    return _compile(function, inline="always")
+
+
+def _compile(function: F, **options: Any) -> F:
     if numba is None:  # pragma: no cover
         return function
     try:
-        compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+        compiled: Any = numba.njit(nogil=True, cache=True, error_model="numpy", **options)(function)
     except RuntimeError:  # no writable cache directory: compile in every process instead
-        compiled = numba.njit(nogil=True, error_model="numpy")(function)
+        compiled = numba.njit(nogil=True, error_model="numpy", **options)(function)
     return compiled  # type: ignore[no-any-return]
 
 

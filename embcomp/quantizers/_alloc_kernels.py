@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import kernel
+from .._jit import inline_kernel, kernel
 
 _U = np.uint32
 _EXP = np.uint32(0x7F800000)  # exponent bits of float32: all set means inf or NaN
@@ -34,7 +34,7 @@ _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
-@kernel
+@inline_kernel
 def _leaf_sum(a, lo, n):  # type: ignore[no-untyped-def]
     """numpy's pairwise summation of ``a[lo:lo + n]`` for ``n <= 128`` (see below)."""
     if n < 8:
@@ -69,7 +69,7 @@ def _leaf_sum(a, lo, n):  # type: ignore[no-untyped-def]
     return res
 
 
-@kernel
+@inline_kernel
 def pairwise_sum(a, lo, n, stack, values):  # type: ignore[no-untyped-def]
     """float32 sum of ``a[lo:lo + n]`` in the order of numpy's ``pairwise_sum``.
 
@@ -384,6 +384,12 @@ def encode_alloc(  # type: ignore[no-untyped-def]
                 for b in range(batch_start.shape[0] - 1):
                     first = batch_start[b]
                     size = batch_start[b + 1] - first
+                    if size < 8:  # pairwise_sum's plain loop, inline: a call costs more
+                        part = _ZERO
+                        for v in range(first, first + size):
+                            part += deviation[v_dev[v] + codes[r, v_field[v]]]
+                        coded += part
+                        continue
                     for t in range(size):
                         v = first + t
                         group[t] = deviation[v_dev[v] + codes[r, v_field[v]]]
