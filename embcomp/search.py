@@ -92,13 +92,17 @@ def search_codes(
     scores : ndarray (m, k) float32, inner products or squared L2 distances.
     """
     codes = _check(codec, codes, "the")
-    Q = _prepare(queries, codec._check_fitted(), k, metric)
+    d_in = codec._check_fitted()
+    Q = _prepare(queries, d_in, k, metric)
     n, m = codes.shape[0], Q.shape[0]
     k = min(k, n)
     best_ids = np.zeros((m, 0), dtype=np.int64)
     best_scores = np.zeros((m, 0), dtype=np.float32)
+    # One buffer for every block's decoded vectors: fresh memory would page-fault anew.
+    buffer = np.empty((min(n, _BASE_BLOCK), d_in), dtype=np.float32)
     for start in range(0, n, _BASE_BLOCK):
-        vectors = codec.decode(codes[start : start + _BASE_BLOCK])
+        block = codes[start : start + _BASE_BLOCK]
+        vectors = codec.decode(block, out=buffer[: block.shape[0]])
         block_ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
         merged = []
         for q0 in range(0, m, _QUERY_BLOCK):
