@@ -85,8 +85,11 @@ def check_codes(codes: Any, *, code_size: int, name: str = "codes") -> np.ndarra
 
 
 def check_output(out: Any, shape: tuple[int, int], codes: np.ndarray) -> np.ndarray:
-    """Check a caller's ``out=`` buffer for decode: a writeable, C-contiguous float32
-    ndarray of exactly ``shape`` that does not overlap ``codes``."""
+    """Decode's output: a new float32 array of ``shape`` when ``out`` is None, else the
+    caller's buffer once checked (a writeable, C-contiguous float32 ndarray of exactly
+    ``shape`` that does not overlap ``codes``)."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
     if not isinstance(out, np.ndarray):
         raise InputError(f"out must be a numpy array; got {type(out).__name__}")
     if out.dtype != np.float32:

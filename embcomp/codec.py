@@ -226,10 +226,7 @@ class Codec:
         codes = check_codes(codes, code_size=self.code_size)
         expand = self.reducer is not None and not reduced
         shape = (codes.shape[0], d_in if expand else self.d_out)
-        if out is None:
-            out = np.empty(shape, dtype=np.float32)
-        else:
-            out = check_output(out, shape, codes)
+        out = check_output(out, shape, codes)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block = np.ascontiguousarray(codes[start:stop])

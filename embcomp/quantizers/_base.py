@@ -76,10 +76,7 @@ class Quantizer(FittedStage):
         codes = check_codes(codes, code_size=self.code_size)
         assert self.d_ is not None
         shape = (codes.shape[0], self.d_)
-        if out is None:
-            out = np.empty(shape, dtype=np.float32)
-        else:
-            out = check_output(out, shape, codes)
+        out = check_output(out, shape, codes)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block = np.ascontiguousarray(codes[start:stop])
