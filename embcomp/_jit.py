@@ -83,6 +83,71 @@ def _compile(function: F, **options: Any) -> F:
     return compiled  # type: ignore[no-any-return]
 
 
+def prefer_wide_vectors() -> None:
+    """Called first thing in a kernel: let LLVM vectorize that kernel's loops 512 bits
+    wide where the CPU has AVX-512 (a no-op in Python and on other CPUs).
+
+    LLVM's tuning for AVX-512 CPUs prefers 256-bit vectors (512-bit ones slowed the
+    clock of early AVX-512 chips), and numba has no option per function. For loops
+    bound by float throughput, such as the k-means scores of ``alloc``, 512 bits are
+    12-22% faster on this project's machine; for memory-bound loops (the plain
+    decoders) they were slower, so only kernels that ask get them. Vector width does
+    not change float results: each lane computes what the scalar loop would.
+
+    The call compiles to nothing but the LLVM function attribute
+    ``"prefer-vector-width"="512"`` on the kernel (see ``_lower_prefer_wide``).
+    """
+
+
+def _tag_wide(function: Any) -> None:
+    """Add ``"prefer-vector-width"="512"`` to an llvmlite ``ir.Function``.
+
+    llvmlite only knows LLVM's keyword attributes, so the function's attribute set is
+    swapped for one that also prints this string attribute. Should llvmlite's internals
+    change, the kernel stays as it was (256-bit vectors), never broken.
+    """
+    try:
+        attributes = function.attributes
+        if getattr(attributes, "prefers_wide_vectors", False):
+            return
+        wide = _WideAttributes()
+        for name in attributes:
+            wide.add(name)
+        wide.alignstack = attributes.alignstack
+        wide.personality = attributes.personality
+        function.attributes = wide
+    except Exception:  # pragma: no cover - depends on llvmlite's internals
+        return
+
+
+if numba is not None:  # pragma: no branch
+    try:
+        from llvmlite import ir as _ir
+        from numba.core import types as _types
+        from numba.core.extending import lower_builtin, type_callable
+
+        class _WideAttributes(_ir.values.FunctionAttributes):  # type: ignore[misc]
+            prefers_wide_vectors = True
+
+            def __bool__(self) -> bool:  # printed even when no keyword attribute is set
+                return True
+
+            def _to_list(self, ret_type: Any) -> list[str]:
+                return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
+
+        @type_callable(prefer_wide_vectors)
+        def _type_prefer_wide(context: Any) -> Any:
+            return lambda: _types.none
+
+        @lower_builtin(prefer_wide_vectors)
+        def _lower_prefer_wide(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            _tag_wide(builder.function)
+            return context.get_dummy_value()
+
+    except Exception:  # pragma: no cover - an llvmlite or numba without these APIs
+        pass
+
+
 def warm_up() -> float:
     """Compile every quantizer kernel now (or load it from numba's cache); returns seconds.
 

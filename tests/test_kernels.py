@@ -482,3 +482,38 @@ def test_kernels_compile_without_a_cache_directory():
     namespace: dict = {}
     exec("def add_one(x):\n    return x + 1", namespace)  # no source file: no cache locator
     assert jit.kernel(namespace["add_one"])(1) == 2
+
+
+def _sum_squares(x):  # type: ignore[no-untyped-def]
+    jit.prefer_wide_vectors()
+    total = np.float32(0.0)
+    for i in range(x.shape[0]):
+        total += x[i] * x[i]
+    return total
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+def test_prefer_wide_vectors_tags_the_kernel_and_changes_no_result():
+    """The call compiles to the LLVM attribute "prefer-vector-width"="512" on the kernel
+    that makes it (LLVM accepts the IR); in Python it does nothing."""
+    import numba
+
+    x = np.linspace(-3, 3, 1001, dtype=np.float32)
+    compiled = numba.njit(_sum_squares)  # no cache: its IR stays inspectable
+    assert compiled(x) == _sum_squares(x)  # same float32 sum, in the same order
+    (ir,) = compiled.inspect_llvm().values()
+    assert '"prefer-vector-width"="512"' in ir
+
+
+def test_prefer_wide_vectors_attribute_prints_in_valid_llvm_ir():
+    pytest.importorskip("llvmlite")
+    from llvmlite import binding, ir
+
+    module = ir.Module(name="m")
+    function = ir.Function(module, ir.FunctionType(ir.VoidType(), []), name="f")
+    ir.IRBuilder(function.append_basic_block()).ret_void()
+    jit._tag_wide(function)
+    jit._tag_wide(function)  # tagging twice adds it once
+    text = str(module)
+    assert text.count('"prefer-vector-width"="512"') == (1 if jit.AVAILABLE else 0)
+    binding.parse_assembly(text).verify()
