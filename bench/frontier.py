@@ -277,15 +277,17 @@ def headline_methods(d: int, quick: bool) -> list[str]:
 def truncated(runner: Runner, data: Data, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``pca{k},alloc{B}`` with k = the components ``pca,alloc{B}`` gave bits to: the
     same allocation from a narrower (cheaper) rotation; k is read from the fit."""
+    from bench.methods import narrower_rotation
+
     extra = []
     for row in rows:
         allocation = row.get("allocation")
-        if not row["method"].startswith("embcomp:pca,alloc") or not allocation:
+        if not row["method"].startswith("embcomp:") or not allocation:
             continue
-        coded = data.d - allocation["uncoded_components"]
-        if coded < data.d:
-            budget = row["method"].rpartition("alloc")[2]
-            extra.append(runner.measure(data, f"embcomp:pca{coded},alloc{budget}"))
+        spec = row["method"].partition(":")[2]
+        narrower = narrower_rotation(spec, data.d, allocation["uncoded_components"])
+        if narrower is not None:
+            extra.append(runner.measure(data, f"embcomp:{narrower}"))
     return extra
 
 

@@ -508,6 +508,20 @@ def numbered_reducers() -> list[str]:
     return [name for name, info in STAGES.items() if info.kind == "reducer" and info.arg != "none"]
 
 
+def narrower_rotation(spec: str, d: int, uncoded: int) -> str | None:
+    """``pca{k},{rest}`` for a ``pca,{rest}`` (full rotation of ``d`` components) whose
+    fitted quantizer leaves ``uncoded`` of them without bits (``alloc{B}`` does, from
+    its ``describe()``): the same allocation from a narrower rotation, which encodes
+    faster (the left-out components are no longer computed only to be dropped). None
+    when the spec has no full PCA or every component is coded."""
+    parsed = parse_spec(spec)
+    reducer = parsed.reducer
+    coded = d - uncoded
+    if reducer is None or reducer.name != "pca" or reducer.arg is not None or not 0 < coded < d:
+        return None
+    return str(parsed).replace(str(reducer), f"pca{coded}", 1)
+
+
 _DIM_PLACEHOLDER = re.compile(r"\{d(?:(\d+)|/(\d+))?\}")
 
 

@@ -7,8 +7,8 @@ and pick the best one under a byte budget, or the smallest that reaches a recall
 Candidates come from the spec grammar at run time (``embcomp.spec.STAGES``): every
 fixed-rate quantizer alone and after a rotation; PCA at 1/8 .. 7/8 of the dimensions
 and at the widths that exactly fill the budget, with every quantizer; every byte-budget
-quantizer (``alloc{bytes}``) at the budget, alone and after a rotation or full PCA.
-Reducers that are slow to fit (MPAD, and any other that takes a width) are then tried
+quantizer (``alloc{bytes}``) at the budget, alone and after a rotation or full PCA,
+and after a PCA narrowed to the components that full PCA's fit gave bits to. Reducers that are slow to fit (MPAD, and any other that takes a width) are then tried
 in place of PCA in the three best candidates. Each is fitted on the data, encodes the
 whole base and is scored by recall@10 (ties count) of exact search over its decoded
 vectors against the exact float32 neighbours of the queries (held out from the data
@@ -31,6 +31,7 @@ from .methods import (
     budget_quantizers,
     budgets_for,
     fixed_rate_quantizers,
+    narrower_rotation,
     numbered_reducers,
 )
 from .run import Settings, evaluate, make_truth
@@ -152,6 +153,22 @@ def _rank(candidates: list[Candidate], budget_bytes: int | None, min_recall: flo
     )
 
 
+def narrower_specs(candidates: list[Candidate], d: int, measured: list[str]) -> list[str]:
+    """``pca{k},alloc{B}`` for every measured ``pca,alloc{B}`` that coded only k < d
+    components (same bytes, a cheaper rotation; see ``narrower_rotation``)."""
+    specs: list[str] = []
+    for cand in candidates:
+        describe = getattr(cand.method.codec.quantizer, "describe", None)
+        uncoded = describe().get("uncoded_components", 0) if describe is not None else 0
+        spec = narrower_rotation(cand.spec, d, uncoded)
+        if spec is None:
+            continue
+        canonical = _validate("embcomp", spec, d)
+        if canonical not in measured and canonical not in specs:
+            specs.append(canonical)
+    return specs
+
+
 def second_stage_specs(
     ranked: list[Candidate], d: int, budget_bytes: int | None, seeds: int = _SECOND_STAGE_SEEDS
 ) -> list[str]:
@@ -240,6 +257,10 @@ def recommend(
         f"({dataset.n_queries} queries), fitted on {train.shape[0]} vectors"
     )
     candidates = _measure(specs, dataset, train, truth, settings, seed, progress, log)
+    narrower = narrower_specs(candidates, dataset.d, specs)
+    if narrower:
+        log(f"recommend: {len(narrower)} more with narrower rotations: {', '.join(narrower)}")
+        candidates += _measure(narrower, dataset, train, truth, settings, seed, progress, log)
     ranked = _rank(candidates, budget_bytes, min_recall)
     if not ranked:  # for min_recall: seed the second stage with the best recalls
         ranked = sorted(candidates, key=lambda c: -c.results["recall_at_10"])

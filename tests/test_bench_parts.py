@@ -281,3 +281,32 @@ def test_recommend_errors(user_file, capsys):
     with pytest.raises(SystemExit) as exc:
         embcomp_main(["recommend", "--data", str(user_file)])
     assert exc.value.code == 2
+
+
+def test_narrower_rotation_names_the_coded_components():
+    from bench.methods import narrower_rotation
+
+    assert narrower_rotation("pca,alloc96", 384, 120) == "pca264,alloc96"
+    assert narrower_rotation("pca,alloc96", 384, 0) is None  # every component coded
+    assert narrower_rotation("pca,alloc96", 384, 384) is None  # nothing coded
+    assert narrower_rotation("pca200,alloc96", 384, 50) is None  # already narrowed
+    assert narrower_rotation("rot,alloc96", 384, 50) is None
+
+
+def test_recommend_also_tries_the_narrower_rotation_of_full_pca_alloc():
+    """A full-PCA alloc candidate that codes k < d components adds pca{k},alloc{B}."""
+    from bench.methods import EmbcompMethod
+    from bench.recommend import Candidate, narrower_specs
+
+    rng = np.random.default_rng(5)
+    X = (rng.standard_normal((3000, 32)) / np.arange(1, 33)).astype(np.float32)
+    full = EmbcompMethod("pca,alloc4")
+    full.fit(X, "ip")
+    uncoded = full.codec.quantizer.describe()["uncoded_components"]
+    assert 0 < uncoded < 32
+    plain = EmbcompMethod("int8")
+    plain.fit(X, "ip")
+    candidates = [Candidate(full, {}), Candidate(plain, {})]
+    want = f"pca{32 - uncoded},alloc4"
+    assert narrower_specs(candidates, 32, ["pca,alloc4", "int8"]) == [want]
+    assert narrower_specs(candidates, 32, [want]) == []  # measured already
