@@ -8,7 +8,8 @@ Candidates come from the spec grammar at run time (``embcomp.spec.STAGES``): eve
 fixed-rate quantizer alone and after a rotation; PCA at 1/8 .. 7/8 of the dimensions
 and at the widths that exactly fill the budget, with every quantizer; every byte-budget
 quantizer (``alloc{bytes}``) at the budget, alone and after a rotation or full PCA,
-and after a PCA narrowed to the components that full PCA's fit gave bits to. Reducers that are slow to fit (MPAD, and any other that takes a width) are then tried
+and after a PCA narrowed to the components that full PCA's fit gave bits to.
+Reducers that are slow to fit (MPAD, and any other that takes a width) are then tried
 in place of PCA in the three best candidates. Each is fitted on the data, encodes the
 whole base and is scored by recall@10 (ties count) of exact search over its decoded
 vectors against the exact float32 neighbours of the queries (held out from the data
