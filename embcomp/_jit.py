@@ -7,8 +7,9 @@ so the thread pool of :mod:`embcomp._blocks` runs it on every core.
 
 The compiled kernels compute exactly what the numpy code computes, in float32 and in
 the same order (numba does not contract ``a * b + c`` into an FMA or reorder float
-arithmetic unless asked with ``fastmath``, which we never do), so the codes are
-bit-identical either way; ``tests/test_kernels.py`` runs every check on both paths.
+arithmetic unless asked with ``fastmath``, which we never do; a kernel that wants a
+fused multiply-add calls :func:`fma32`, which numpy reproduces exactly), so the codes
+are bit-identical either way; ``tests/test_kernels.py`` runs every check on both paths.
 
 Without numba, or with ``EMBCOMP_JIT=0`` in the environment, everything runs on
 the numpy path. Kernels compile on first use (about a second each) and are cached on
@@ -20,6 +21,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import numpy as np
 
 try:  # pragma: no cover - depends on the installed extras
     import numba
@@ -99,6 +102,29 @@ def prefer_wide_vectors() -> None:
     """
 
 
+def fma32(a: Any, b: Any, c: Any) -> Any:
+    """``a * b + c`` of float32 values or arrays, rounded once: a fused multiply-add.
+
+    Compiled, this is LLVM's ``llvm.fma.f32`` (one ``vfmadd`` instruction; numba
+    never fuses ``a * b + c`` by itself). In numpy, the same correctly rounded value:
+    the product of two float32 is exact in float64 (24 + 24 bits); the float64 sum is
+    rounded to odd (TwoSum gives its rounding error; an inexact sum with an even last
+    bit moves one ulp towards the exact value); rounding that to float32 is then
+    correct (Boldo and Melquiond, 2008: 53 >= 24 + 2 bits), where a plain float64 sum
+    could round twice the wrong way.
+    """
+    a64 = np.asarray(a, dtype=np.float32).astype(np.float64)
+    c64 = np.asarray(c, dtype=np.float32).astype(np.float64)
+    product = a64 * np.asarray(b, dtype=np.float32)
+    total = product + c64
+    with np.errstate(invalid="ignore", over="ignore"):
+        back = total - product
+        error = (product - (total - back)) + (c64 - back)  # total + error == product + c
+        inexact = (error != 0) & np.isfinite(total) & ((total.view(np.uint64) & 1) == 0)
+        total = np.where(inexact, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
+        return total.astype(np.float32)[()]
+
+
 def _tag_wide(function: Any) -> None:
     """Add ``"prefer-vector-width"="512"`` to an llvmlite ``ir.Function``.
 
@@ -138,6 +164,20 @@ if numba is not None:  # pragma: no branch
         @type_callable(prefer_wide_vectors)
         def _type_prefer_wide(context: Any) -> Any:
             return lambda: _types.none
+
+        @type_callable(fma32)
+        def _type_fma32(context: Any) -> Any:
+            def typer(a: Any, b: Any, c: Any) -> Any:
+                return _types.float32 if a == b == c == _types.float32 else None
+
+            return typer
+
+        @lower_builtin(fma32, _types.float32, _types.float32, _types.float32)
+        def _lower_fma32(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            f32 = _ir.FloatType()
+            signature = _ir.FunctionType(f32, [f32] * 3)
+            fma = builder.module.declare_intrinsic("llvm.fma", [f32], signature)
+            return builder.call(fma, args)
 
         @lower_builtin(prefer_wide_vectors)
         def _lower_prefer_wide(context: Any, builder: Any, sig: Any, args: Any) -> Any:

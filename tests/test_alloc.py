@@ -306,9 +306,9 @@ def test_compiled_kernels_on_ties_and_overflow():
 
 @pytest.mark.parametrize("compiled", [False, True] if jit.AVAILABLE else [False])
 def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
-    """``_nearest_rows`` (k-means units) against np.argmin of the scores summed in j
-    order: exact ties go to the lowest index, -0.0 equals +0.0 (the first one wins),
-    and rows at or above ``safe_bits`` are left to the careful path."""
+    """``_nearest_rows`` (k-means units) against np.argmin of the scores accumulated
+    in j order by fused multiply-adds: exact ties go to the lowest index, -0.0 equals
+    +0.0 (the first one wins), and rows at or above ``safe_bits`` are left to the careful path."""
     nearest = _alloc_kernels._nearest_rows
     if not compiled:
         nearest = getattr(nearest, "py_func", nearest)
@@ -328,7 +328,7 @@ def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
             for i in range(X.shape[0]):
                 scores = augmented[g].copy()
                 for j in range(g):
-                    scores = scores + X[i, cols[j]] * augmented[j]
+                    scores = jit.fma32(X[i, cols[j]], augmented[j], scores)
                 want = 7777 if i == 7 else np.argmin(scores)
                 assert codes[i, 1] == want, (g, k, i)
             assert (codes[:, 0] == 7777).all()
@@ -354,7 +354,8 @@ def test_non_finite_input_is_refused(path):
 
 def test_near_ties_follow_the_exact_scores():
     """The numpy path takes the BLAS argmin except within BLAS's rounding error of a
-    tie, where it uses the exact scores (summed in component order, as the kernel)."""
+    tie, where it uses the exact scores (fused multiply-adds in component order, as
+    the kernel)."""
     rng = np.random.default_rng(25)
     G, K, g = 3, 16, 3
     centroids = rng.standard_normal((G, K, g)).astype(np.float32)
@@ -369,7 +370,7 @@ def test_near_ties_follow_the_exact_scores():
         x = X[:, member * g : (member + 1) * g]
         exact = np.repeat(batch._augmented[member, g][None], len(X), axis=0)
         for j in range(g):
-            exact = exact + x[:, j, None] * batch._augmented[member, j][None]
+            exact = jit.fma32(x[:, j, None], batch._augmented[member, j][None], exact)
         np.testing.assert_array_equal(found[:, member], np.argmin(exact, axis=1))
 
 

@@ -517,3 +517,62 @@ def test_prefer_wide_vectors_attribute_prints_in_valid_llvm_ir():
     text = str(module)
     assert text.count('"prefer-vector-width"="512"') == (1 if jit.AVAILABLE else 0)
     binding.parse_assembly(text).verify()
+
+
+def _correctly_rounded_fma(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    """a * b + c rounded once to float32, by exact rational arithmetic."""
+    from fractions import Fraction
+
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))  # may be off by one ulp (rounded twice)
+    down, up = np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))
+    neighbours = [down, guess, up]
+    def distance_then_odd(v: np.float32) -> tuple[Fraction, int]:  # ties: the even one
+        return abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) % 2
+
+    return min(neighbours, key=distance_then_odd)
+
+
+def test_fma32_rounds_once_where_float64_would_round_twice():
+    rng = np.random.default_rng(40)
+    a = rng.standard_normal(3000).astype(np.float32)
+    b = rng.standard_normal(3000).astype(np.float32)
+    c = (rng.standard_normal(3000) * 10.0 ** rng.integers(-12, 4, 3000)).astype(np.float32)
+    want = np.array([_correctly_rounded_fma(*t) for t in zip(a, b, c, strict=True)], np.float32)
+    assert_same_bits(jit.fma32(a, b, c), want)
+    # (1 + 2**-12)**2 = 1 + 2**-11 + 2**-24: a float32 midpoint. Any positive c, however
+    # small, rounds it up; the float64 sum loses c and then rounds to even (down).
+    x = np.float32(1 + 2**-12)
+    for c_ in (2.0**-60, -(2.0**-60), 0.0, 2.0**-30):
+        got = jit.fma32(x, x, np.float32(c_))
+        assert isinstance(got, np.float32)
+        assert got == _correctly_rounded_fma(x, x, np.float32(c_))
+    assert jit.fma32(x, x, np.float32(2.0**-60)) != np.float32(float(x) * float(x) + 2.0**-60)
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+def test_compiled_fma32_is_the_numpy_one():
+    """llvm.fma in a kernel against the numpy emulation: every magnitude, zeros of both
+    signs, subnormals, overflow, inf and NaN."""
+    import numba
+
+    @numba.njit
+    def fused(a, b, c, out):  # type: ignore[no-untyped-def]
+        for i in range(a.shape[0]):
+            out[i] = jit.fma32(a[i], b[i], c[i])
+
+    rng = np.random.default_rng(41)
+    n = 400_000
+    a, b, c = (rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32) for _ in range(3))  # noqa: E501
+    a[:1000], b[:1000] = rng.standard_normal((2, 1000)).astype(np.float32)
+    c[:1000] = -a[:1000] * b[:1000]  # cancellation
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3e38], np.float32)
+    grid_a, grid_b = np.meshgrid(specials, specials)
+    a[1000:1049], b[1000:1049] = grid_a.ravel(), grid_b.ravel()
+    out = np.empty(n, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        fused(a, b, c, out)
+        want = jit.fma32(a, b, c)
+    nan = np.isnan(want)  # NaN payloads are the hardware's business
+    assert np.array_equal(np.isnan(out), nan) and 1000 < nan.sum() < n // 2
+    assert_same_bits(out[~nan], want[~nan])

@@ -151,8 +151,9 @@ class _Batch:
         centred = self.centroids - mean[columns].reshape(G, 1, g)
         self.deviation = np.einsum("gkd,gkd->gk", centred, centred)
         # Rounding error of a score, BLAS's or the exact one (both are sums of g + 1
-        # products): at most about (g + 1) 2**-24 (|x|^2 + 2 |c|^2); twice the sum of
-        # both, again doubled for safety, per unit of (|x|^2 + 2 max |c|^2).
+        # products, the exact one fused): at most about (g + 1) 2**-24 (|x|^2 +
+        # 2 |c|^2); twice the sum of both, again doubled for safety, per unit of
+        # (|x|^2 + 2 max |c|^2).
         self._tolerance = np.float32(8 * (g + 2) * 2.0**-24)
         self._reach = (2.0 * squared.max(axis=1)).astype(np.float32)
 
@@ -180,9 +181,10 @@ class _Batch:
 
         BLAS sums each score in an order of its own. Where the runner-up is within the
         rounding error of both sums (rare), the exact scores of all centroids,
-        ``|c_k|^2 + sum_j x_j (-2 c_jk)`` summed in j order in float32 (what the compiled
-        kernel computes), decide; elsewhere the BLAS argmin is the exact one. So codes
-        do not depend on the BLAS build or on whether the compiled kernels are on.
+        ``|c_k|^2 + sum_j x_j (-2 c_jk)`` accumulated in j order by float32 fused
+        multiply-adds (what the compiled kernel computes), decide; elsewhere the BLAS
+        argmin is the exact one. So codes do not depend on the BLAS build or on whether
+        the compiled kernels are on.
         """
         g = parts.shape[2] - 1
         head = parts[:, :, :g]
@@ -199,7 +201,7 @@ class _Batch:
         unit, row = close
         exact = self._augmented[unit, g, :].copy()
         for j in range(g):
-            exact += head[unit, row, j][:, None] * self._augmented[unit, j, :]
+            exact = _jit.fma32(head[unit, row, j][:, None], self._augmented[unit, j, :], exact)
         found[unit, row] = np.argmin(exact, axis=1)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ Bit-identical to the numpy path, by construction:
 - scalar codes repeat :class:`~embcomp.quantizers._levels.LevelIndex` (lloyd and float
   levels) or the uniform rounding operation by operation, in float32;
 - k-means groups: the score of centroid ``k`` is ``|c_k|^2 + sum_j x_j (-2 c_jk)``
-  summed in ``j`` order, one float32 rounding per product and per sum (numba does not
-  fuse them into FMAs without ``fastmath``), and the lowest index wins ties. The numpy
+  accumulated in ``j`` order by fused multiply-adds (:func:`~embcomp._jit.fma32`, one
+  float32 rounding per step), and the lowest index wins ties. The numpy
   path gets its argmin from a BLAS product, whose summation order is its own, and
   recomputes these exact scores wherever the BLAS scores leave two centroids within
   their rounding error of each other (see ``_Batch.encode``);
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import inline_kernel, kernel, prefer_wide_vectors
+from .._jit import fma32, inline_kernel, kernel, prefer_wide_vectors
 
 _U = np.uint32
 _EXP = np.uint32(0x7F800000)  # exponent bits of float32: all set means inf or NaN
@@ -147,13 +147,13 @@ def _nearest_rows(  # type: ignore[no-untyped-def]
 ):
     """``codes[r, field]`` = index of the lowest score (the first of equal ones, as
     np.argmin) for rows ``i = start + r`` of X whose ``tops[r]`` (largest |value|, as
-    float32 bits) is below ``safe_bits``; scores summed in j order:
-    ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k`` centroids whose
+    float32 bits) is below ``safe_bits``; scores accumulated in j order by fused
+    multiply-adds: ``|c|^2 + sum_j X[i, cols[first + j]] * (-2 c_j)`` for the ``k`` centroids whose
     ``augmented[book:]`` holds ``g + 1`` rows of ``k``: ``-2 c_j`` for each j, then
     ``|c|^2``. Below ``safe_bits`` no score can overflow, so none is NaN.
 
     Up to four products join each pass over ``out`` (float32 (k,) scratch), keeping the
-    additions in order (((s + x0 a0) + x1 a1) + ...). The last pass also takes the
+    order: fma(x3, a3, fma(x2, a2, fma(x1, a1, fma(x0, a0, s)))). The last pass also takes the
     minimum of the scores' int32 ``_key``; one more pass finds the first score equal to
     that minimum. Both are integer minimums, which vectorize (a float minimum would need
     fast-math). One call covers many rows: a call per row and unit cost as much as
@@ -175,9 +175,8 @@ def _nearest_rows(  # type: ignore[no-untyped-def]
             x2 = X[i, cols[first + j + 2]]
             x3 = X[i, cols[first + j + 3]]
             for c in range(k):
-                out[c] = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
-                    j + 3, c
-                ]
+                s = fma32(x1, A[j + 1, c], fma32(x0, A[j, c], out[c]))
+                out[c] = fma32(x3, A[j + 3, c], fma32(x2, A[j + 2, c], s))
             j += 4
         best = _LOW31
         step = g - j
@@ -187,14 +186,14 @@ def _nearest_rows(  # type: ignore[no-untyped-def]
         elif step == 1:
             x0 = X[i, cols[first + j]]
             for c in range(k):
-                s = out[c] + x0 * A[j, c]
+                s = fma32(x0, A[j, c], out[c])
                 out[c] = s
                 best = _I32(min(best, _key(np.float32(s).view(np.int32))))
         elif step == 2:
             x0 = X[i, cols[first + j]]
             x1 = X[i, cols[first + j + 1]]
             for c in range(k):
-                s = (out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]
+                s = fma32(x1, A[j + 1, c], fma32(x0, A[j, c], out[c]))
                 out[c] = s
                 best = _I32(min(best, _key(np.float32(s).view(np.int32))))
         elif step == 3:
@@ -202,7 +201,7 @@ def _nearest_rows(  # type: ignore[no-untyped-def]
             x1 = X[i, cols[first + j + 1]]
             x2 = X[i, cols[first + j + 2]]
             for c in range(k):
-                s = ((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]
+                s = fma32(x2, A[j + 2, c], fma32(x1, A[j + 1, c], fma32(x0, A[j, c], out[c])))
                 out[c] = s
                 best = _I32(min(best, _key(np.float32(s).view(np.int32))))
         else:
@@ -211,9 +210,8 @@ def _nearest_rows(  # type: ignore[no-untyped-def]
             x2 = X[i, cols[first + j + 2]]
             x3 = X[i, cols[first + j + 3]]
             for c in range(k):
-                s = (((out[c] + x0 * A[j, c]) + x1 * A[j + 1, c]) + x2 * A[j + 2, c]) + x3 * A[
-                    j + 3, c
-                ]
+                s = fma32(x1, A[j + 1, c], fma32(x0, A[j, c], out[c]))
+                s = fma32(x3, A[j + 3, c], fma32(x2, A[j + 2, c], s))
                 out[c] = s
                 best = _I32(min(best, _key(np.float32(s).view(np.int32))))
         lowest = np.int32(_key(best)).view(np.float32)
@@ -234,7 +232,7 @@ def _nearest_checked(X, i, cols, first, g, augmented, book, k, out):  # type: ig
     for j in range(g):
         xj = X[i, cols[first + j]]
         for c in range(k):
-            out[c] = out[c] + xj * A[j, c]
+            out[c] = fma32(xj, A[j, c], out[c])
     label = 0
     for c in range(k):
         if out[c] != out[c]:
