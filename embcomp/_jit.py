@@ -147,10 +147,35 @@ def _tag_wide(function: Any) -> None:
 
 
 if numba is not None:  # pragma: no branch
-    try:
-        from llvmlite import ir as _ir
-        from numba.core import types as _types
-        from numba.core.extending import lower_builtin, type_callable
+    # numba's extension API: typing and lowering for plain functions called in kernels.
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.core.extending import lower_builtin, type_callable
+
+    @type_callable(fma32)
+    def _type_fma32(context: Any) -> Any:
+        def typer(a: Any, b: Any, c: Any) -> Any:
+            return _types.float32 if a == b == c == _types.float32 else None
+
+        return typer
+
+    @lower_builtin(fma32, _types.float32, _types.float32, _types.float32)
+    def _lower_fma32(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        f32 = _ir.FloatType()
+        signature = _ir.FunctionType(f32, [f32] * 3)
+        fma = builder.module.declare_intrinsic("llvm.fma", [f32], signature)
+        return builder.call(fma, args)
+
+    @type_callable(prefer_wide_vectors)
+    def _type_prefer_wide(context: Any) -> Any:
+        return lambda: _types.none
+
+    @lower_builtin(prefer_wide_vectors)
+    def _lower_prefer_wide(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        _tag_wide(builder.function)
+        return context.get_dummy_value()
+
+    try:  # llvmlite internals: without them, kernels keep 256-bit vectors
 
         class _WideAttributes(_ir.values.FunctionAttributes):  # type: ignore[misc]
             prefers_wide_vectors = True
@@ -161,30 +186,7 @@ if numba is not None:  # pragma: no branch
             def _to_list(self, ret_type: Any) -> list[str]:
                 return [*super()._to_list(ret_type), '"prefer-vector-width"="512"']
 
-        @type_callable(prefer_wide_vectors)
-        def _type_prefer_wide(context: Any) -> Any:
-            return lambda: _types.none
-
-        @type_callable(fma32)
-        def _type_fma32(context: Any) -> Any:
-            def typer(a: Any, b: Any, c: Any) -> Any:
-                return _types.float32 if a == b == c == _types.float32 else None
-
-            return typer
-
-        @lower_builtin(fma32, _types.float32, _types.float32, _types.float32)
-        def _lower_fma32(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            f32 = _ir.FloatType()
-            signature = _ir.FunctionType(f32, [f32] * 3)
-            fma = builder.module.declare_intrinsic("llvm.fma", [f32], signature)
-            return builder.call(fma, args)
-
-        @lower_builtin(prefer_wide_vectors)
-        def _lower_prefer_wide(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            _tag_wide(builder.function)
-            return context.get_dummy_value()
-
-    except Exception:  # pragma: no cover - an llvmlite or numba without these APIs
+    except Exception:  # pragma: no cover
         pass
 
 
