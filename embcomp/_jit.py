@@ -113,16 +113,16 @@ def fma32(a: Any, b: Any, c: Any) -> Any:
     correct (Boldo and Melquiond, 2008: 53 >= 24 + 2 bits), where a plain float64 sum
     could round twice the wrong way.
     """
-    a64 = np.asarray(a, dtype=np.float32).astype(np.float64)
-    c64 = np.asarray(c, dtype=np.float32).astype(np.float64)
-    product = a64 * np.asarray(b, dtype=np.float32)
-    total = product + c64
-    with np.errstate(invalid="ignore", over="ignore"):
+    c = np.asarray(c, dtype=np.float32)
+    product = np.multiply(np.asarray(a, np.float32), np.asarray(b, np.float32), dtype=np.float64)
+    total = product + c
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN inputs
         back = total - product
-        error = (product - (total - back)) + (c64 - back)  # total + error == product + c
-        inexact = (error != 0) & np.isfinite(total) & ((total.view(np.uint64) & 1) == 0)
-        total = np.where(inexact, np.nextafter(total, np.where(error > 0, np.inf, -np.inf)), total)
-        return total.astype(np.float32)[()]
+        error = (product - (total - back)) + (c - back)  # total + error == product + c
+        inexact_even = (error != 0) & ((np.asarray(total).view(np.uint64) & 1) == 0)
+        if inexact_even.any():  # to odd: one ulp towards the exact value
+            total = np.where(inexact_even, np.nextafter(total, np.copysign(np.inf, error)), total)
+        return np.asarray(total).astype(np.float32)[()]
 
 
 def _tag_wide(function: Any) -> None:

@@ -161,6 +161,9 @@ class _Batch:
         """Nearest centroid of each unit: (n, G) int64 for vectors X (n, d)."""
         n, (G, K, g) = X.shape[0], self.centroids.shape
         labels = np.empty((G, n), dtype=np.int64)
+        near_units: list[np.ndarray] = []
+        near_rows: list[np.ndarray] = []
+        pending = 0
         # Rows in small chunks: the (G, rows, K) distance block then stays in cache.
         for start in range(0, n, _VQ_ROWS):
             stop = min(start + _VQ_ROWS, n)
@@ -173,19 +176,22 @@ class _Batch:
             np.matmul(parts, self._augmented, out=scores)
             found = labels[:, start:stop]
             np.argmin(scores, axis=2, out=found)
-            self._settle_near_ties(parts, scores, found)
+            unit, row = self._near_ties(parts, scores, found)
+            near_units.append(unit)
+            near_rows.append(row + start)
+            pending += unit.size
+            # Near ties wait and are settled together (a call of fma32 costs tens of
+            # microseconds, whatever its size), at most a chunk's worth of scores.
+            if pending >= G * _VQ_ROWS or stop == n:
+                self._settle(X, np.concatenate(near_units), np.concatenate(near_rows), labels)
+                near_units, near_rows, pending = [], [], 0
         return labels.T
 
-    def _settle_near_ties(self, parts: np.ndarray, scores: np.ndarray, found: np.ndarray) -> None:
-        """Make the BLAS argmin ``found`` (G, rows) that of the exact scores.
-
-        BLAS sums each score in an order of its own. Where the runner-up is within the
-        rounding error of both sums (rare), the exact scores of all centroids,
-        ``|c_k|^2 + sum_j x_j (-2 c_jk)`` accumulated in j order by float32 fused
-        multiply-adds (what the compiled kernel computes), decide; elsewhere the BLAS
-        argmin is the exact one. So codes do not depend on the BLAS build or on whether
-        the compiled kernels are on.
-        """
+    def _near_ties(
+        self, parts: np.ndarray, scores: np.ndarray, found: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(unit, row) indices where the BLAS argmin ``found`` (G, rows) may not be that
+        of the exact scores (see ``_settle``)."""
         g = parts.shape[2] - 1
         head = parts[:, :, :g]
         norms = np.einsum("grj,grj->gr", head, head)
@@ -195,14 +201,27 @@ class _Batch:
         norms += lowest  # now the highest score that may still win
         np.put_along_axis(scores, found[:, :, None], np.inf, axis=2)
         # (not >: NaN scores, from overflow, also take the exact path)
-        close = np.nonzero(~(scores.min(axis=2) > norms))
-        if close[0].size == 0:
+        unit, row = np.nonzero(~(scores.min(axis=2) > norms))
+        return unit, row
+
+    def _settle(self, X: np.ndarray, unit: np.ndarray, row: np.ndarray, labels: np.ndarray) -> None:
+        """Make ``labels[unit, row]`` the argmin of the exact scores of those units.
+
+        BLAS sums each score in an order of its own. Where the runner-up is within the
+        rounding error of both sums (rare), the exact scores of all centroids,
+        ``|c_k|^2 + sum_j x_j (-2 c_jk)`` accumulated in j order by float32 fused
+        multiply-adds (what the compiled kernel computes), decide; elsewhere the BLAS
+        argmin is the exact one. So codes do not depend on the BLAS build or on whether
+        the compiled kernels are on.
+        """
+        if unit.size == 0:
             return
-        unit, row = close
+        g = self.centroids.shape[2]
+        head = X[row[:, None], self.columns.reshape(-1, g)[unit]]  # (m, g) float32
         exact = self._augmented[unit, g, :].copy()
         for j in range(g):
-            exact = _jit.fma32(head[unit, row, j][:, None], self._augmented[unit, j, :], exact)
-        found[unit, row] = np.argmin(exact, axis=1)
+            exact = _jit.fma32(head[:, j, None], self._augmented[unit, j, :], exact)
+        labels[unit, row] = np.argmin(exact, axis=1)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, G * g) float32 reconstruction of the units from their codes (n, G)."""
