@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _jit
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from ._validation import check_codes, check_finite, check_matrix, check_output
 from .exceptions import InputError, NotFittedError, SpecError
@@ -220,18 +221,21 @@ class Codec:
         With ``reduced=True`` return the (n, d_out) vectors in the reducer's space,
         for search against :meth:`project_queries`. ``out``: a float32 C-contiguous
         buffer of that shape to write into and return (like FAISS's
-        ``sa_decode(codes, x)``); reusing one skips the page faults of fresh memory.
+        ``sa_decode(codes, x)``); reusing one skips the page faults of fresh memory,
+        and a large one is written with streaming stores (see ``Quantizer.decode``).
         """
         d_in = self._check_fitted()
         codes = check_codes(codes, code_size=self.code_size)
         expand = self.reducer is not None and not reduced
         shape = (codes.shape[0], d_in if expand else self.d_out)
+        given = out is not None
         out = check_output(out, shape, codes)
+        stream = given and not expand and _jit.streams(out)  # see embcomp._jit.streams
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block = np.ascontiguousarray(codes[start:stop])
             if not expand:
-                self.quantizer._decode_into(block, out[start:stop], scratch)
+                self.quantizer._decode_into(block, out[start:stop], scratch, stream=stream)
                 return
             assert self.reducer is not None
             z = scratch.get("reduced", (block.shape[0], self.d_out), np.float32)

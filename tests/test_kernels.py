@@ -421,6 +421,89 @@ def test_memory_beyond_the_output_is_a_few_blocks_per_thread(spec):
     assert extra_decode <= bound
 
 
+# -- streaming stores -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8", "fp8e5m2", "fp4", "fp16", "bf16", "bin"])
+@pytest.mark.parametrize("d", [1, 3, 7, 8, 9, 17, 64, 101])
+def test_streaming_decode_writes_the_same_bytes_at_any_width_and_alignment(
+    name, d, monkeypatch, small_blocks
+):
+    """Every decode into a buffer streams (threshold 0): into buffers starting at each of
+    the 8 float offsets from a 32-byte boundary, over 64-row blocks on two threads, the
+    bytes equal the reference's and nothing outside the buffer is touched."""
+    monkeypatch.setattr(jit, "STREAM_BYTES", 0)
+    n = 257
+    X = np.random.default_rng(d).standard_normal((n, d)).astype(np.float32)
+    q = quantizer(name, X)
+    _, decode_ref = reference(q)
+    codes = q.encode(X)
+    want = decode_ref(q, codes)
+    raw = np.empty(n * d + 16, dtype=np.float32)
+    for shift in range(8):
+        raw[:] = np.nan
+        out = raw[shift : shift + n * d].reshape(n, d)
+        assert jit.streams(out) == jit.ENABLED
+        assert q.decode(codes, out=out) is out
+        assert_same_bits(out, want)
+        assert np.isnan(raw[:shift]).all() and np.isnan(raw[shift + n * d :]).all()
+    assert_same_bits(q.decode(codes), want)
+    codec = make_codec(name).fit(X)
+    assert_same_bits(codec.decode(codes, out=np.empty_like(want)), want)  # it streams too
+    for rows in (0, 1, 2):
+        assert_same_bits(q.decode(codes[:rows], out=np.empty_like(want[:rows])), want[:rows])
+
+
+def test_only_large_outputs_stream(monkeypatch):
+    """Below STREAM_BYTES the output likely stays in cache for whoever reads it next."""
+    out = np.empty((1000, 64), dtype=np.float32)
+    monkeypatch.setattr(jit, "STREAM_BYTES", out.nbytes)
+    assert jit.streams(out) == jit.ENABLED
+    assert not jit.streams(out[:-1])
+    assert not jit.streams(out[:, :32])  # not C-contiguous
+    assert not jit.streams(out.astype(np.float64))
+
+
+def _stream_affine(codes, scale, out, stream):  # type: ignore[no-untyped-def]
+    """The streaming pattern of embcomp._jit, as the decoders use it."""
+    n, d = out.shape
+    target, base, flat, lead = jit.stream_start(out, stream)
+    carry = 0
+    for i in range(n):
+        r = 0 if stream else i
+        for j in range(d):
+            target[r, base + j] = np.float32(codes[i, j]) * scale[j]
+        if stream:
+            carry = jit.finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        jit.finish_stream(flat, n * d, target, carry)
+
+
+@pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
+def test_streaming_pattern_compiles_to_nontemporal_stores_and_a_fence():
+    import numba
+
+    compiled = numba.njit(_stream_affine)  # no cache: its IR stays inspectable
+    rng = np.random.default_rng(0)
+    for n, d in [(0, 5), (1, 3), (9, 13), (40, 24)]:
+        codes = rng.integers(0, 256, (n, d), dtype=np.uint8)
+        scale = rng.random(d, dtype=np.float32)
+        want = codes.astype(np.float32) * scale
+        for stream in (False, True):
+            raw = np.full(n * d + 9, np.nan, dtype=np.float32)
+            out = raw[1 : 1 + n * d].reshape(n, d)
+            compiled(codes, scale, out, stream)
+            assert_same_bits(out, want)
+            assert np.isnan(raw[0]) and np.isnan(raw[1 + n * d :]).all()
+            python = np.empty_like(out)
+            _stream_affine(codes, scale, python, stream)  # the helpers run in Python too
+            assert_same_bits(python, want)
+    (ir,) = compiled.inspect_llvm().values()
+    assert "!nontemporal" in ir
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "llvm.x86.sse.sfence" in ir
+
+
 @pytest.mark.skipif(not jit.AVAILABLE, reason="numba is not installed (pip install embcomp[fast])")
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8", "fp8e5m2", "fp4"])
 def test_compiled_cast_equals_the_library_cast_on_a_sweep_of_all_float32(fmt):
@@ -448,7 +531,7 @@ def test_compiled_cast_equals_the_library_cast_on_a_sweep_of_all_float32(fmt):
         if fmt_info.bits == 16:
             decode = _kernels.decode_f16 if fmt == "fp16" else _kernels.decode_bf16
             back = np.empty(values.shape, dtype=np.float32)
-            decode(got, ones, back)
+            decode(got, ones, back, part % 2 == 1)  # half of them with streaming stores
             assert_same_bits(back, want.astype(np.float32))
 
 
@@ -458,13 +541,14 @@ def test_every_float16_code_decodes_like_numpy():
 
     codes = np.arange(1 << 16, dtype=np.uint16).reshape(1, -1)
     want = codes.view(np.float16).astype(np.float32)
-    got = np.empty(want.shape, dtype=np.float32)
-    _kernels.decode_f16(codes, np.ones(want.shape[1], dtype=np.float32), got)
-    finite = np.isfinite(want)
-    assert_same_bits(got[finite], want[finite])
-    assert np.isnan(got[np.isnan(want)]).all() and np.array_equal(
-        got[np.isinf(want)], want[np.isinf(want)]
-    )
+    for stream in (False, True):
+        got = np.empty(want.shape, dtype=np.float32)
+        _kernels.decode_f16(codes, np.ones(want.shape[1], dtype=np.float32), got, stream)
+        finite = np.isfinite(want)
+        assert_same_bits(got[finite], want[finite])
+        assert np.isnan(got[np.isnan(want)]).all() and np.array_equal(
+            got[np.isinf(want)], want[np.isinf(want)]
+        )
 
 
 def test_warm_up_compiles_the_kernels(kernel_path):
@@ -527,6 +611,7 @@ def _correctly_rounded_fma(a: np.float32, b: np.float32, c: np.float32) -> np.fl
     guess = np.float32(float(exact))  # may be off by one ulp (rounded twice)
     down, up = np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))
     neighbours = [down, guess, up]
+
     def distance_then_odd(v: np.float32) -> tuple[Fraction, int]:  # ties: the even one
         return abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) % 2
 
@@ -563,7 +648,10 @@ def test_compiled_fma32_is_the_numpy_one():
 
     rng = np.random.default_rng(41)
     n = 400_000
-    a, b, c = (rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32) for _ in range(3))  # noqa: E501
+    a, b, c = (
+        rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        for _ in range(3)
+    )  # noqa: E501
     a[:1000], b[:1000] = rng.standard_normal((2, 1000)).astype(np.float32)
     c[:1000] = -a[:1000] * b[:1000]  # cancellation
     specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3e38], np.float32)

@@ -616,7 +616,7 @@ class AllocQuantizer(Quantizer):
             return None
         return bool(_alloc_kernels.encode_alloc(X, out, *self._encode_args))
 
-    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray, stream: bool) -> bool:
         if not _jit.ENABLED:
             return False
         _alloc_kernels.decode_alloc(codes, out, *self._decode_args)
@@ -691,8 +691,10 @@ class AllocQuantizer(Quantizer):
                 codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
         out[...] = self._layout.pack(codes[:, self._field_order])
 
-    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
-        if not self._jit_decode(codes, out):
+    def _decode_into(
+        self, codes: np.ndarray, out: np.ndarray, scratch: Scratch, *, stream: bool = False
+    ) -> None:
+        if not self._jit_decode(codes, out, stream):
             out[...] = self._decode_block(codes)
 
     def _decode_block(self, codes: np.ndarray) -> np.ndarray:

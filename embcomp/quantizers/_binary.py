@@ -68,7 +68,9 @@ class BinaryQuantizer(Quantizer):
         self._table = np.ascontiguousarray(table, dtype=np.float32).view(_EIGHT_FLOATS).ravel()
         self._offsets = np.arange(n_bytes, dtype=np.intp) * 256
 
-    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    def _decode_into(
+        self, codes: np.ndarray, out: np.ndarray, scratch: Scratch, *, stream: bool = False
+    ) -> None:
         assert self.d_ is not None
         n, n_bytes = codes.shape
         index = scratch.get("index", codes.shape, np.intp)

@@ -144,18 +144,18 @@ class FloatQuantizer(Quantizer):
         codes = out.view(np.uint16) if fmt.bits == 16 else out
         return bool(_kernels.encode_float(X, *params, codes))
 
-    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray, stream: bool) -> bool:
         if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
             return False
         fmt = self.format
         if self.fmt == "fp16":
-            _kernels.decode_f16(codes.view(np.uint16), self.scale_, out)
+            _kernels.decode_f16(codes.view(np.uint16), self.scale_, out, stream)
         elif self.fmt == "bf16":
-            _kernels.decode_bf16(codes.view(np.uint16), self.scale_, out)
+            _kernels.decode_bf16(codes.view(np.uint16), self.scale_, out, stream)
         elif fmt.bits == 8:
-            _kernels.decode_table(codes, self._lut, self.scale_, out)
+            _kernels.decode_table(codes, self._lut, self.scale_, out, stream)
         else:
-            _kernels.decode_table4(codes, self._lut, self.scale_, out)
+            _kernels.decode_table4(codes, self._lut, self.scale_, out, stream)
         return True
 
     def _encode_into(
@@ -196,10 +196,12 @@ class FloatQuantizer(Quantizer):
         if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
             out.view(np.uint16).byteswap(inplace=True)
 
-    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    def _decode_into(
+        self, codes: np.ndarray, out: np.ndarray, scratch: Scratch, *, stream: bool = False
+    ) -> None:
         fmt = self.format
         assert self.d_ is not None and self.scale_ is not None
-        if self._jit_decode(codes, out):
+        if self._jit_decode(codes, out, stream):
             return
         n, d = out.shape
         if self.fmt == "fp32":

@@ -74,11 +74,11 @@ class IntQuantizer(Quantizer):
         encode = _kernels.encode_int8 if self.bits == 8 else _kernels.encode_int4
         return bool(encode(X, self._inv_step, self._offset, np.float32(self.levels), out))
 
-    def _jit_decode(self, codes: np.ndarray, out: np.ndarray) -> bool:
+    def _jit_decode(self, codes: np.ndarray, out: np.ndarray, stream: bool) -> bool:
         if not _jit.ENABLED:
             return False
         decode = _kernels.decode_int8 if self.bits == 8 else _kernels.decode_int4
-        decode(codes, self.step_, self.min_, out)
+        decode(codes, self.step_, self.min_, out, stream)
         return True
 
     def _encode_into(
@@ -106,9 +106,11 @@ class IntQuantizer(Quantizer):
         np.copyto(nibbles[:, :d], bits, casting="unsafe")
         pack_nibbles_into(nibbles, out, scratch)
 
-    def _decode_into(self, codes: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+    def _decode_into(
+        self, codes: np.ndarray, out: np.ndarray, scratch: Scratch, *, stream: bool = False
+    ) -> None:
         assert self.d_ is not None and self.step_ is not None and self.min_ is not None
-        if self._jit_decode(codes, out):
+        if self._jit_decode(codes, out, stream):
             return
         d = self.d_
         if self.bits == 8:

@@ -5,7 +5,9 @@ output. Each computes what the numpy path of its quantizer computes, with the sa
 float32 operations in the same order, so the bytes are identical (the tests check
 both paths against the same references). Encoders also return whether every input
 was finite, so the caller needs no separate pass to check (it re-checks with
-:func:`embcomp._validation.check_finite` only to name the bad row).
+:func:`embcomp._validation.check_finite` only to name the bad row). Decoders take
+``stream``: whether to write the output with streaming stores, row by row through a
+stage (see :func:`embcomp._jit.streams`); the values are the same either way.
 
 Bit tricks used here:
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._jit import kernel
+from .._jit import finish_row, finish_stream, kernel, stream_start
 
 _U = np.uint32
 _EXP = np.uint32(0x7F800000)  # exponent bits of float32: all set means inf or NaN
@@ -150,43 +152,71 @@ def encode_bf16(X, inv_scale, fmax, out):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def decode_f16(codes, scale, out):  # type: ignore[no-untyped-def]
+def decode_f16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
     """out (n, d) float32 = float16 ``codes`` (n, d) uint16 * scale."""
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d):
-            out[i, j] = f16_bits_to_f32(codes[i, j]) * scale[j]
+            target[r, base + j] = f16_bits_to_f32(codes[i, j]) * scale[j]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
 
 
 @kernel
-def decode_bf16(codes, scale, out):  # type: ignore[no-untyped-def]
+def decode_bf16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
     """out (n, d) float32 = bfloat16 ``codes`` (n, d) uint16 * scale."""
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d):
-            out[i, j] = _U(_U(codes[i, j]) << _U(16)).view(np.float32) * scale[j]
+            target[r, base + j] = _U(_U(codes[i, j]) << _U(16)).view(np.float32) * scale[j]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
 
 
 @kernel
-def decode_table(codes, lut, scale, out):  # type: ignore[no-untyped-def]
+def decode_table(codes, lut, scale, out, stream):  # type: ignore[no-untyped-def]
     """out (n, d) float32 = lut[codes] * scale (8-bit codes, one a byte)."""
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d):
-            out[i, j] = lut[codes[i, j]] * scale[j]
+            target[r, base + j] = lut[codes[i, j]] * scale[j]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
 
 
 @kernel
-def decode_table4(codes, lut, scale, out):  # type: ignore[no-untyped-def]
+def decode_table4(codes, lut, scale, out, stream):  # type: ignore[no-untyped-def]
     """out (n, d) float32 = lut[nibble] * scale (4-bit codes, even dimension low)."""
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d // 2):
             c = codes[i, j]
-            out[i, 2 * j] = lut[c & 15] * scale[2 * j]
-            out[i, 2 * j + 1] = lut[c >> 4] * scale[2 * j + 1]
+            target[r, base + 2 * j] = lut[c & 15] * scale[2 * j]
+            target[r, base + 2 * j + 1] = lut[c >> 4] * scale[2 * j + 1]
         if d % 2:
-            out[i, d - 1] = lut[codes[i, d // 2] & 15] * scale[d - 1]
+            target[r, base + d - 1] = lut[codes[i, d // 2] & 15] * scale[d - 1]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
 
 
 # -- uniform integer levels -------------------------------------------------------------
@@ -228,21 +258,35 @@ def encode_int4(X, inv_step, offset, top, out):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def decode_int8(codes, step, low, out):  # type: ignore[no-untyped-def]
+def decode_int8(codes, step, low, out, stream):  # type: ignore[no-untyped-def]
     """out = codes * step + low, rounded after each operation like numpy."""
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d):
-            out[i, j] = np.float32(codes[i, j]) * step[j] + low[j]
+            target[r, base + j] = np.float32(codes[i, j]) * step[j] + low[j]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
 
 
 @kernel
-def decode_int4(codes, step, low, out):  # type: ignore[no-untyped-def]
+def decode_int4(codes, step, low, out, stream):  # type: ignore[no-untyped-def]
     n, d = out.shape
+    target, base, flat, lead = stream_start(out, stream)
+    carry = 0
     for i in range(n):
+        r = 0 if stream else i
         for j in range(d // 2):
             c = codes[i, j]
-            out[i, 2 * j] = np.float32(c & 15) * step[2 * j] + low[2 * j]
-            out[i, 2 * j + 1] = np.float32(c >> 4) * step[2 * j + 1] + low[2 * j + 1]
+            target[r, base + 2 * j] = np.float32(c & 15) * step[2 * j] + low[2 * j]
+            target[r, base + 2 * j + 1] = np.float32(c >> 4) * step[2 * j + 1] + low[2 * j + 1]
         if d % 2:
-            out[i, d - 1] = np.float32(codes[i, d // 2] & 15) * step[d - 1] + low[d - 1]
+            target[r, base + d - 1] = np.float32(codes[i, d // 2] & 15) * step[d - 1] + low[d - 1]
+        if stream:
+            carry = finish_row(flat, lead, (i + 1) * d, target, carry)
+    if stream:
+        finish_stream(flat, n * d, target, carry)
