@@ -3,8 +3,9 @@
     python -m bench speed                      # 200,000 x 384 and 100,000 x 768, 5 runs
     python -m bench speed --shapes 20000x384 --repeats 3 --quick
 
-For each input shape it times, in the same process and interleaved run by run (so a
-busy machine slows both sides alike):
+For each input shape it times, in the same process and interleaved run by run, in a
+seeded random order each round (so a busy machine slows both sides alike, and no
+method always runs right after the same neighbour):
 
 * ``encode`` / ``decode`` of every registered embcomp quantizer and of
   ``pca{d/2},int8`` and ``pca{d/2},fp8``;
@@ -48,6 +49,7 @@ from embcomp import _jit
 
 DEFAULT_SHAPES = ("200000x384", "100000x768")
 RESULTS = Path(__file__).resolve().parent / "results"
+ORDER_SEED = 7  # the order methods run in, each round
 FAISS_EQUIVALENT = {"int8": "SQ8", "int4": "SQ4", "fp16": "SQfp16", "bf16": "SQbf16"}
 NAIVE_CAST = {"fp8": "float8_e4m3fn", "fp8e5m2": "float8_e5m2", "fp4": "float4_e2m1fn"}
 TRAIN_ROWS = 20_000
@@ -280,8 +282,14 @@ def run_shape(n: int, d: int, repeats: int, data: str | None, specs_filter: Sequ
     codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
     # decode_into's buffers: one per method, already written once (no page faults left)
     buffers = {m.name: m.decode(codes[m.name]) for m in methods if m.decode_into}
+    # Interleaved: each run of every method sees the same load. Shuffled each round
+    # (seeded): what runs just before a method matters (a big array freed just before
+    # makes the next fresh output's page faults cheaper), so no method always follows
+    # the same neighbour.
+    rng = np.random.default_rng(ORDER_SEED)
     for _ in range(repeats):
-        for m in methods:  # interleaved: each run of every method sees the same load
+        for index in rng.permutation(len(methods)):
+            m = methods[index]
             m.enc.add(partial(m.encode, X))
             m.dec.add(partial(m.decode, codes[m.name]))
             if m.decode_into is not None:
@@ -448,7 +456,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"`{record['command']}` on {record['environment']['cpu']} "
         f"({record['environment']['cpus_usable']} CPUs, load average at start "
         f"{record['environment']['load_average']}); MB/s of float32 input/output, median of "
-        f"{record['repeats']} interleaved runs. Ratio = embcomp / counterpart.",
+        f"{record['repeats']} interleaved runs, shuffled each round. "
+        "Ratio = embcomp / counterpart.",
     ]
     jit = record.get("jit", {})
     if jit.get("available") and "import_numba_s" in jit:
@@ -579,6 +588,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         "benchmark": "speed",
         "command": " ".join(["python -m bench speed", *argv]),
         "repeats": args.repeats,
+        "order_seed": ORDER_SEED,
         "environment": environment(),
         "jit": jit_cost() if args.jit_cost else {"available": _jit.AVAILABLE, "measured": False},
         "data": args.data or "synthetic unit-norm, power-law spectrum, seed 0",
