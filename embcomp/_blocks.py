@@ -11,7 +11,7 @@ beyond its output is a few blocks per worker whatever ``n`` is.
 BLAS: a matrix product inside a worker must not start BLAS's own threads (two
 OpenBLAS thread teams on two cores serialize on OpenBLAS's server lock and run
 several times slower). Where the loaded OpenBLAS has ``openblas_set_num_threads_local``
-(0.3.27+) each worker limits itself to one BLAS thread for the duration of the call;
+(0.3.27+) BLAS is held to one thread while a call runs (see :func:`blas_single_thread`);
 elsewhere callers that multiply matrices pass ``uses_blas=True`` and their blocks run
 on the calling thread alone, leaving the parallelism to BLAS.
 """
@@ -24,6 +24,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -117,34 +118,60 @@ def float32_block(
 
 
 # -- BLAS threads ------------------------------------------------------------------------
-_blas_setters: list[Callable[[int], int]] | None = None
+@dataclass
+class _BlasSetter:
+    """``openblas_set_num_threads_local`` of one loaded OpenBLAS, and whether what it sets
+    is really per thread: it is in some builds, while in others (numpy's and faiss-cpu's
+    wheels) it sets the count of the whole process, like ``openblas_set_num_threads``."""
+
+    set: Callable[[int], int]
+    per_thread: bool
+
+
+_blas_setters: list[_BlasSetter] | None = None
 _blas_lock = threading.Lock()
+# Process-wide limits: how many calls hold them, and the counts to restore after the last.
+_shared_holders = 0
+_shared_saved: list[int] = []
 
 
-def _find_blas_setters() -> list[Callable[[int], int]]:
-    """``openblas_set_num_threads_local`` of every OpenBLAS loaded in this process."""
-    setters: list[Callable[[int], int]] = []
+def _find_blas_setters() -> list[_BlasSetter]:
+    """The thread-count setter of every OpenBLAS loaded in this process."""
+    functions: list[Callable[[int], int]] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split(None, 5)[-1].strip() for line in maps if ".so" in line}
-    except OSError:  # not Linux: no per-thread control, callers fall back
-        return setters
+    except OSError:  # not Linux: no thread control, callers fall back
+        return []
     for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
         try:
             library = ctypes.CDLL(path)
         except OSError:
             continue
         for symbol in ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local64_"):
-            setter = getattr(library, symbol, None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter.restype = ctypes.c_int
-                setters.append(setter)
+            function = getattr(library, symbol, None)
+            if function is not None:
+                function.argtypes = [ctypes.c_int]
+                function.restype = ctypes.c_int
+                functions.append(function)
                 break
-    return setters
+    return [_BlasSetter(f, _sets_per_thread(f)) for f in functions]
 
 
-def _get_blas_setters() -> list[Callable[[int], int]]:
+def _sets_per_thread(setter: Callable[[int], int]) -> bool:
+    """Whether a count set in another thread leaves this thread's count alone."""
+    mine = setter(1)
+    setter(mine)
+    if mine <= 1:
+        return True  # one thread already: nothing to limit, nothing to undo
+    probe = threading.Thread(target=setter, args=(1,))  # another thread asks for one
+    probe.start()
+    probe.join()
+    seen = setter(mine)  # what this thread has now (and back to what it had)
+    return seen == mine
+
+
+def _get_blas_setters() -> list[_BlasSetter]:
     global _blas_setters
     with _blas_lock:
         if _blas_setters is None:
@@ -155,20 +182,41 @@ def _get_blas_setters() -> list[Callable[[int], int]]:
 
 
 def can_limit_blas() -> bool:
-    """Whether this thread's BLAS can be limited to one thread (see module docstring)."""
+    """Whether BLAS can be held to one thread per caller (see :func:`blas_single_thread`)."""
     return bool(_get_blas_setters())
 
 
 @contextlib.contextmanager
 def blas_single_thread() -> Iterator[None]:
-    """Within the block, BLAS calls made by this thread use one thread (if supported)."""
+    """Within the block, BLAS calls made by this thread use one thread (if supported).
+
+    A per-thread setter is set and restored by each thread for itself. A process-wide
+    one is set by the first thread to enter and restored by the last to leave: each
+    thread restoring what it saw would race (A saves 2, B saves A's 1, A restores 2,
+    B restores 1) and leave the whole process on one BLAS thread. While such a limit
+    is held, BLAS calls of other threads of the process use one thread too.
+    """
+    global _shared_holders, _shared_saved
     setters = _get_blas_setters()
-    previous = [setter(1) for setter in setters]
+    own = [s for s in setters if s.per_thread]
+    shared = [s for s in setters if not s.per_thread]
+    previous = [s.set(1) for s in own]
+    if shared:
+        with _blas_lock:
+            if _shared_holders == 0:
+                _shared_saved = [s.set(1) for s in shared]
+            _shared_holders += 1
     try:
         yield
     finally:
-        for setter, value in zip(setters, previous, strict=True):
-            setter(max(1, value))
+        if shared:
+            with _blas_lock:
+                _shared_holders -= 1
+                if _shared_holders == 0:
+                    for setter, value in zip(shared, _shared_saved, strict=True):
+                        setter.set(max(1, value))
+        for setter, value in zip(own, previous, strict=True):
+            setter.set(max(1, value))
 
 
 # -- the pool --------------------------------------------------------------------------
@@ -192,6 +240,7 @@ class _Run:
         self.work = work
         self.taken = 0
         self.finished = 0
+        self.active = 0  # threads inside drain (the BLAS limit is restored as they leave)
         self.errors: dict[int, BaseException] = {}
         self.cond = threading.Condition()
 
@@ -204,25 +253,39 @@ class _Run:
             return index
 
     def drain(self) -> None:
-        """Process blocks until none are left (or one has failed)."""
-        scratch = Scratch()
-        with blas_single_thread():
-            while (index := self._take()) is not None:
-                start = index * self.block_rows
-                try:
-                    self.work(start, min(start + self.block_rows, self.n), scratch)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
-                    with self.cond:
-                        self.errors[index] = exc
-                finally:
-                    with self.cond:
-                        self.finished += 1
-                        self.cond.notify_all()
+        """Process blocks until none are left (or one has failed).
+
+        A worker that starts after the last block was taken returns at once, without
+        touching BLAS's thread count: the call may have returned already.
+        """
+        with self.cond:
+            if self.errors or self.taken >= self.n_blocks:
+                return
+            self.active += 1
+        try:
+            scratch = Scratch()
+            with blas_single_thread():
+                while (index := self._take()) is not None:
+                    start = index * self.block_rows
+                    try:
+                        self.work(start, min(start + self.block_rows, self.n), scratch)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                        with self.cond:
+                            self.errors[index] = exc
+                    finally:
+                        with self.cond:
+                            self.finished += 1
+                            self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.active -= 1
+                self.cond.notify_all()
 
     def wait(self) -> None:
-        """Wait until every block handed out has finished; raise the earliest error."""
+        """Wait until every block handed out has finished and every thread has left
+        :meth:`drain` (so BLAS's thread count is restored); raise the earliest error."""
         with self.cond:
-            while self.finished < self.taken:
+            while self.finished < self.taken or self.active:
                 self.cond.wait()
             if self.errors:
                 raise self.errors[min(self.errors)]

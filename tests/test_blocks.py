@@ -1,0 +1,92 @@
+"""The block runner's BLAS thread limit: held while calls run, restored after them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import embcomp._blocks as blocks
+from embcomp import make_codec
+
+
+class FakeBlas:
+    """An ``openblas_set_num_threads_local``: sets the count of the process or of the
+    calling thread, returns the previous one."""
+
+    def __init__(self, per_thread: bool, count: int = 4) -> None:
+        self.per_thread = per_thread
+        self.count = count
+        self.local = threading.local()
+
+    def current(self) -> int:
+        return getattr(self.local, "count", self.count) if self.per_thread else self.count
+
+    def __call__(self, count: int) -> int:
+        old = self.current()
+        if self.per_thread:
+            self.local.count = count
+        else:
+            self.count = count
+        return old
+
+
+@pytest.mark.parametrize("per_thread", [False, True])
+def test_a_setter_is_classified_as_per_thread_or_process_wide(per_thread):
+    fake = FakeBlas(per_thread)
+    assert blocks._sets_per_thread(fake) == per_thread
+    assert fake.current() == 4
+
+
+def test_blas_is_held_to_one_thread_while_calls_run_and_restored_after(monkeypatch):
+    """Two calls at once, each over many blocks on two threads: every block sees one
+    BLAS thread, and afterwards the counts are what they were (a process-wide count
+    restored by each thread from what it saw would end on 1)."""
+    fakes = [FakeBlas(per_thread=False), FakeBlas(per_thread=True)]
+    setters = [blocks._BlasSetter(fake, fake.per_thread) for fake in fakes]
+    monkeypatch.setattr(blocks, "_blas_setters", setters)
+    monkeypatch.setenv("EMBCOMP_THREADS", "2")
+    seen: list[list[int]] = []
+
+    def work(start, stop, scratch):
+        seen.append([fake.current() for fake in fakes])
+        time.sleep(0.0005)
+
+    for _ in range(5):
+        calls = [
+            threading.Thread(
+                target=blocks.map_blocks, args=(64 * 30, 64, work), kwargs={"uses_blas": True}
+            )
+            for _ in range(2)
+        ]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        assert fakes[0].count == 4  # the process-wide count, once the last call left
+    assert len(seen) == 5 * 2 * 30 and all(counts == [1, 1] for counts in seen)
+    assert fakes[1].current() == 4  # this thread's own count was never touched
+
+
+def test_codec_calls_leave_the_real_blas_thread_counts_as_they_were(monkeypatch):
+    setters = blocks._get_blas_setters()
+    if not setters:
+        pytest.skip("no OpenBLAS with openblas_set_num_threads_local is loaded")
+
+    def counts() -> list[int]:
+        values = [s.set(1) for s in setters]
+        for setter, value in zip(setters, values, strict=True):
+            setter.set(value)
+        return values
+
+    monkeypatch.setattr(blocks, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(blocks, "_MIN_PRODUCT_ROWS", 64)
+    monkeypatch.setenv("EMBCOMP_THREADS", "2")
+    X = np.random.default_rng(0).standard_normal((3000, 48)).astype(np.float32)
+    before = counts()
+    codec = make_codec("pca16,int8").fit(X)
+    for _ in range(20):
+        codec.decode(codec.encode(X))
+        assert counts() == before
