@@ -127,12 +127,13 @@ def fma32(a: Any, b: Any, c: Any) -> Any:
 
 # -- streaming stores --------------------------------------------------------------------
 # A decoder writes 4 bytes of float32 per element. Plain stores first read every cache
-# line they fill (to own it), and once the output outgrows the cache each line then
-# goes back to memory: three bytes of traffic per byte of output. Non-temporal
-# ("streaming") stores write whole lines straight to memory: one byte per byte. On this
-# project's machine that makes int8 decode 2.4x faster on one core for outputs beyond
-# the cache (~50 MiB here), and up to 2x slower for outputs that fit in it (the data
-# must then come back from memory), hence the threshold, which EMBCOMP_STREAM_BYTES sets.
+# line they fill (to own it), and once the output outgrows the cache each line goes
+# back to memory: two bytes of traffic per byte of output, and a core can only wait on
+# so many lines at once. Non-temporal ("streaming") stores write whole lines straight
+# to memory. On this project's machine that makes int8 decode 2.4x faster on one core
+# for outputs beyond the cache (~50 MiB here), and up to 2x slower for outputs that fit
+# in it (the data must then come back from memory), hence the threshold, which
+# EMBCOMP_STREAM_BYTES sets.
 STREAM_BYTES = int(os.environ.get("EMBCOMP_STREAM_BYTES", 64 << 20))
 
 
