@@ -454,7 +454,7 @@ def test_streaming_decode_writes_the_same_bytes_at_any_width_and_alignment(
 
 def test_only_large_outputs_stream(monkeypatch):
     """Below STREAM_BYTES the output likely stays in cache for whoever reads it next."""
-    out = np.empty((1000, 64), dtype=np.float32)
+    out = np.zeros((1000, 64), dtype=np.float32)
     monkeypatch.setattr(jit, "STREAM_BYTES", out.nbytes)
     assert jit.streams(out) == jit.ENABLED
     assert not jit.streams(out[:-1])
