@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ._validation import env_int
+
 __all__ = [
     "Scratch",
     "blas_single_thread",
@@ -53,9 +55,9 @@ _pool_lock = threading.Lock()
 
 def default_threads() -> int:
     """Threads per call: ``EMBCOMP_THREADS`` if set, else the CPUs this process may use."""
-    env = os.environ.get("EMBCOMP_THREADS")
-    if env:
-        return max(1, int(env))
+    threads = env_int("EMBCOMP_THREADS", None, minimum=1)
+    if threads is not None:
+        return threads
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not on Linux

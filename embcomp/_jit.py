@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ._validation import env_int
+
 try:  # pragma: no cover - depends on the installed extras
     import numba
 except ImportError:  # pragma: no cover
@@ -134,7 +136,7 @@ def fma32(a: Any, b: Any, c: Any) -> Any:
 # for outputs beyond the cache (~50 MiB here), and up to 2x slower for outputs that fit
 # in it (the data must then come back from memory), hence the threshold, which
 # EMBCOMP_STREAM_BYTES sets.
-STREAM_BYTES = int(os.environ.get("EMBCOMP_STREAM_BYTES", 64 << 20))
+STREAM_BYTES: int = env_int("EMBCOMP_STREAM_BYTES", 64 << 20) or 0
 
 
 def streams(out: np.ndarray) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,20 @@ import numpy as np
 from .exceptions import DimensionMismatchError, InputError, NotFittedError
 
 _FLOAT_KINDS = (np.float16, np.float32, np.float64)
+
+
+def env_int(name: str, default: int | None, *, minimum: int = 0) -> int | None:
+    """Whole-number setting from environment variable ``name``; ``default`` if unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be a whole number; got {raw!r}") from None
+    if value < minimum:
+        raise InputError(f"{name} must be at least {minimum}; got {value}")
+    return value
 
 
 def check_matrix(

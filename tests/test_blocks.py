@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,6 +13,8 @@ import pytest
 
 import embcomp._blocks as blocks
 from embcomp import make_codec
+from embcomp._validation import env_int
+from embcomp.exceptions import InputError
 
 
 class FakeBlas:
@@ -90,3 +95,26 @@ def test_codec_calls_leave_the_real_blas_thread_counts_as_they_were(monkeypatch)
     for _ in range(20):
         codec.decode(codec.encode(X))
         assert counts() == before
+
+
+def test_environment_settings_with_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setenv("EMBCOMP_THREADS", "two")
+    with pytest.raises(InputError, match="EMBCOMP_THREADS must be a whole number; got 'two'"):
+        blocks.default_threads()
+    monkeypatch.setenv("EMBCOMP_THREADS", "0")
+    with pytest.raises(InputError, match="EMBCOMP_THREADS must be at least 1; got 0"):
+        blocks.default_threads()
+    monkeypatch.setenv("EMBCOMP_THREADS", " 3 ")
+    assert blocks.default_threads() == 3
+    monkeypatch.delenv("EMBCOMP_THREADS")
+    assert blocks.default_threads() >= 1
+    assert env_int("EMBCOMP_NOT_SET_ANYWHERE", 5) == 5
+
+
+def test_a_bad_stream_threshold_fails_the_import_with_a_clear_error():
+    env = {**os.environ, "EMBCOMP_STREAM_BYTES": "64MB"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import embcomp"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert "EMBCOMP_STREAM_BYTES must be a whole number; got '64MB'" in done.stderr
