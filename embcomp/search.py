@@ -25,7 +25,7 @@ from .exceptions import InputError, NotFittedError
 
 __all__ = ["search_codes", "two_stage_search"]
 
-_BASE_BLOCK = 16384  # decoded base rows per step: 16384 x 768 float32 = 48 MiB at most
+_BASE_BLOCK = 16384  # decoded base rows per step: 16384 x 768 float32 = 48 MiB
 _QUERY_BLOCK = 1024
 
 
