@@ -164,13 +164,12 @@ def _sets_per_thread(setter: Callable[[int], int]) -> bool:
     """Whether a count set in another thread leaves this thread's count alone."""
     mine = setter(1)
     setter(mine)
-    if mine <= 1:
-        return True  # one thread already: nothing to limit, nothing to undo
-    probe = threading.Thread(target=setter, args=(1,))  # another thread asks for one
+    other = 2 if mine <= 1 else 1  # a count different from this thread's
+    probe = threading.Thread(target=setter, args=(other,))
     probe.start()
     probe.join()
     seen = setter(mine)  # what this thread has now (and back to what it had)
-    return seen == mine
+    return seen != other
 
 
 def _get_blas_setters() -> list[_BlasSetter]:

@@ -38,11 +38,13 @@ class FakeBlas:
         return old
 
 
+@pytest.mark.parametrize("count", [1, 4])
 @pytest.mark.parametrize("per_thread", [False, True])
-def test_a_setter_is_classified_as_per_thread_or_process_wide(per_thread):
-    fake = FakeBlas(per_thread)
+def test_a_setter_is_classified_as_per_thread_or_process_wide(per_thread, count):
+    """Also when the process runs one BLAS thread (a limit a user may raise later)."""
+    fake = FakeBlas(per_thread, count)
     assert blocks._sets_per_thread(fake) == per_thread
-    assert fake.current() == 4
+    assert fake.current() == count
 
 
 def test_blas_is_held_to_one_thread_while_calls_run_and_restored_after(monkeypatch):
