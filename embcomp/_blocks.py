@@ -1,9 +1,10 @@
 """Run a function over row blocks of a large array, on every core, with reusable scratch.
 
 numpy releases the GIL inside its kernels, so threads working on disjoint blocks use
-all cores. The calling thread works too, and workers pull the next block from a shared
-counter, so a busy core never holds up the others and a call made from inside a worker
-cannot deadlock the pool. Each worker gets a :class:`Scratch` for the whole call:
+all cores. The calling thread works too. Each thread works through a contiguous range
+of blocks, then takes blocks left in the others' ranges (see :class:`_Run`), so a busy
+core never holds up the others and a call made from inside a worker cannot deadlock
+the pool. Each worker gets a :class:`Scratch` for the whole call:
 kernels write their temporaries into the same few block-sized buffers block after
 block instead of allocating (and page-faulting) fresh ones, so the memory a call uses
 beyond its output is a few blocks per worker whatever ``n`` is.
@@ -232,26 +233,93 @@ def _get_pool() -> ThreadPoolExecutor:
 
 
 class _Run:
-    """One call's blocks, handed out one at a time to whichever thread asks next."""
+    """One call's rows, handed out a chunk at a time to whichever thread asks next.
 
-    def __init__(self, n: int, block_rows: int, work: Callable[[int, int, Scratch], None]) -> None:
+    The rows are cut into one contiguous range per thread. A thread takes chunks from
+    the front of its range; once its range is used up, it takes chunks from the back
+    of the range with the most rows left. So a busy core never holds up the others, and
+    yet two threads rarely write neighbouring rows at the same time: a fresh output's
+    pages are faulted in 2 MiB huge pages, and threads filling the same huge pages at
+    once fault them twice over. int8 decode of 100,000 x 768 into fresh memory on 2
+    threads: 8 MiB blocks dealt out in turn 31.6 ms, 2 MiB blocks 45 ms, contiguous
+    halves 30.3 ms (FAISS, whose OpenMP loop splits the rows in halves: 29.9 ms).
+
+    Chunks are ``block_rows`` long and start at multiples of it, unless ``divisible``
+    (``work`` gives the same results however rows are grouped): then chunks near the
+    end of a range get shorter (half of what is left, down to an eighth of a block), so
+    the threads finish together rather than one waiting out another's last block.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        block_rows: int,
+        work: Callable[[int, int, Scratch], None],
+        threads: int,
+        *,
+        divisible: bool,
+    ) -> None:
         self.n = n
         self.block_rows = block_rows
-        self.n_blocks = -(-n // block_rows)
+        self.divisible = divisible
         self.work = work
+        if divisible:
+            cuts = [s * n // threads for s in range(threads + 1)]
+        else:
+            n_blocks = -(-n // block_rows)
+            cuts = [min(n, s * n_blocks // threads * block_rows) for s in range(threads + 1)]
+        # range s: rows front[s] .. back[s]-1, not yet handed out
+        self.front = cuts[:-1]
+        self.back = cuts[1:]
+        self.ranges_claimed = 0
         self.taken = 0
         self.finished = 0
         self.active = 0  # threads inside drain (the BLAS limit is restored as they leave)
-        self.errors: dict[int, BaseException] = {}
+        self.errors: dict[int, BaseException] = {}  # by the first row of the failed chunk
         self.cond = threading.Condition()
 
-    def _take(self) -> int | None:
+    def _size(self, left: int) -> int:
+        """Rows of the next chunk of a range with ``left`` rows left (divisible work)."""
+        return min(left, self.block_rows, max(self.block_rows // 8, 1, -(-left // 2)))
+
+    def _take(self, mine: int) -> tuple[int, int] | None:
+        """The next chunk ``(start, stop)`` for the thread that owns range ``mine``;
+        None when there is none.
+
+        Once a chunk has failed, only rows before it are handed out (from the fronts of
+        the ranges): every chunk before it runs, so the earliest failure is reported.
+        """
         with self.cond:
-            if self.errors or self.taken >= self.n_blocks:
-                return None
-            index = self.taken
-            self.taken += 1
-            return index
+            chunk = self._claim(mine)
+            if chunk is not None:
+                self.taken += 1
+            return chunk
+
+    def _claim(self, mine: int) -> tuple[int, int] | None:
+        ranges = range(len(self.front))
+        limit = min(self.errors) if self.errors else self.n
+        for s in (mine, *ranges) if self.errors else (mine,):
+            front, back = self.front[s], self.back[s]
+            if front < min(back, limit):  # from the front
+                size = self._size(back - front) if self.divisible else self.block_rows
+                self.front[s] = min(front + size, back)
+                return front, self.front[s]
+        if self.errors:
+            return None
+        fullest = max(ranges, key=lambda s: self.back[s] - self.front[s])
+        front, back = self.front[fullest], self.back[fullest]
+        if front >= back:
+            return None
+        if self.divisible:  # from the back
+            start = back - self._size(back - front)
+        else:  # its last block
+            start = max(front, (back - 1) // self.block_rows * self.block_rows)
+        self.back[fullest] = start
+        return start, back
+
+    def _done(self) -> bool:
+        limit = min(self.errors) if self.errors else self.n
+        return all(f >= min(b, limit) for f, b in zip(self.front, self.back, strict=True))
 
     def drain(self) -> None:
         """Process blocks until none are left (or one has failed).
@@ -260,19 +328,20 @@ class _Run:
         touching BLAS's thread count: the call may have returned already.
         """
         with self.cond:
-            if self.errors or self.taken >= self.n_blocks:
+            if self._done():
                 return
+            mine = self.ranges_claimed % len(self.front)
+            self.ranges_claimed += 1
             self.active += 1
         try:
             scratch = Scratch()
             with blas_single_thread():
-                while (index := self._take()) is not None:
-                    start = index * self.block_rows
+                while (chunk := self._take(mine)) is not None:
                     try:
-                        self.work(start, min(start + self.block_rows, self.n), scratch)
+                        self.work(*chunk, scratch)
                     except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
                         with self.cond:
-                            self.errors[index] = exc
+                            self.errors[chunk[0]] = exc
                     finally:
                         with self.cond:
                             self.finished += 1
@@ -298,20 +367,24 @@ def map_blocks(
     work: Callable[[int, int, Scratch], None],
     *,
     uses_blas: bool = False,
+    divisible: bool = False,
 ) -> None:
     """Call ``work(start, stop, scratch)`` for every block of ``[0, n)``, on all threads.
 
     ``scratch`` belongs to the calling worker for the whole call. Set ``uses_blas`` when
     ``work`` multiplies matrices: without per-thread BLAS control the blocks then run
-    on the calling thread only (BLAS parallelizes each product instead).
+    on the calling thread only (BLAS parallelizes each product instead). Blocks are
+    ``block_rows`` rows starting at multiples of it, unless ``divisible`` (``work``'s
+    results do not depend on how rows are grouped): then some are shorter and start
+    anywhere (see :class:`_Run`).
 
     If blocks fail, the exception of the earliest failing block is raised (so the
     error names the first bad row), after every block in progress has finished.
     """
-    run = _Run(n, block_rows, work)
-    threads = min(default_threads(), run.n_blocks)
+    threads = min(default_threads(), -(-n // block_rows))
     if uses_blas and not can_limit_blas():
         threads = 1
+    run = _Run(n, block_rows, work, max(1, threads), divisible=divisible)
     if threads > 1:
         pool = _get_pool()
         for _ in range(threads - 1):

@@ -210,7 +210,9 @@ class Codec:
         # With a reducer, blocks of rows_per_block rows (the grouping BLAS rounding depends
         # on, which the batch engine and the client align to); else the quantizer's own.
         rows = rows_per_block(4 * d_in) if transformed else self.quantizer._block_rows(X)
-        map_blocks(X.shape[0], rows, work, uses_blas=self.reducer is not None)
+        map_blocks(
+            X.shape[0], rows, work, uses_blas=self.reducer is not None, divisible=not transformed
+        )
         return out
 
     def decode(
@@ -250,7 +252,7 @@ class Codec:
             np.add(out[start:stop], reducer.mean_, out=out[start:stop])
 
         rows = rows_per_block(4 * d_in) if expand else self.quantizer._block_rows()
-        map_blocks(codes.shape[0], rows, work, uses_blas=expand)
+        map_blocks(codes.shape[0], rows, work, uses_blas=expand, divisible=not expand)
         return out
 
     def project_queries(self, Q: Any, *, metric: str = "ip") -> np.ndarray:

@@ -120,3 +120,101 @@ def test_a_bad_stream_threshold_fails_the_import_with_a_clear_error():
     )
     assert done.returncode != 0
     assert "EMBCOMP_STREAM_BYTES must be a whole number; got '64MB'" in done.stderr
+
+
+# -- how rows are handed out ----------------------------------------------------------------
+def drain_alone(run, mine):
+    """The chunks one thread owning range ``mine`` takes when it runs alone."""
+    chunks = []
+    while (chunk := run._take(mine)) is not None:
+        chunks.append(chunk)
+    return chunks
+
+
+def test_each_thread_starts_at_its_own_contiguous_range():
+    run = blocks._Run(1000, 100, None, 2, divisible=False)
+    assert run._take(0) == (0, 100)
+    assert run._take(1) == (500, 600)  # far from thread 0: no huge page faulted twice
+    run = blocks._Run(1003, 100, None, 3, divisible=True)
+    assert [run._take(s)[0] for s in range(3)] == [0, 334, 668]
+
+
+@pytest.mark.parametrize("divisible", [False, True])
+@pytest.mark.parametrize(
+    "n, block_rows, threads", [(1000, 100, 2), (1037, 64, 3), (5, 64, 2), (0, 8, 1)]
+)
+def test_one_thread_alone_takes_every_row_once_in_chunks_of_at_most_a_block(
+    divisible, n, block_rows, threads
+):
+    run = blocks._Run(n, block_rows, None, threads, divisible=divisible)
+    chunks = drain_alone(run, 0)
+    seen = np.zeros(n, dtype=np.int64)
+    for start, stop in chunks:
+        assert 0 < stop - start <= block_rows
+        seen[start:stop] += 1
+        if not divisible:  # whole blocks: the grouping a reducer's rounding depends on
+            assert start % block_rows == 0 and (stop - start == block_rows or stop == n)
+    np.testing.assert_array_equal(seen, 1)
+    assert run._done() and run._take(0) is None
+
+
+def test_divisible_work_gets_shorter_chunks_near_the_end_of_a_range():
+    run = blocks._Run(1000, 80, None, 1, divisible=True)
+    sizes = [stop - start for start, stop in drain_alone(run, 0)]
+    assert sizes[:11] == [80] * 11  # whole blocks while two or more are left
+    assert sizes[11:] == [60, 30, 15, 10, 5]  # then half of what is left, down to 80 // 8
+
+
+def test_a_thread_whose_range_is_done_takes_from_the_back_of_the_fullest_range():
+    run = blocks._Run(1000, 100, None, 2, divisible=False)
+    own = [(start, start + 100) for start in range(0, 500, 100)]
+    assert drain_alone(run, 0)[:6] == [*own, (900, 1000)]
+    run = blocks._Run(1000, 100, None, 2, divisible=True)
+    run._take(1)  # thread 1 has (500, 600) in hand
+    chunks = drain_alone(run, 0)
+    own = [chunk for chunk in chunks if chunk[1] <= 500]
+    assert chunks[: len(own)] == own and sum(b - a for a, b in own) == 500
+    assert chunks[len(own) :][:5] == [(900, 1000), (800, 900), (700, 800), (650, 700), (625, 650)]
+
+
+def test_after_a_failure_only_rows_before_it_are_handed_out():
+    run = blocks._Run(1000, 100, None, 2, divisible=False)
+    assert run._take(1) == (500, 600)
+    run.errors[500] = ValueError("bad row 512")
+    assert drain_alone(run, 1) == [(0, 100), (100, 200), (200, 300), (300, 400), (400, 500)]
+    assert run._done()
+
+
+def test_the_earliest_bad_row_wins_when_a_later_one_fails_first(monkeypatch):
+    monkeypatch.setenv("EMBCOMP_THREADS", "2")
+    later_failed = threading.Event()
+
+    def work(start, stop, scratch):
+        if start <= 700 < stop:
+            later_failed.set()
+            raise ValueError("row 700")
+        if start <= 130 < stop:
+            later_failed.wait(timeout=5)  # (alone, one thread reaches 130 first anyway)
+            raise ValueError("row 130")
+
+    for divisible in (False, True):
+        later_failed.clear()
+        with pytest.raises(ValueError, match="row 130"):
+            blocks.map_blocks(1000, 10, work, divisible=divisible)
+
+
+@pytest.mark.parametrize("threads", ["2", "3"])
+def test_threads_cover_every_row_once(monkeypatch, threads):
+    monkeypatch.setenv("EMBCOMP_THREADS", threads)  # 3: more ranges than pool workers
+    seen = np.zeros(20_011, dtype=np.int64)
+    lock = threading.Lock()
+
+    def work(start, stop, scratch):
+        time.sleep(0.0005)
+        with lock:
+            seen[start:stop] += 1
+
+    for divisible in (False, True):
+        seen[:] = 0
+        blocks.map_blocks(seen.size, 257, work, divisible=divisible)
+        np.testing.assert_array_equal(seen, 1)

@@ -63,7 +63,7 @@ class Quantizer(FittedStage):
             self._encode_checked(block, out[start:stop], scratch, overwrite=owned, row_offset=start)
 
         assert self.d_ is not None
-        map_blocks(X.shape[0], self._block_rows(X), work)
+        map_blocks(X.shape[0], self._block_rows(X), work, divisible=True)
         return out
 
     def decode(self, codes: Any, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -86,7 +86,7 @@ class Quantizer(FittedStage):
             block = np.ascontiguousarray(codes[start:stop])
             self._decode_into(block, out[start:stop], scratch, stream=stream)
 
-        map_blocks(codes.shape[0], self._block_rows(), work)
+        map_blocks(codes.shape[0], self._block_rows(), work, divisible=True)
         return out
 
     def _block_rows(self, X: np.ndarray | None = None) -> int:
