@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -447,6 +448,9 @@ def speed_pairs(data: Data, rows: list[dict[str, Any]]) -> list[tuple[str, str]]
     return pairs + [("embcomp:int4", "faiss:SQ4")]
 
 
+SPEED_ORDER_SEED = 7
+
+
 def encode_speed(
     data: Data, pairs: list[tuple[str, str]], repeats: int, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
@@ -473,8 +477,12 @@ def encode_speed(
     load = os.getloadavg()[0]
     old = _jit.enabled()
     try:
-        for _ in range(repeats):
-            for name, compiled in modes:
+        for round_ in range(repeats):
+            # a seeded random order each round, so no method always runs right after the
+            # same neighbour (whose threads may still spin, or whose freed memory is reused)
+            order = modes[:]
+            random.Random(SPEED_ORDER_SEED + round_).shuffle(order)
+            for name, compiled in order:
                 if name.startswith("embcomp:"):
                     _jit.set_enabled(compiled)
                 with Clock() as clock:
@@ -505,6 +513,7 @@ def encode_speed(
             ),
             "compiled": (ours, True) in timings,
             "repeats": repeats,
+            "order_seed": SPEED_ORDER_SEED,
             "load_average": round(load, 1),
         }
         rows.append(row)
@@ -712,8 +721,8 @@ def markdown(report: dict[str, Any]) -> str:
             first = ds["speed"][0]
             out += [
                 f"All {ds['name']} base vectors, {first.get('repeats', '?')} rounds, every "
-                "method once per round; vectors/s from the median wall time, ratio > 1 = "
-                "embcomp faster. embcomp with its compiled kernels"
+                "method once per round in a seeded random order; vectors/s from the median "
+                "wall time, ratio > 1 = embcomp faster. embcomp with its compiled kernels"
                 + (" (numba)" if first.get("compiled") else " (numba absent: numpy path)")
                 + ", and on its numpy path; FAISS with its own threads. Load average "
                 f"{first.get('load_average', '?')} at the start (shared 2-core machine).",
