@@ -384,11 +384,16 @@ def map_blocks(
     threads = min(default_threads(), -(-n // block_rows))
     if uses_blas and not can_limit_blas():
         threads = 1
-    run = _Run(n, block_rows, work, max(1, threads), divisible=divisible)
-    if threads > 1:
-        pool = _get_pool()
-        for _ in range(threads - 1):
-            pool.submit(run.drain)
+    if threads <= 1:  # all on this thread, in order (the first failure is the earliest)
+        scratch = Scratch()
+        with blas_single_thread():
+            for start in range(0, n, block_rows):
+                work(start, min(start + block_rows, n), scratch)
+        return
+    run = _Run(n, block_rows, work, threads, divisible=divisible)
+    pool = _get_pool()
+    for _ in range(threads - 1):
+        pool.submit(run.drain)
     run.drain()
     run.wait()
 
