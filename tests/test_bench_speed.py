@@ -34,6 +34,10 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     }
     assert rows["int8"]["decode_into_ratio"] > 0 and "decode_into" in rows["int8"]["faiss"]
     assert "| int8 |" in out.with_suffix(".md").read_text()
+    # the floor under fresh-output decode: page faults alone, timed in the same rounds
+    assert len(shape["fresh_output_floor"]["wall_s"]) == 2
+    assert shape["fresh_output_floor_share_of_faiss_sq8_decode"] > 0
+    assert "faulting in its pages" in out.with_suffix(".md").read_text()
     assert "FAISS SQ8 encode" in capsys.readouterr().out
 
     if jit.AVAILABLE:  # the numpy path is timed alongside, and numba's cost is measured
