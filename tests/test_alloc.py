@@ -3,6 +3,8 @@ determinism, level and k-means fitting, and recall floors on real embeddings."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -314,7 +316,8 @@ def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
         nearest = getattr(nearest, "py_func", nearest)
     rng = np.random.default_rng(31)
     safe_bits = np.float32(100.0).view(np.uint32)
-    for g in (1, 2, 3, 4, 5, 8, 9):
+    # g: one pass of each length (1-4), then 4 + 1..4 and 4 + 4 + 2 (middle passes)
+    for g, rows in itertools.product((1, 2, 3, 4, 5, 6, 7, 8, 9, 10), (20, 6)):
         for k in (1, 7, 64, 300):
             C = rng.integers(-3, 4, size=(k, g)).astype(np.float32)  # many exact ties
             augmented = np.concatenate([-2.0 * C.T, (C * C).sum(1)[None]]).astype(np.float32)
@@ -323,13 +326,15 @@ def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
             tops = np.abs(X).max(axis=1).view(np.uint32)
             cols = rng.permutation(g + 3)[:g].astype(np.int64)
             codes = np.full((20, 2), 7777, np.uint32)
-            args = (tops, safe_bits, cols, 0, g, augmented.ravel(), 0, k, np.empty(k, np.float32))
-            nearest(X, 0, 20, *args, codes, 1)
+            scratch = (np.empty((4, k), np.float32), np.empty(20, np.int64))
+            args = (tops, safe_bits, cols, 0, g, augmented.ravel(), 0, k, *scratch)
+            # rows below safe_bits in groups of four, then a short group (3 of 19, 1 of 5)
+            nearest(X, 0, rows, *args, codes, 1)
             for i in range(X.shape[0]):
                 scores = augmented[g].copy()
                 for j in range(g):
                     scores = jit.fma32(X[i, cols[j]], augmented[j], scores)
-                want = 7777 if i == 7 else np.argmin(scores)
+                want = 7777 if i == 7 or i >= rows else np.argmin(scores)
                 assert codes[i, 1] == want, (g, k, i)
             assert (codes[:, 0] == 7777).all()
     # Scores 3, +0.0, -0.0, 1, -0.0 (x = 0 times negative weights adds -0.0): index 1.
@@ -337,7 +342,8 @@ def test_nearest_kernel_is_np_argmin_of_the_exact_scores(compiled):
     codes = np.zeros((1, 1), np.uint32)
     zeros = np.zeros(1, np.int64)
     args = (zeros.view(np.uint32)[:1], safe_bits, zeros, 0, 1, augmented.ravel(), 0, 5)
-    nearest(np.zeros((1, 1), np.float32), 0, 1, *args, np.empty(5, np.float32), codes, 0)
+    scratch = (np.empty((4, 5), np.float32), np.empty(1, np.int64))
+    nearest(np.zeros((1, 1), np.float32), 0, 1, *args, *scratch, codes, 0)
     assert codes[0, 0] == 1
 
 
