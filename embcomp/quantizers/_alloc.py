@@ -44,7 +44,7 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch
-from ..exceptions import DimensionMismatchError, SpecError
+from ..exceptions import DimensionMismatchError, InputError, SpecError
 from . import _alloc_kernels
 from ._base import Quantizer
 from ._bitpack import BitLayout
@@ -57,6 +57,10 @@ MAX_BITS = 8  # per scalar component and per codebook
 _LEVEL_CHUNK = 64  # columns fitted together
 _BATCH_UNITS = 16  # k-means units encoded by one batched matmul
 _VQ_ROWS = 128  # rows per distance block of a batch
+# k-means scores products and squares of values in float32: exact (no underflow, no
+# overflow) for values from about 2**-60 to 2**60 in magnitude. Training vectors must
+# have their largest value well inside that (in a unit-norm embedding it is ~0.1-1).
+_SMALLEST_TOP, _LARGEST_TOP = 2.0**-48, 2.0**56
 
 
 def water_fill(variances: np.ndarray, total_bits: float, max_bits: int = MAX_BITS) -> np.ndarray:
@@ -327,6 +331,13 @@ class AllocQuantizer(Quantizer):
     def _fit(self, X: np.ndarray) -> None:
         n, d = X.shape
         self._check_params(d)
+        top = float(np.abs(X).max(initial=0.0))
+        if top and not _SMALLEST_TOP <= top <= _LARGEST_TOP:
+            raise InputError(
+                f"alloc{self.budget} computes squared distances in float32, exact for "
+                f"values from 2**-48 to 2**56 in magnitude; the training vectors' largest "
+                f"is {top:.3g}: rescale them (l2norm, or a constant factor)"
+            )
         rng = np.random.default_rng([int(self.seed), 1])
         sample = X
         if n > int(self.train_sample):

@@ -11,10 +11,13 @@ from .. import _jit
 from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
 from .._validation import check_codes, check_finite, check_matrix, check_output
-from ..exceptions import ArtifactError
+from ..exceptions import ArtifactError, InputError
 
 # Compiled kernels use no block-sized temporaries: their blocks are this many times larger.
 _COMPILED_BLOCK_FACTOR = 8
+# Training values must reach this magnitude: a float32 below ~2**-126 is subnormal (fewer
+# bits), and scales, steps and decoded values reach ~2**-40 below the largest value.
+_SMALLEST_TOP = 2.0**-64
 
 
 class Quantizer(FittedStage):
@@ -46,6 +49,13 @@ class Quantizer(FittedStage):
         X = check_matrix(X, name="training vectors")
         X32 = np.ascontiguousarray(X, dtype=np.float32)
         check_finite(X32, name="training vectors")
+        top = float(np.abs(X32).max(initial=0.0))
+        if 0 < top < _SMALLEST_TOP:
+            raise InputError(
+                f"the values to quantize are at most {top:.3g} in magnitude, too close to "
+                "float32's smallest numbers (quantizers need some above 2**-64 = 5.4e-20): "
+                "rescale the vectors (l2norm, or a constant factor)"
+            )
         self.d_ = X32.shape[1]
         with blas_single_thread():  # deterministic fits (see LinearReducer.fit)
             self._fit(X32)

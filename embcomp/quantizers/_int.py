@@ -14,8 +14,12 @@ from ..exceptions import SpecError
 from . import _kernels
 from ._base import Quantizer, pack_nibbles_into, unpack_nibbles_into
 
-# A dimension whose calibrated range is (almost) empty still needs a positive step.
-_MIN_WIDTH = 1e-12
+# A dimension whose calibrated range is empty (a constant) or narrower than one float32
+# step of its values still needs a positive step: the range is widened to that float32
+# resolution (2**-23 of the values' magnitude), and for an all-zero dimension to the
+# smallest range whose step is a normal float32 (so that 1 / step stays finite).
+_RESOLUTION = 2.0**-23
+_TINY = float(np.finfo(np.float32).tiny)
 # float32 2**23: adding it to 0 <= y < 2**23 rounds y to an integer, ties to even.
 _ROUNDER = np.float32(2.0**23)
 
@@ -58,7 +62,9 @@ class IntQuantizer(Quantizer):
             if not 50.0 < p <= 100.0:
                 raise SpecError(f"percentile must be in (50, 100]; got {p}")
             lo, hi = np.percentile(X, [100.0 - p, p], axis=0)
-        width = np.maximum(hi.astype(np.float64) - lo, _MIN_WIDTH)
+        lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+        magnitude = np.maximum(np.abs(lo), np.abs(hi))
+        width = np.maximum(hi - lo, np.maximum(magnitude * _RESOLUTION, _TINY * self.levels))
         self.min_ = lo.astype(np.float32)
         self.step_ = (width / self.levels).astype(np.float32)
 

@@ -23,7 +23,8 @@ class PCAReducer(LinearReducer):
     ----------
     components_ : ndarray (n_components, d_in) float32
         Principal axes, by decreasing variance, signs fixed deterministically.
-    explained_variance_ : ndarray (n_components,) float32
+    explained_variance_ : ndarray (n_components,) float64 (variances of float32 values
+        can exceed float32's range)
     mean_ : ndarray (d_in,) float32
     """
 
@@ -54,9 +55,12 @@ class PCAReducer(LinearReducer):
         components = flip_signs(eigvecs[:, order].T)
         variance = np.maximum(eigvals[order], 0.0)
         self.mean_ = mean.astype(np.float32)
-        self.explained_variance_ = variance.astype(np.float32)
+        self.explained_variance_ = variance
         if self.whiten:
-            std = np.sqrt(np.maximum(variance, 1e-12))
+            # A component with (almost) no variance is divided by the float32 resolution
+            # of the top component's deviation (2**-23 of it) rather than by ~0.
+            top = float(variance[0]) if variance.size and variance[0] > 0 else 1.0
+            std = np.sqrt(np.maximum(variance, top * 2.0**-46))
             self.components_ = (components / std[:, None]).astype(np.float32)
             self.inverse_components_ = (components * std[:, None]).astype(np.float32)
         else:
