@@ -71,7 +71,7 @@ ALIASES: dict[str, str] = {"fp8e4m3": "fp8", "float32": "fp32", "float16": "fp16
 
 DEFAULT_QUANTIZER = "fp32"
 _SLOT_ORDER: dict[StageKind, int] = {"normalize": 0, "reducer": 1, "quantizer": 2}
-_NAME_NUMBER = re.compile(r"^([a-z]+)(\d+)$")
+_NAME_NUMBER = re.compile(r"^([a-z]+)([0-9]+)$")
 
 
 @dataclass(frozen=True)

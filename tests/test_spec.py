@@ -36,6 +36,7 @@ def test_canonical_and_round_trip(text, canonical):
         ("fp16x", "fp16x", 0),
         ("rot3,int8", "rot", 0),
         ("pca64,pca32,int8", "pca32", 1),
+        ("pca\uff18,int8", "pca\uff18", 0),  # a fullwidth 8: digits are ASCII only
     ],
 )
 def test_bad_specs_name_token_and_position(text, token, position):
