@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import env_int
+from ._validation import check_float32_range, env_int
 
 __all__ = [
     "Scratch",
@@ -115,8 +115,10 @@ def float32_block(
     if rows.dtype == np.float32 and rows.flags.c_contiguous:
         return rows, False
     block = scratch.get("input", rows.shape, np.float32)
-    with np.errstate(over="ignore"):  # float64 beyond float32 range -> inf, then an InputError
+    with np.errstate(over="ignore"):  # float64 beyond float32 range -> inf: named below
         np.copyto(block, rows, casting="same_kind")
+    if rows.dtype.itemsize > 4 and not np.isfinite(block).all():
+        check_float32_range(rows, row_offset=start)
     return block, True
 
 

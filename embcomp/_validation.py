@@ -83,6 +83,31 @@ def check_finite(block: np.ndarray, *, name: str = "X", row_offset: int = 0) -> 
         )
 
 
+def to_float32(X: np.ndarray, *, name: str = "X", row_offset: int = 0) -> np.ndarray:
+    """``X`` (a checked float matrix) as C-contiguous float32, without copying when it is
+    already; a finite float64 value beyond float32's range (+-3.4e38) raises an
+    ``InputError`` naming its row, instead of a RuntimeWarning and an inf."""
+    with np.errstate(over="ignore"):
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+    if X.dtype.itemsize > 4 and not np.isfinite(X32).all():
+        check_float32_range(X, name=name, row_offset=row_offset)
+    return X32
+
+
+def check_float32_range(rows: np.ndarray, *, name: str = "X", row_offset: int = 0) -> None:
+    """Raise ``InputError`` naming the first row of ``rows`` whose finite values become
+    inf in float32 (NaN and inf themselves are :func:`check_finite`'s business)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        beyond = np.isinf(rows.astype(np.float32)) & np.isfinite(rows)
+    if beyond.any():
+        row = int(np.flatnonzero(beyond.any(axis=1))[0])
+        value = float(np.abs(rows[row][beyond[row]]).max())
+        raise InputError(
+            f"{name} row {row + row_offset} holds {value:.3g}, beyond float32's range "
+            "(+-3.4e38): rescale the vectors"
+        )
+
+
 def check_codes(codes: Any, *, code_size: int, name: str = "codes") -> np.ndarray:
     """Check that ``codes`` is a uint8 array of shape (n, code_size)."""
     if not isinstance(codes, np.ndarray):

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _jit
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
-from ._validation import check_codes, check_finite, check_matrix, check_output
+from ._validation import check_codes, check_finite, check_matrix, check_output, to_float32
 from .exceptions import InputError, NotFittedError, SpecError
 from .quantizers import (
     AllocQuantizer,
@@ -138,7 +138,7 @@ class Codec:
     def fit(self, X: Any) -> Codec:
         """Fit every stage on training vectors ``X`` (n, d_in) float; returns ``self``."""
         X = check_matrix(X, name="training vectors")
-        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
         if self.spec.normalize:
             X32 = _l2_normalize(X32.copy())
@@ -267,7 +267,7 @@ class Codec:
         """
         d_in = self._check_fitted()
         Q = check_matrix(Q, name="queries", d=d_in, allow_empty=True)
-        Q32 = np.ascontiguousarray(Q, dtype=np.float32)
+        Q32 = to_float32(Q, name="queries")
         check_finite(Q32, name="queries")
         if self.reducer is None:
             return Q32.copy() if Q32 is Q else Q32

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_codes, check_finite, check_matrix
+from ._validation import check_codes, check_finite, check_matrix, to_float32
 from .codec import Codec
 from .exceptions import InputError, NotFittedError
 
@@ -63,7 +63,7 @@ def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1; got {k!r}")
     Q = check_matrix(queries, name="queries", d=d, allow_empty=True)
-    Q32 = np.ascontiguousarray(Q, dtype=np.float32)
+    Q32 = to_float32(Q, name="queries")
     check_finite(Q32, name="queries")
     return Q32
 

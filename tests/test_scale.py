@@ -15,6 +15,7 @@ import pytest
 from embcomp import InputError, make_codec
 from embcomp.quantizers import IntQuantizer
 from embcomp.reducers import PCAReducer
+from embcomp.search import search_codes
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,26 @@ def test_whitened_pca_of_rank_deficient_data_stays_finite(data):
     Z = pca.transform(X)
     np.testing.assert_allclose(Z[:, :5].std(axis=0, ddof=1), 1.0, rtol=1e-3)
     np.testing.assert_allclose(pca.inverse_transform(Z), X, atol=1e-4)
+
+
+def _with_huge_row(data: np.ndarray, row: int) -> np.ndarray:
+    X = data.astype(np.float64)
+    X[row, 3] = 1e300  # finite in float64, inf in float32
+    return X
+
+
+@pytest.mark.parametrize("spec", ["int8", "pca8,int8", "l2norm,fp8"])
+def test_float64_values_beyond_float32_are_named_not_warned(data, spec):
+    huge = _with_huge_row(data, 17)
+    message = r"row 17 holds 1e\+300, beyond float32's range"
+    with pytest.raises(InputError, match="training vectors " + message):
+        make_codec(spec).fit(huge)
+    codec = make_codec(spec).fit(data)
+    with pytest.raises(InputError, match="X " + message):
+        codec.encode(huge)
+    with pytest.raises(InputError, match="queries " + message):
+        codec.project_queries(huge)
+    with pytest.raises(InputError, match="queries " + message):
+        search_codes(codec, codec.encode(data), huge, k=3)
+    with pytest.raises(InputError, match="training vectors " + message):
+        PCAReducer(4).fit(huge)

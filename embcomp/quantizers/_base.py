@@ -10,7 +10,7 @@ import numpy as np
 from .. import _jit
 from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
-from .._validation import check_codes, check_finite, check_matrix, check_output
+from .._validation import check_codes, check_finite, check_matrix, check_output, to_float32
 from ..exceptions import ArtifactError, InputError
 
 # Compiled kernels use no block-sized temporaries: their blocks are this many times larger.
@@ -47,7 +47,7 @@ class Quantizer(FittedStage):
     def fit(self, X: Any) -> Quantizer:
         """Fit scales/ranges on training vectors ``X`` (n, d) float; returns ``self``."""
         X = check_matrix(X, name="training vectors")
-        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
         top = float(np.abs(X32).max(initial=0.0))
         if 0 < top < _SMALLEST_TOP:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._blocks import blas_single_thread, for_each_block, rows_per_block
 from .._stage import FittedStage
-from .._validation import check_finite, check_matrix
+from .._validation import check_finite, check_matrix, to_float32
 
 
 class LinearReducer(FittedStage):
@@ -85,7 +85,7 @@ class LinearReducer(FittedStage):
         out = np.empty((X.shape[0], self.n_components_), dtype=np.float32)
 
         def work(start: int, stop: int) -> None:
-            block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
+            block = to_float32(X[start:stop], row_offset=start)
             check_finite(block, row_offset=start)
             out[start:stop] = self.transform_block(block)
 
@@ -126,7 +126,7 @@ def streamed_mean_cov(X: np.ndarray, block_rows: int = 8192) -> tuple[np.ndarray
     total = np.zeros(d)
     scatter = np.zeros((d, d))
     for start in range(0, n, block_rows):
-        block = np.asarray(X[start : start + block_rows], dtype=np.float32)
+        block = to_float32(X[start : start + block_rows], name="training vectors", row_offset=start)
         check_finite(block, name="training vectors", row_offset=start)
         centered = block.astype(np.float64) - shift
         total += centered.sum(axis=0)
