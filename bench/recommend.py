@@ -14,14 +14,21 @@ in place of PCA in the three best candidates. Each is fitted on the data, encode
 whole base and is scored by recall@10 (ties count) of exact search over its decoded
 vectors against the exact float32 neighbours of the queries (held out from the data
 when none are given).
+
+A recall measured on a few hundred queries is noisy: when the winner's lead over a
+candidate that is smaller, or at least twice as fast to fit, is within the 95% noise of
+the paired per-query differences, that candidate is recommended instead, and the
+output says so (an 800x slower MPAD fit is not worth a lead the queries cannot show).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from embcomp.exceptions import EmbcompError, InputError
 
@@ -88,6 +95,7 @@ class Candidate:
 
     method: EmbcompMethod
     results: dict[str, Any]
+    per_query: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def spec(self) -> str:
@@ -121,11 +129,13 @@ class Recommendation:
     dataset: Dataset
     train_size: int
     constraint: dict[str, Any]
+    note: str | None = None  # why the best is not the top recall, if it is not
 
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.best.summary(),
             "runner_up": self.runner_up.summary() if self.runner_up else None,
+            "note": self.note,
             "constraint": self.constraint,
             "candidates_evaluated": len(self.candidates),
             "data": {**self.dataset.describe(), "train_size": self.train_size},
@@ -134,6 +144,61 @@ class Recommendation:
 
 PRIMARY_REDUCER = "pca"
 _SECOND_STAGE_SEEDS = 3
+# Two-sided 95%: a recall gap under this many standard errors is within the noise.
+_NOISE_Z = 1.96
+# Fit times closer than this ratio are not told apart (they vary by machine and run).
+_FASTER_FIT = 2.0
+
+
+def paired_gap(a: Candidate, b: Candidate) -> tuple[float, float]:
+    """Mean per-query recall@10 of ``a`` minus ``b``, and the standard error of that
+    mean (the same queries score both, so the differences are paired)."""
+    gaps = np.subtract(a.per_query["recall_at_10"], b.per_query["recall_at_10"])
+    error = float(gaps.std(ddof=1) / np.sqrt(gaps.size)) if gaps.size > 1 else 0.0
+    return float(gaps.mean()), error
+
+
+def prefer_cheaper(ranked: list[Candidate]) -> tuple[list[Candidate], str | None]:
+    """``ranked`` (best first) with a cheaper candidate moved to the front when the best
+    one's recall@10 lead over it is within the noise; and a note saying so.
+
+    Cheaper: fewer bytes, or as many and a fit at least ``_FASTER_FIT`` times faster.
+    Among several, the highest recall@10, then the fewest bytes, then the fastest fit.
+    """
+    top = ranked[0]
+    if "recall_at_10" not in top.per_query:
+        return ranked, None
+    size, fit = top.results["bytes_per_vector"], top.results["fit_s"]
+
+    def cheaper(c: Candidate) -> bool:
+        other = c.results["bytes_per_vector"]
+        return other < size or (other == size and c.results["fit_s"] * _FASTER_FIT <= fit)
+
+    tied = [
+        (c, *paired_gap(top, c)) for c in ranked[1:] if cheaper(c) and "recall_at_10" in c.per_query
+    ]
+    tied = [(c, gap, error) for c, gap, error in tied if gap <= _NOISE_Z * error]
+    if not tied:
+        return ranked, None
+    choice, gap, error = min(
+        tied,
+        key=lambda t: (
+            -t[0].results["recall_at_10"],
+            t[0].results["bytes_per_vector"],
+            t[0].results["fit_s"],
+        ),
+    )
+    saves = (
+        f"{size - choice.results['bytes_per_vector']} fewer bytes per vector"
+        if choice.results["bytes_per_vector"] < size
+        else f"a {fit / max(choice.results['fit_s'], 1e-9):.0f}x faster fit"
+    )
+    note = (
+        f"{choice.spec} over {top.spec}: {saves}, and its recall@10 is {gap:.4f} lower, "
+        f"within the noise of {len(top.per_query['recall_at_10'])} queries "
+        f"(95%: +-{_NOISE_Z * error:.4f})"
+    )
+    return [choice, top, *(c for c in ranked if c is not choice and c is not top)], note
 
 
 def _rank(candidates: list[Candidate], budget_bytes: int | None, min_recall: float | None):
@@ -278,6 +343,7 @@ def recommend(
             f"no codec reaches recall@10 >= {min_recall}; the best was {top.spec} with "
             f"{top.results['recall_at_10']:.4f} ({top.results['bytes_per_vector']} bytes)"
         )
+    feasible, note = prefer_cheaper(feasible)
     constraint: dict[str, Any] = (
         {"budget_bytes": budget_bytes}
         if budget_bytes is not None
@@ -290,6 +356,7 @@ def recommend(
         dataset,
         int(train.shape[0]),
         constraint,
+        note,
     )
 
 
@@ -309,11 +376,11 @@ def _measure(
     for spec in _progress(specs, "candidates", progress):
         method = EmbcompMethod(spec, {"seed": seed})
         try:
-            results = evaluate(method, dataset, train, truth, settings)["results"]
+            outcome = evaluate(method, dataset, train, truth, settings)
         except EmbcompError as exc:
             log(f"skipped {spec}: {exc}")
             continue
-        measured.append(Candidate(method, results))
+        measured.append(Candidate(method, outcome["results"], outcome["per_query"]))
     return measured
 
 
@@ -343,6 +410,8 @@ def format_text(rec: Recommendation) -> str:
     ]
     if rec.runner_up is not None:
         out.append(line("runner-up", rec.runner_up))
+    if rec.note:
+        out.append(f"note: {rec.note}")
     return "\n".join(out)
 
 
