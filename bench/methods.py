@@ -522,16 +522,24 @@ def narrower_rotation(spec: str, d: int, uncoded: int) -> str | None:
     return str(parsed).replace(str(reducer), f"pca{coded}", 1)
 
 
-_DIM_PLACEHOLDER = re.compile(r"\{d(?:(\d+)|/(\d+))?\}")
+_DIM_PLACEHOLDER = re.compile(r"\{(?:d(?:(\d+)|/(\d+))?|m/(\d+))\}")
+
+
+def nearest_divisor(d: int, target: float) -> int:
+    """The divisor of ``d`` closest to ``target`` (the smaller one on a tie)."""
+    divisors = [m for m in range(1, d + 1) if d % m == 0]
+    return min(divisors, key=lambda m: (abs(m - target), m))
 
 
 def _substitute_dims(template: str, d: int) -> str:
     def repl(match: re.Match[str]) -> str:
-        percent, divisor = match.group(1), match.group(2)
+        percent, divisor, parts = match.group(1), match.group(2), match.group(3)
         if percent is not None:
             return str(max(1, round(d * int(percent) / 100)))
         if divisor is not None:
             return str(max(1, d // int(divisor)))
+        if parts is not None:  # FAISS PQ's M must divide d
+            return str(nearest_divisor(d, d / int(parts)))
         return str(d)
 
     return _DIM_PLACEHOLDER.sub(repl, template)
@@ -547,7 +555,8 @@ def expand_templates(
 ) -> tuple[list[str], list[str]]:
     """Expand sweep templates into concrete method refs for width ``d``.
 
-    Placeholders: ``{d}``, ``{dNN}`` (NN% of d, rounded), ``{d/N}`` (d // N); for
+    Placeholders: ``{d}``, ``{dNN}`` (NN% of d, rounded), ``{d/N}`` (d // N), ``{m/N}``
+    (the divisor of d nearest d / N: FAISS PQ's M, which must divide d); for
     embcomp also ``{q}`` (every fixed-rate quantizer but fp32), ``{qb}`` (every
     byte-budget quantizer at the budgets of ``ratios``) and ``{r}`` (every reducer that
     takes a width), each read from ``embcomp.spec.STAGES`` now.

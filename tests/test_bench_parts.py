@@ -139,6 +139,15 @@ def test_templates_expand_from_the_spec_grammar():
     assert faiss_refs == ["PCA32,SQ8", "PQ8"]
 
 
+@pytest.mark.parametrize("d,pq8,pq4", [(384, 48, 96), (100, 10, 25), (97, 1, 1), (1000, 125, 250)])
+def test_pq_m_placeholder_picks_a_divisor_faiss_accepts(d, pq8, pq4):
+    templates = ["PQ{m/8}", "OPQ{m/4},PQ{m/4}"]
+    refs, skipped = methods.expand_templates("faiss", templates, d)
+    assert refs == [f"PQ{pq8}", f"OPQ{pq4},PQ{pq4}"] and not skipped
+    _, skipped = methods.expand_templates("faiss", ["PQ{d/8}"], 100)  # 12 does not divide 100
+    assert skipped and "PQ12" in skipped[0]
+
+
 def test_a_new_stage_joins_the_sweep_automatically(monkeypatch):
     from embcomp import codec as codec_module
     from embcomp import spec as spec_module
