@@ -12,6 +12,26 @@ from ._validation import check_is_fitted
 from .exceptions import ArtifactError
 
 
+def expect_array(
+    array: np.ndarray,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: Any = np.float32,
+    *,
+    finite: bool = True,
+) -> None:
+    """Raise ``ArtifactError`` unless ``array`` has exactly ``shape`` and ``dtype`` (one
+    dtype or a tuple of accepted ones) and, for floats with ``finite``, no NaN or inf."""
+    dtypes = tuple(np.dtype(t) for t in (dtype if isinstance(dtype, tuple) else (dtype,)))
+    if array.shape != shape or array.dtype not in dtypes:
+        wanted = " or ".join(str(t) for t in dtypes)
+        raise ArtifactError(
+            f"state array {name!r} is {array.dtype} {array.shape}; expected {wanted} {shape}"
+        )
+    if finite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ArtifactError(f"state array {name!r} holds NaN or inf")
+
+
 class FittedStage:
     """Base of every stage.
 
@@ -55,8 +75,14 @@ class FittedStage:
             )
         for name in self._state:
             setattr(self, name, arrays[name])
+        self._check_state()
         with blas_single_thread():  # derived arrays bit-identical to the fit's
             self._after_load()
+
+    def _check_state(self) -> None:
+        """Raise ``ArtifactError`` unless the loaded arrays fit together (shapes, dtypes,
+        finite values): kernels index with them and must never read out of bounds,
+        whatever an artifact holds. Override per stage (use :func:`expect_array`)."""
 
     def _after_load(self) -> None:
         """Recompute derived (unsaved) arrays after fit or load. Override as needed."""

@@ -199,9 +199,26 @@ def codec_from_bytes(blob: bytes, *, source: str = "<bytes>") -> Codec:
         elif groups["reducer"]:
             raise ArtifactError(f"{source}: reducer arrays present but the spec has no reducer")
         codec.quantizer.set_state(groups["quantizer"])
-        codec.d_in = int(manifest["d_in"])
-    except ArtifactError:
-        raise
+        d_in = manifest["d_in"]
+        if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
+            raise ArtifactError(f"{source}: d_in must be a positive integer; got {d_in!r}")
+        reducer = codec.reducer
+        width = d_in if reducer is None else reducer.n_components_
+        if reducer is not None and reducer.n_features_in_ != d_in:
+            raise ArtifactError(
+                f"{source}: d_in is {d_in} but the reducer's arrays take "
+                f"{reducer.n_features_in_}-dim vectors"
+            )
+        if codec.quantizer.d_ != width:
+            raise ArtifactError(
+                f"{source}: the quantizer's arrays are for {codec.quantizer.d_}-dim vectors; "
+                f"it receives {width}"
+            )
+        codec.d_in = d_in
+    except ArtifactError as exc:
+        if str(exc).startswith(f"{source}: "):
+            raise
+        raise ArtifactError(f"{source}: {exc}") from None
     except (EmbcompError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{source}: inconsistent codec manifest: {exc}") from exc
     if codec.code_size != manifest["code_size"] or codec.d_out != manifest["d_out"]:

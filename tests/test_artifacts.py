@@ -158,3 +158,65 @@ def test_saved_files_get_normal_permissions(tmp_path, rng_data):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def _tamper(attribute_path, change):
+    def apply(codec):
+        owner_name, _, name = attribute_path.rpartition(".")
+        owner = getattr(codec, owner_name) if owner_name else codec
+        value = getattr(owner, name)
+        setattr(owner, name, change(value.copy() if isinstance(value, np.ndarray) else value))
+
+    return apply
+
+
+def _first_rows_of_pca(k):
+    def apply(codec):
+        for name in ("components_", "inverse_components_", "explained_variance_"):
+            setattr(codec.reducer, name, getattr(codec.reducer, name)[:k].copy())
+
+    return apply
+
+
+def _set(index, value):
+    def change(array):
+        array[index] = value
+        return array
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "spec,tamper,message",
+    [
+        # arrays shorter than the widths the kernels loop over: they read out of bounds
+        ("int8", _tamper("quantizer.d_", lambda _: 4_000_000), "expected float32 \\(4000000,\\)"),
+        ("int8", _tamper("d_in", lambda _: 50), "quantizer's arrays are for 48-dim vectors"),
+        ("int8", _tamper("quantizer.min_", lambda a: a[:3]), "'min_' is float32 \\(3,\\)"),
+        ("int4", _tamper("quantizer.step_", _set(0, -1.0)), "'step_' holds a step <= 0"),
+        ("fp8", _tamper("quantizer.scale_", _set(0, np.nan)), "'scale_' holds NaN or inf"),
+        ("fp8", _tamper("quantizer.scale_", lambda a: a.astype(np.float64)), "'scale_' is float64"),
+        ("bin", _tamper("quantizer.low_", lambda a: a[:5]), "'low_' is float32 \\(5,\\)"),
+        ("alloc8", _tamper("quantizer.order_", _set(0, 999)), "'order_' is not a permutation"),
+        ("pca,alloc8", _tamper("quantizer.units_", _set((0, 2), 12)), "bits outside 1..8"),
+        ("pca,alloc8", _tamper("quantizer.units_", _set((-1, 0), 48)), "outside the 48 comp"),
+        ("pca,alloc8", _tamper("quantizer.codebooks_", lambda a: a[:-1]), "'codebooks_' is"),
+        ("pca8,int8", _tamper("reducer.components_", lambda a: a[:4]), "inverse_components_"),
+        ("pca8,int8", _tamper("reducer.inverse_components_", lambda a: a.T.copy()), "\\(8, 48\\)"),
+        ("pca,int8", _first_rows_of_pca(40), "full PCA keeps all 48"),
+        ("rot,int8", _tamper("reducer.mean_", lambda a: a[:4]), "'mean_' is float32 \\(4,\\)"),
+        # manifest widths that disagree with the arrays
+        ("pca12,fp8", _tamper("d_in", lambda _: 99), "d_in is 99 but the reducer's arrays"),
+        ("pca12,fp8", _tamper("d_in", lambda _: -3), "d_in must be a positive integer"),
+        ("int8", _tamper("d_in", lambda _: 0), "d_in must be a positive integer"),
+    ],
+)
+def test_inconsistent_state_is_an_artifact_error_not_a_crash(rng_data, spec, tamper, message):
+    """Checksums prove the bytes are what was written, not that a writer was honest: an
+    artifact whose arrays do not fit its widths must fail to load (a service imports
+    artifacts from clients, and the kernels index without bounds checks)."""
+    codec = make_codec(spec).fit(rng_data)
+    tamper(codec)
+    with pytest.raises(ArtifactError, match=message) as info:
+        codec_from_bytes(codec_to_bytes(codec), source="tampered.codec")
+    assert str(info.value).startswith("tampered.codec: ")

@@ -44,7 +44,8 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch
-from ..exceptions import DimensionMismatchError, InputError, SpecError
+from .._stage import expect_array
+from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
 from . import _alloc_kernels
 from ._base import Quantizer
 from ._bitpack import BitLayout
@@ -440,6 +441,30 @@ class AllocQuantizer(Quantizer):
         return units, tables
 
     # -- encoding -----------------------------------------------------------------------
+    def _check_state(self) -> None:
+        d = self.d_
+        assert d is not None and self.order_ is not None and self.units_ is not None
+        expect_array(self.order_, "order_", (d,), np.int64)
+        if not np.array_equal(np.sort(self.order_), np.arange(d)):
+            raise ArtifactError(f"state array 'order_' is not a permutation of 0..{d - 1}")
+        expect_array(self.mean_, "mean_", (d,))  # type: ignore[arg-type]
+        expect_array(self.variance_, "variance_", (d,))  # type: ignore[arg-type]
+        units = self.units_
+        expect_array(units, "units_", (units.shape[0], 3), np.int64)
+        first, size, bits = units.T
+        if not (
+            ((first >= 0) & (size >= 1) & (first + size <= d)).all()
+            and ((bits >= 1) & (bits <= MAX_BITS)).all()
+        ):
+            raise ArtifactError(
+                f"state array 'units_' has a unit outside the {d} components or with bits "
+                f"outside 1..{MAX_BITS}"
+            )
+        expect_array(self.codebooks_, "codebooks_", (int((size << bits).sum()),))  # type: ignore[arg-type]
+        if not 0 <= int(self.norm_bits) <= MAX_BITS:
+            raise ArtifactError(f"norm_bits must be in 0..{MAX_BITS}; got {self.norm_bits!r}")
+        expect_array(self.norm_levels_, "norm_levels_", (1 << int(self.norm_bits),))  # type: ignore[arg-type]
+
     def _after_load(self) -> None:
         assert self.units_ is not None and self.order_ is not None and self.mean_ is not None
         units = self.units_

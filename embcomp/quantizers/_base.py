@@ -199,6 +199,8 @@ class Quantizer(FittedStage):
         d = arrays.pop("d_", None)
         if d is None:
             raise ArtifactError("quantizer state lacks d_")
+        if np.ndim(d) != 0 or np.asarray(d).dtype.kind not in "iu" or int(d) < 1:
+            raise ArtifactError(f"quantizer state d_ must be a positive integer; got {d!r}")
         self.d_ = int(d)
         super().set_state(arrays)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._blocks import Scratch
+from .._stage import expect_array
 from ._base import Quantizer
 
 
@@ -52,6 +53,11 @@ class BinaryQuantizer(Quantizer):
         above = scratch.get("above", X.shape, np.bool_)
         np.greater(X, self.center_, out=above)
         out[...] = np.packbits(above, axis=1, bitorder="little")
+
+    def _check_state(self) -> None:
+        assert self.d_ is not None
+        for name in self._state:
+            expect_array(getattr(self, name), name, (self.d_,))
 
     def _after_load(self) -> None:
         assert self.low_ is not None and self.high_ is not None

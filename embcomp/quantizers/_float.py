@@ -25,7 +25,8 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch
-from ..exceptions import SpecError
+from .._stage import expect_array
+from ..exceptions import ArtifactError, SpecError
 from . import _kernels
 from ._base import Quantizer, pack_nibbles_into
 
@@ -106,6 +107,12 @@ class FloatQuantizer(Quantizer):
         # A constant-zero dimension gets scale 1: any scale stores 0 exactly.
         amax = np.where(amax > 0, amax, self.format.target)
         self.scale_ = (amax / self.format.target).astype(np.float32)
+
+    def _check_state(self) -> None:
+        assert self.d_ is not None and self.scale_ is not None
+        expect_array(self.scale_, "scale_", (self.d_,))
+        if not (self.scale_ > 0).all():
+            raise ArtifactError("state array 'scale_' holds a scale <= 0")
 
     def _after_load(self) -> None:
         assert self.scale_ is not None

@@ -10,7 +10,8 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch
-from ..exceptions import SpecError
+from .._stage import expect_array
+from ..exceptions import ArtifactError, SpecError
 from . import _kernels
 from ._base import Quantizer, pack_nibbles_into, unpack_nibbles_into
 
@@ -67,6 +68,13 @@ class IntQuantizer(Quantizer):
         width = np.maximum(hi - lo, np.maximum(magnitude * _RESOLUTION, _TINY * self.levels))
         self.min_ = lo.astype(np.float32)
         self.step_ = (width / self.levels).astype(np.float32)
+
+    def _check_state(self) -> None:
+        assert self.d_ is not None and self.min_ is not None and self.step_ is not None
+        expect_array(self.min_, "min_", (self.d_,))
+        expect_array(self.step_, "step_", (self.d_,))
+        if not (self.step_ > 0).all():
+            raise ArtifactError("state array 'step_' holds a step <= 0")
 
     def _after_load(self) -> None:
         assert self.min_ is not None and self.step_ is not None

@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._blocks import blas_single_thread, for_each_block, rows_per_block
-from .._stage import FittedStage
+from .._stage import FittedStage, expect_array
 from .._validation import check_finite, check_matrix, to_float32
+from ..exceptions import ArtifactError
 
 
 class LinearReducer(FittedStage):
@@ -57,6 +58,21 @@ class LinearReducer(FittedStage):
             self._fit(X)
             self._after_load()
         return self
+
+    def _check_state(self) -> None:
+        assert self.components_ is not None
+        shape = self.components_.shape
+        if len(shape) != 2 or not 1 <= shape[0] <= shape[1]:
+            raise ArtifactError(
+                f"state array 'components_' has shape {shape}; expected (k, d_in) with "
+                "1 <= k <= d_in"
+            )
+        expect_array(self.components_, "components_", shape)
+        expect_array(self.inverse_components_, "inverse_components_", shape)  # type: ignore[arg-type]
+        expect_array(self.mean_, "mean_", (shape[1],))  # type: ignore[arg-type]
+        wanted = getattr(self, "n_components", None)
+        if wanted is not None and wanted != shape[0]:
+            raise ArtifactError(f"the spec keeps {wanted} components; the arrays hold {shape[0]}")
 
     def _after_load(self) -> None:
         assert self.components_ is not None and self.mean_ is not None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exceptions import DimensionMismatchError, InputError
+from .._stage import expect_array
+from ..exceptions import ArtifactError, DimensionMismatchError, InputError
 from ._base import LinearReducer, flip_signs, streamed_mean_cov
 
 
@@ -38,6 +39,16 @@ class PCAReducer(LinearReducer):
     @property
     def has_orthonormal_rows(self) -> bool:
         return not self.whiten
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        assert self.components_ is not None and self.explained_variance_ is not None
+        k, d = self.components_.shape
+        if self.n_components is None and k != d:
+            raise ArtifactError(f"full PCA keeps all {d} components; the arrays hold {k}")
+        # float32 in artifacts written before explained variances were kept in float64
+        variance = self.explained_variance_
+        expect_array(variance, "explained_variance_", (k,), (np.float64, np.float32))
 
     def _fit(self, X: np.ndarray) -> None:
         d = X.shape[1]

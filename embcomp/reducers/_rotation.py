@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..exceptions import ArtifactError
 from ._base import LinearReducer
 
 
@@ -22,6 +23,13 @@ class RandomRotation(LinearReducer):
     @property
     def has_orthonormal_rows(self) -> bool:
         return True
+
+    def _check_state(self) -> None:
+        super()._check_state()
+        assert self.components_ is not None
+        k, d = self.components_.shape
+        if k != d:
+            raise ArtifactError(f"a rotation keeps all {d} dimensions; the arrays hold {k}")
 
     def _fit(self, X: np.ndarray) -> None:
         d = X.shape[1]
