@@ -148,6 +148,9 @@ class CompressionClient:
         certificate (path or bytes) to trust; or ready ``grpc.ChannelCredentials``.
     timeout : seconds per call (``None``: no deadline).
     message_bytes : payload per request message; larger arrays are streamed in chunks.
+    max_rows_per_message : rows per request message at most (match the server's
+        ``EMBCOMP_MAX_ROWS_PER_REQUEST``, 262,144 by default): narrow vectors reach it
+        before ``message_bytes``.
     max_message_bytes : largest message this client accepts (match the server's limit).
     """
 
@@ -159,8 +162,11 @@ class CompressionClient:
         tls: Any = None,
         timeout: float | None = None,
         message_bytes: int = 4 * MiB,
+        max_rows_per_message: int = 262_144,
         max_message_bytes: int = 64 * MiB,
     ) -> None:
+        if max_rows_per_message < 1 or message_bytes < 1:
+            raise InputError("message_bytes and max_rows_per_message must be >= 1")
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -175,6 +181,7 @@ class CompressionClient:
         )
         self.timeout = timeout
         self.message_bytes = message_bytes
+        self.max_rows_per_message = max_rows_per_message
         self._infos: dict[str, CodecInfo] = {}
 
     # -- plumbing ---------------------------------------------------------------------
@@ -206,10 +213,10 @@ class CompressionClient:
         compute on the whole array: results are then byte-identical to in-process ones
         (a matmul's last bit can depend on how rows are grouped).
         """
-        rows = max(1, self.message_bytes // max(1, bytes_per_row))
+        rows = max(1, min(self.message_bytes // max(1, bytes_per_row), self.max_rows_per_message))
         if d_in is not None:
             block = rows_per_block(4 * d_in)
-            rows = max(block, rows // block * block) if rows >= block else rows
+            rows = rows // block * block if rows >= block else rows
         return rows
 
     def _info(self, codec_id: str) -> CodecInfo:
@@ -290,7 +297,10 @@ class CompressionClient:
         One Encode call when ``X`` fits in ``message_bytes``, else EncodeStream.
         """
         X = check_matrix(X, allow_empty=True)
-        if X.shape[0] * X.shape[1] * (2 if X.dtype == np.float16 else 4) > self.message_bytes:
+        if X.shape[0] == 0:  # as the library: no vectors, no codes (nothing to send)
+            return np.empty((0, self._info(codec_id).code_size), dtype=np.uint8)
+        size = X.shape[0] * X.shape[1] * (2 if X.dtype == np.float16 else 4)
+        if size > self.message_bytes or X.shape[0] > self.max_rows_per_message:
             return self.encode_stream(codec_id, X)
         request = pb.EncodeRequest(codec_id=codec_id)
         array_to_matrix(X, out=request.vectors)
@@ -305,7 +315,10 @@ class CompressionClient:
         codes = np.asarray(codes)
         info = self._info(codec_id)
         width = info.d_out if reduced else info.d_in
-        if codes.ndim == 2 and codes.shape[0] * 4 * width > self.message_bytes:
+        if codes.ndim == 2 and codes.shape[0] == 0:  # as the library: no codes, no vectors
+            return np.empty((0, width), dtype=np.float32)
+        rows = codes.shape[0] if codes.ndim == 2 else 0
+        if rows * 4 * width > self.message_bytes or rows > self.max_rows_per_message:
             return self.decode_stream(codec_id, codes, reduced=reduced)
         request = pb.DecodeRequest(codec_id=codec_id, reduced=reduced)
         array_to_codes(codes, out=request.codes)
@@ -326,6 +339,8 @@ class CompressionClient:
     ) -> np.ndarray:
         """Encode any number of vectors (n, d_in) through EncodeStream, in order."""
         X = check_matrix(X, allow_empty=True)
+        if X.shape[0] == 0:
+            return np.empty((0, self._info(codec_id).code_size), dtype=np.uint8)
         step = rows_per_message or self._rows_per_message(4 * X.shape[1], X.shape[1])
 
         def messages() -> Iterator[pb.EncodeStreamRequest]:
@@ -356,9 +371,11 @@ class CompressionClient:
         codes = np.asarray(codes)
         if codes.ndim != 2:
             raise InputError(f"codes must be 2-D (n, code_size); got shape {codes.shape}")
+        info = self._info(codec_id)
+        width = info.d_out if reduced else info.d_in
+        if codes.shape[0] == 0:
+            return np.empty((0, width), dtype=np.float32)
         if rows_per_message is None:
-            info = self._info(codec_id)
-            width = info.d_out if reduced else info.d_in
             rows_per_message = self._rows_per_message(max(4 * width, codes.shape[1]), info.d_in)
 
         def messages() -> Iterator[pb.DecodeStreamRequest]:

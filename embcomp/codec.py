@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,17 @@ class Codec:
                 f"unknown option(s) {unknown} for spec {str(self.spec)!r}; "
                 f"valid options: {sorted(valid)}"
             )
+        for name, value in options.items():
+            try:  # options are stored in the artifact's JSON manifest
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                raise SpecError(
+                    f"option {name}={value!r} must be a plain JSON value (a finite number, "
+                    "string, bool or list of them)"
+                ) from None
+        seed = options.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise SpecError(f"option seed must be an integer >= 0; got {seed!r}")
         self.options: dict[str, Any] = {**valid, **options}
         self.reducer: LinearReducer | None = (
             _build_stage(self.spec.reducer, self.options) if self.spec.reducer else None

@@ -30,7 +30,10 @@ class ServiceConfig(BaseSettings):
     max_message_bytes : largest gRPC message accepted or sent (gRPC's own default is 4 MiB).
     max_rows_per_request : most vectors or codes in one request or stream message.
     max_fit_bytes : most training data one FitCodec may send, counted as float32 bytes.
-    max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED.
+    max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED. A fit
+        takes its slot once its training data has arrived (a stalled upload holds none);
+        uploads in progress hold at most ``max_concurrent_fits * max_fit_bytes`` in all.
+    max_eval_pairs : most base rows x query rows one EvaluateCodec may search.
     max_workers : threads serving RPCs.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     tls_cert, tls_key : PEM files; when both are set the server speaks TLS only.
@@ -52,6 +55,7 @@ class ServiceConfig(BaseSettings):
     max_rows_per_request: int = Field(default=262_144, ge=1)
     max_fit_bytes: int = Field(default=1024 * MiB, ge=1)
     max_concurrent_fits: int = Field(default=2, ge=1)
+    max_eval_pairs: int = Field(default=1 << 27, ge=1)
     max_workers: int = Field(default=16, ge=1)
     cache_size: int = Field(default=32, ge=1)
     tls_cert: Path | None = None

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_matrix
+from .._validation import check_matrix, to_float32
 from ..exceptions import InputError
 from ..v1 import types_pb2
 from .errors import LimitExceededError
@@ -110,6 +110,8 @@ def array_to_matrix(
     matrix = out if out is not None else types_pb2.Matrix()
     matrix.rows, matrix.cols = X.shape
     matrix.dtype = types_pb2.DTYPE_FLOAT16 if wire.itemsize == 2 else types_pb2.DTYPE_FLOAT32
+    if wire.itemsize == 4:  # float64 beyond float32's range: an error naming the row
+        X = to_float32(X, name=name)
     matrix.data = np.ascontiguousarray(X, dtype=wire).tobytes()
     return matrix
 

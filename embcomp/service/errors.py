@@ -20,6 +20,7 @@ from ..exceptions import (
 
 __all__ = [
     "ERROR_TABLE",
+    "CallEndedError",
     "CodecNotFoundError",
     "LimitExceededError",
     "UnauthenticatedError",
@@ -39,11 +40,16 @@ class UnauthenticatedError(EmbcompError, PermissionError):
     """A call arrived without a valid bearer token."""
 
 
+class CallEndedError(EmbcompError):
+    """The client cancelled the call or its deadline passed: stop, store nothing."""
+
+
 # Checked in order: the first matching class decides the code, so subclasses come first.
 ERROR_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CodecNotFoundError, grpc.StatusCode.NOT_FOUND),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (CallEndedError, grpc.StatusCode.CANCELLED),
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a stored file failed its checks
     (NotFittedError, grpc.StatusCode.FAILED_PRECONDITION),
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -57,6 +57,11 @@ class ServiceMetrics:
         self.fits_running = Gauge(
             "embcomp_fits_running", "FitCodec calls currently fitting", registry=self.registry
         )
+        self.fit_upload_bytes = Gauge(
+            "embcomp_fit_upload_bytes",
+            "training data held by FitCodec calls, uploading or fitting",
+            registry=self.registry,
+        )
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 

@@ -29,7 +29,7 @@ from ..v1 import types_pb2
 from .calls import bidi_stream, client_stream, unary
 from .config import ServiceConfig
 from .convert import array_to_codes, array_to_matrix, codes_to_array, matrix_to_array
-from .errors import LimitExceededError
+from .errors import CallEndedError, LimitExceededError
 from .metrics import ServiceMetrics
 from .store import CodecStore, StoredCodec, check_codec_id
 
@@ -119,6 +119,36 @@ def _in_stream_message(index: int, offset: int) -> Iterator[None]:
         raise type(exc)(f"stream message {index} (first row {offset}): {exc}") from exc
 
 
+def _check_active(context: Any, during: str) -> None:
+    """Stop a call whose client cancelled or whose deadline passed (gRPC may end such a
+    client stream as if it were complete: what arrived must not be used)."""
+    if not context.is_active():
+        raise CallEndedError(f"the call was cancelled or timed out during {during}")
+
+
+class _UploadBytes:
+    """Bytes of training data held by uploads in progress, capped at ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise LimitExceededError(
+                    f"uploads in progress already hold {self.used} of this server's "
+                    f"{self.limit} bytes for training data; retry later (the limit is "
+                    "EMBCOMP_MAX_CONCURRENT_FITS x EMBCOMP_MAX_FIT_BYTES)"
+                )
+            self.used += n
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 def _metric(value: int) -> str:
     try:
         return _METRICS[value]
@@ -143,6 +173,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         self.config = config
         self.metrics = metrics
         self._fit_slots = threading.BoundedSemaphore(config.max_concurrent_fits)
+        self._uploads = _UploadBytes(config.max_concurrent_fits * config.max_fit_bytes)
 
     # -- helpers ----------------------------------------------------------------------
     def _vectors(self, matrix: types_pb2.Matrix, name: str) -> np.ndarray:
@@ -188,23 +219,39 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         options = parse_options(dict(first.header.options))
         check_option_types(first.header.spec, options)
         codec = make_codec(first.header.spec, **options)
+        self._take_fit_slot()  # refuse before the upload when fits are running already
+        self._fit_slots.release()
+        held = [0]  # upload bytes taken from self._uploads
+        try:
+            train = self._read_training_chunks(request_iterator, held)
+            _check_active(context, "the upload")
+            self._take_fit_slot()  # a stalled upload holds no slot: taken now
+            try:
+                self.metrics.fits_running.inc()
+                codec.fit(train)
+                del train
+                _check_active(context, "the fit")
+                meta = self.store.put(codec)
+            finally:
+                self.metrics.fits_running.dec()
+                self._fit_slots.release()
+        finally:
+            self._uploads.give_back(held[0])
+            self.metrics.fit_upload_bytes.dec(held[0])
+        return pb.FitCodecResponse(codec=codec_info_message(meta))
+
+    def _take_fit_slot(self) -> None:
         if not self._fit_slots.acquire(blocking=False):
             raise LimitExceededError(
                 f"{self.config.max_concurrent_fits} fits are already running on this server; "
                 "retry later (the limit is EMBCOMP_MAX_CONCURRENT_FITS)"
             )
-        try:
-            self.metrics.fits_running.inc()
-            train = self._read_training_chunks(request_iterator)
-            codec.fit(train)
-            del train
-            meta = self.store.put(codec)
-        finally:
-            self.metrics.fits_running.dec()
-            self._fit_slots.release()
-        return pb.FitCodecResponse(codec=codec_info_message(meta))
 
-    def _read_training_chunks(self, requests: Iterator[pb.FitCodecRequest]) -> np.ndarray:
+    def _read_training_chunks(
+        self, requests: Iterator[pb.FitCodecRequest], held: list[int]
+    ) -> np.ndarray:
+        """The training chunks as one array; ``held[0]`` counts the bytes taken from the
+        upload budget (the caller gives them back)."""
         chunks: list[np.ndarray] = []
         float32_bytes = 0
         for index, message in enumerate(requests, start=1):
@@ -226,6 +273,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                     "float32 bytes per fit; fit on a random sample (the limit is "
                     "EMBCOMP_MAX_FIT_BYTES)"
                 )
+            self._uploads.take(chunk.nbytes)
+            held[0] += chunk.nbytes
+            self.metrics.fit_upload_bytes.inc(chunk.nbytes)
             chunks.append(chunk)
         if not chunks:
             raise InputError("FitCodec got a header but no training vectors; send chunks")
@@ -319,7 +369,13 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         size = min(request.page_size or _DEFAULT_PAGE, _MAX_PAGE)
         ids = self.store.ids()
         if request.page_token:
-            after = check_codec_id(request.page_token)
+            try:
+                after = check_codec_id(request.page_token)
+            except InputError:
+                raise InputError(
+                    f"page_token {request.page_token!r} is not one this server returned: "
+                    "pass next_page_token from the previous ListCodecs response"
+                ) from None
             ids = [codec_id for codec_id in ids if codec_id > after]
         page, rest = ids[:size], ids[size:]
         infos = []
@@ -349,6 +405,12 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
     def ExportCodec(self, request: pb.ExportCodecRequest, context: Any) -> pb.ExportCodecResponse:
         codec_id = check_codec_id(request.codec_id)
         blob = self.store.read_bytes(codec_id)
+        if len(blob) + _ENVELOPE_BYTES > self.config.max_message_bytes:
+            raise LimitExceededError(
+                f"codec {codec_id}'s artifact is {len(blob)} bytes, over this server's message "
+                f"limit of {self.config.max_message_bytes}; raise EMBCOMP_MAX_MESSAGE_BYTES "
+                "(on the client too) or copy the file from the store directory"
+            )
         meta = self.store.info(codec_id)
         return pb.ExportCodecResponse(artifact=blob, codec=codec_info_message(meta))
 
@@ -362,10 +424,21 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         queries = self._vectors(request.queries, "queries")
         metric = _metric(request.metric)
         k = min(request.k or 10, base.shape[0])
+        pairs = base.shape[0] * queries.shape[0]
+        if pairs > self.config.max_eval_pairs:
+            raise LimitExceededError(
+                f"{base.shape[0]} base rows x {queries.shape[0]} queries = {pairs} pairs to "
+                f"search, over this server's limit of {self.config.max_eval_pairs}; send "
+                "fewer (the limit is EMBCOMP_MAX_EVAL_PAIRS)"
+            )
+        check_matrix(base, name="base", d=codec._check_fitted())
+        check_finite(base, name="base")
         check_matrix(queries, name="queries", d=codec._check_fitted())
         check_finite(queries, name="queries")
-        decoded = codec.decode(codec.encode(base))  # checks base's width and values
+        decoded = codec.decode(codec.encode(base))
+        _check_active(context, "the evaluation")
         true_ids, _ = exact_knn(base, queries, k, metric=metric)
+        _check_active(context, "the evaluation")
         found_ids, _ = exact_knn(decoded, queries, k, metric=metric)
         recall = recall_at_k(found_ids, true_ids, k, base=base, queries=queries, metric=metric)
         return pb.EvaluateCodecResponse(

@@ -97,6 +97,19 @@ def test_fit_option_of_the_wrong_type(stub, rows, spec, options, expected):
     assert "wrong type" in details
 
 
+@pytest.mark.parametrize(
+    "spec,options,expected",
+    [
+        ("rot,int8", {"seed": "-1"}, "seed must be an integer >= 0"),
+        ("alloc4", {"vq_below": "NaN"}, "vq_below=nan must be a plain JSON value"),
+        ("alloc4", {"vq_below": "Infinity"}, "vq_below=inf must be a plain JSON value"),
+    ],
+)
+def test_fit_option_of_a_bad_value(stub, rows, spec, options, expected):
+    messages = fit_messages(spec, matrix(rows), options=options)
+    expect(INVALID, stub.FitCodec, messages, match=expected)
+
+
 def test_fit_reducer_wider_than_data(stub, rows):
     expect(INVALID, stub.FitCodec, fit_messages("pca500,int8", matrix(rows)), match="pca384")
 
@@ -277,7 +290,8 @@ def test_decode_stream_cannot_switch_reduced(stub, codec_id):
 
 
 def test_list_bad_page_token(stub):
-    expect(INVALID, stub.ListCodecs, pb.ListCodecsRequest(page_token="zz"), match="codec_id")
+    request = pb.ListCodecsRequest(page_token="zz")
+    expect(INVALID, stub.ListCodecs, request, match="page_token 'zz' is not one this server")
 
 
 # -- ImportCodec ---------------------------------------------------------------------------
@@ -300,6 +314,19 @@ def test_import_rejects_bad_artifacts(stub, sample):
     pickled = pickle.dumps({"spec": "int8", "payload": list(range(40))})
     request = pb.ImportCodecRequest(artifact=pickled)
     expect(INVALID, stub.ImportCodec, request, match="not an embcomp codec file")
+
+
+def test_import_rejects_arrays_that_do_not_fit_their_widths(stub, sample):
+    """Valid checksums, dishonest widths: once, a decode with such a codec read out of
+    bounds and took the server down."""
+    codec = embcomp.make_codec("int8").fit(sample[0][:200])
+    codec.d_in = codec.quantizer.d_ = 4_000_000
+    request = pb.ImportCodecRequest(artifact=embcomp.codec_to_bytes(codec))
+    expect(INVALID, stub.ImportCodec, request, match="'min_' is float32 (384,)")
+    codec.d_in = codec.quantizer.d_ = 384
+    codec.d_in = -3
+    request = pb.ImportCodecRequest(artifact=embcomp.codec_to_bytes(codec))
+    expect(INVALID, stub.ImportCodec, request, match="d_in must be a positive integer")
 
 
 # -- failures that are the server's state --------------------------------------------------

@@ -108,8 +108,9 @@ def test_serve_process_health_metrics_logs_and_sigterm_drain(tmp_path, sample, c
         worker = threading.Thread(target=fit)
         worker.start()
         deadline = time.monotonic() + 60
-        while "embcomp_fits_running 1.0" not in _metrics(ready["metrics_port"]):
-            assert time.monotonic() < deadline, "the fit never started"
+        uploading = f"embcomp_fit_upload_bytes {float(base[:500].nbytes)}"
+        while uploading not in _metrics(ready["metrics_port"]):
+            assert time.monotonic() < deadline, "the fit's upload never started"
             time.sleep(0.02)  # synchronization only: wait until the fit is in flight
         server.proc.send_signal(signal.SIGTERM)
         assert server.wait_for("draining")["grace_seconds"] == 60
@@ -117,7 +118,7 @@ def test_serve_process_health_metrics_logs_and_sigterm_drain(tmp_path, sample, c
             with pytest.raises(ServiceError) as refused:
                 late.list()
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "embcomp_fits_running 1.0" in _metrics(ready["metrics_port"])  # up while draining
+        assert uploading in _metrics(ready["metrics_port"])  # still up while draining
         release.set()
         worker.join(60)
         assert "error" not in outcome, outcome.get("error")

@@ -243,3 +243,33 @@ def test_health_and_reflection_are_registered(server):
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "embcomp.v1.CompressionService" in services
         assert "grpc.health.v1.Health" in services
+
+
+def test_client_keeps_to_the_servers_row_limit(tmp_path, sample):
+    """Narrow vectors reach a row limit long before the byte limit: the client splits by
+    rows too, so every call the library can make goes through."""
+    from service_helpers import running_server
+
+    base = sample[0]
+    with running_server(tmp_path / "s", max_rows_per_request=500) as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}", max_rows_per_message=500) as client:
+            info = client.fit("int8", base[:1200])  # no matmul: any grouping, same bytes
+            codec = embcomp.make_codec("int8").fit(base[:1200])
+            assert info.id == codec_id(codec)
+            codes = client.encode(info.id, base[:1200])
+            np.testing.assert_array_equal(codes, codec.encode(base[:1200]))
+            np.testing.assert_array_equal(client.decode(info.id, codes), codec.decode(codes))
+
+
+def test_client_empty_and_out_of_range_inputs_behave_like_the_library(fitted, client):
+    info, codec = fitted["pca128,int8"]
+    empty = np.empty((0, 384), np.float32)
+    for encode in (client.encode, client.encode_stream):
+        assert encode(info.id, empty).shape == codec.encode(empty).shape == (0, codec.code_size)
+    no_codes = np.empty((0, codec.code_size), np.uint8)
+    for decode in (client.decode, client.decode_stream):
+        assert decode(info.id, no_codes).shape == codec.decode(no_codes).shape == (0, 384)
+    huge = np.zeros((3, 384))
+    huge[2, 5] = 1e300
+    with pytest.raises(embcomp.InputError, match="vectors row 2 holds 1e\\+300, beyond float32"):
+        client.encode(info.id, huge)

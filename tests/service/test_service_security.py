@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import running_server, store_snapshot
 
 from embcomp.client import CompressionClient, ServiceError
+from embcomp.codec import Codec
 from embcomp.service.config import MiB
 from embcomp.service.convert import array_to_codes, array_to_matrix
 from embcomp.v1 import compression_service_pb2 as pb
@@ -74,34 +76,105 @@ def test_limits_give_resource_exhausted(tmp_path, sample):
         assert store_snapshot(store) == before
 
 
-def test_concurrent_fit_limit(tmp_path, sample):
+def test_concurrent_fit_limit(tmp_path, sample, monkeypatch):
     base = sample[0]
+    fitting, release = threading.Event(), threading.Event()
+    real_fit = Codec.fit
+
+    def held_fit(self, X):  # the int8 fit holds its slot until released
+        if str(self.spec) == "int8":
+            fitting.set()
+            release.wait(30)
+        return real_fit(self, X)
+
+    monkeypatch.setattr(Codec, "fit", held_fit)
     with running_server(tmp_path / "s", max_concurrent_fits=1) as srv:
         target = f"127.0.0.1:{srv.port}"
-        release = threading.Event()
         outcome: dict[str, object] = {}
-
-        def slow_messages():
-            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
-            release.wait(30)  # hold the fit slot until the second fit has been refused
-            yield pb.FitCodecRequest(chunk=array_to_matrix(base[:200]))
 
         def first_fit():
             with CompressionClient(target) as client:
-                outcome["reply"] = client._call(client._stub.FitCodec, slow_messages())
+                outcome["info"] = client.fit("int8", base[:200])
 
         worker = threading.Thread(target=first_fit)
         worker.start()
-        deadline = time.monotonic() + 30
-        while srv.metrics.fits_running._value.get() < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)  # synchronization only: wait until the first fit holds the slot
+        assert fitting.wait(30)
         with CompressionClient(target) as client:
             code, details = _code(lambda: client.fit("fp8", base[:100]))
             assert code == EXHAUSTED and "1 fits are already running" in details
             release.set()
             worker.join()
-            assert outcome["reply"].codec.spec == "int8"
+            assert outcome["info"].spec == "int8"
             assert client.fit("fp8", base[:100]).spec == "fp8"  # the slot is free again
+
+
+def test_a_stalled_upload_holds_no_fit_slot(tmp_path, sample):
+    """Only a fit whose data has arrived takes a slot: two clients that send a header and
+    then nothing must not lock everyone else out of fitting."""
+    base = sample[0]
+    with running_server(tmp_path / "s", max_concurrent_fits=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        release = threading.Event()
+
+        def stalled():
+            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+            release.wait(30)
+
+        def upload():
+            with CompressionClient(target) as client, contextlib.suppress(ServiceError):
+                client._call(client._stub.FitCodec, stalled())
+
+        uploads = [threading.Thread(target=upload) for _ in range(2)]
+        for thread in uploads:
+            thread.start()
+        try:
+            with CompressionClient(target) as client:
+                assert client.fit("fp8", base[:100]).spec == "fp8"
+        finally:
+            release.set()
+            for thread in uploads:
+                thread.join()
+
+
+def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
+    """gRPC may end a client stream whose deadline passed as if it were complete; the
+    server must not fit (and store) the chunks that arrived before it."""
+    base = sample[0]
+    store = tmp_path / "s"
+    with running_server(store) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        for _ in range(5):  # the server sees the cut as an end of stream in about half
+
+            def slow():
+                yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+                for start in range(0, 1000, 100):
+                    yield pb.FitCodecRequest(chunk=array_to_matrix(base[start : start + 100]))
+                    time.sleep(0.15)
+
+            with CompressionClient(target, timeout=0.5) as client:
+                with pytest.raises(ServiceError) as caught:
+                    client._call(client._stub.FitCodec, slow())
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finished = lambda: srv.metrics.registry.get_sample_value(  # noqa: E731
+            "embcomp_requests_total", {"method": "FitCodec"}
+        )
+        deadline = time.monotonic() + 30
+        while (finished() or 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # synchronization only: wait until the server ended all five
+        assert finished() == 5
+        assert not [p for p in store.iterdir() if p.suffix == ".codec"]
+
+
+def test_evaluation_and_export_limits(tmp_path, sample):
+    base = sample[0]
+    with running_server(tmp_path / "s", max_eval_pairs=1000, max_message_bytes=MiB) as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=MiB) as client:
+            info = client.fit("pca,int8", base[:500])  # 384 x 384 float32, twice: > 1 MiB
+            code, details = _code(lambda: client.evaluate(info.id, base[:100], base[:11]))
+            assert code == EXHAUSTED and "100 base rows x 11 queries = 1100 pairs" in details
+            assert client.evaluate(info.id, base[:100], base[:10]).query_rows == 10
+            code, details = _code(lambda: client.export_codec(info.id))
+            assert code == EXHAUSTED and "over this server's message limit" in details
 
 
 # -- auth ----------------------------------------------------------------------------------
