@@ -148,15 +148,17 @@ def _drop_bad(
     if not reasons:
         return data, rows, ids, []
     bad = [BadRow(str(source.path), start + i, _id_at(ids, i), reasons[i]) for i in sorted(reasons)]
-    if on_bad_row != "skip":
-        raise InputError(bad_row_message(bad[0], len(bad)))
+    if on_bad_row != "skip":  # "fail", or "refuse" where skipping is no option (fitting)
+        raise InputError(bad_row_message(bad[0], len(bad), skippable=on_bad_row == "fail"))
     keep = np.ones(data.shape[0], dtype=bool)
     keep[sorted(reasons)] = False
     return data[keep], rows[keep], (None if ids is None else ids.filter(keep)), bad
 
 
-def bad_row_message(first: BadRow, count: int) -> str:
+def bad_row_message(first: BadRow, count: int, *, skippable: bool = True) -> str:
     more = f" ({count} bad rows in this block)" if count > 1 else ""
+    if not skippable:
+        return f"{first.message()}{more}; repair or drop such rows before fitting"
     return (
         f"{first.message()}{more}; repair or drop such rows, or pass --on-bad-row skip "
         "to skip and list them"
@@ -313,6 +315,8 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             else:
                 shape, fortran, dtype = fmt._read_array_header(handle, version)  # type: ignore[attr-defined]
             return shape, fortran, dtype, handle.tell()
+    except (PermissionError, IsADirectoryError) as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a readable .npy file (truncated?): {exc}") from exc
 
@@ -338,6 +342,8 @@ class NpySource(Source):
             )
         self.dtype = dtype
         self.n_rows, self.width = int(shape[0]), int(shape[1])
+        if self.width == 0:
+            raise InputError(f"{path}: its rows have 0 values (shape {shape})")
         row_bytes = self.width * dtype.itemsize
         expected = self.data_offset + self.n_rows * row_bytes
         if self.nbytes < expected:
@@ -528,6 +534,8 @@ class ParquetSource(Source):
         try:
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)
+        except PermissionError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{path} is not a readable Parquet file (truncated?): {exc}") from exc
         self.n_rows = meta.num_rows

@@ -63,6 +63,8 @@ def check_matrix(
             f"{name} must be float16, float32 or float64; got dtype {X.dtype}; "
             "convert with X.astype(np.float32)"
         )
+    if X.shape[1] == 0:
+        raise InputError(f"{name} has 0 dims (shape {X.shape}); each vector needs values")
     if X.shape[0] == 0 and not allow_empty:
         raise InputError(f"{name} is empty (shape {X.shape}); pass at least one vector")
     if d is not None and X.shape[1] != d:

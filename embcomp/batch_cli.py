@@ -43,7 +43,10 @@ def _add_common(cmd: argparse.ArgumentParser) -> None:
         help="rows per block (default: ~128 MiB of .npy, ~32 MiB of other input)",
     )
     cmd.add_argument(
-        "--overwrite", action="store_true", help="redo outputs that are already complete"
+        "--overwrite",
+        action="store_true",
+        help="redo outputs that are already complete, and replace files at output paths "
+        "that no embcomp batch job wrote",
     )
     cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

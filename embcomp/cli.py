@@ -9,15 +9,20 @@ with the core install alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import __version__
+from ._validation import check_finite, check_matrix, to_float32
 from .artifacts import load_codec, read_manifest, save_codec
 from .codec import make_codec
 from .evaluation import exact_knn, recall_at_k
@@ -55,7 +60,16 @@ def sample_rows(X: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.asarray(X[rows])
 
 
+def refuse_same_file(output: str, *inputs: str) -> None:
+    """Refuse an output path that is one of the inputs: writing it would destroy them."""
+    for path in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(output, path):
+                raise InputError(f"output {output!r} is the input {path!r}; choose another path")
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
+    refuse_same_file(args.output, args.train)
     options = dict(parse_option(o) for o in args.option)
     options.setdefault("seed", args.seed)
     codec = make_codec(args.spec, **options)
@@ -75,6 +89,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
+    refuse_same_file(args.output, args.input, args.codec)
     codec = load_codec(args.codec)
     codes = codec.encode(read_vectors(args.input))
     write_vectors(args.output, codes)
@@ -83,10 +98,11 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
+    refuse_same_file(args.output, args.input, args.codec)
     codec = load_codec(args.codec)
     try:
         codes = np.load(args.input, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"{args.input!r} is not a readable .npy file of codes: {exc}") from exc
     vectors = codec.decode(codes)
     write_vectors(args.output, vectors)
@@ -107,8 +123,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     codec = load_codec(args.codec)
-    base = np.ascontiguousarray(read_vectors(args.base), dtype=np.float32)
-    queries = np.ascontiguousarray(read_vectors(args.queries), dtype=np.float32)
+    if args.k < 1:
+        raise InputError(f"--k must be >= 1; got {args.k}")
+    base = to_float32(check_matrix(read_vectors(args.base), name="base"), name="base")
+    queries = to_float32(check_matrix(read_vectors(args.queries), name="queries"), name="queries")
+    check_finite(base, name="base")
+    check_finite(queries, name="queries")
     true_ids, _ = exact_knn(base, queries, args.k, metric=args.metric)
     decoded = codec.decode(codec.encode(base))
     found_ids, _ = exact_knn(decoded, queries, args.k, metric=args.metric)
@@ -229,18 +249,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that handle SIGTERM themselves (the server drains in-flight calls).
+_OWN_SIGTERM = ("serve",)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so ``finally`` blocks remove temp files."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 on a user error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if args.command not in _OWN_SIGTERM and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # unwinds: temp files go
     try:
         return int(args.func(args))
     except EmbcompError as exc:
         print(f"embcomp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permissions, a directory where a file was expected, disk full
+        where = f": {exc.filename!r}" if exc.filename else ""
+        print(f"embcomp {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"embcomp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"embcomp {args.command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

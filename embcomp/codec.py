@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from . import _jit
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
@@ -66,6 +68,44 @@ def _build_stage(stage: Stage, options: dict[str, Any]) -> Any:
     return cls(**structural, **kwargs)
 
 
+def _check_option_types(spec: CodecSpec, options: dict[str, Any]) -> None:
+    """Reject option values of the wrong type before fitting (a ``SpecError``).
+
+    The expected types are the type hints of the spec's stage constructors (plus
+    ``seed: int``), checked strictly with pydantic: ``percentile="abc"`` or
+    ``whiten="yes"`` would otherwise fail deep inside ``fit`` as a bare ValueError, or
+    not at all. Names no stage knows are left to ``make_codec``, which lists the valid ones.
+    """
+    hints: dict[str, Any] = {"seed": int}
+    for stage in spec.stages:
+        factory = STAGE_FACTORIES.get(stage.name)
+        if factory is not None:
+            cls, structural = factory(stage)
+            init = cls.__init__  # type: ignore[misc]  # the class, not an instance
+            try:
+                stage_hints = typing.get_type_hints(init)
+            except (NameError, TypeError):  # unresolvable hints: leave it to the stage
+                continue
+            for name, hint in stage_hints.items():
+                if name != "return" and name not in structural:
+                    hints[name] = hint
+    for name, value in options.items():
+        if name not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[name])
+        except PydanticSchemaGenerationError:  # a hint pydantic cannot check
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as exc:
+            expected = getattr(hints[name], "__name__", None) or str(hints[name])
+            raise SpecError(
+                f"option {name}={value!r} for spec {str(spec)!r} has the wrong type: expected "
+                f"{expected} ({exc.errors()[0]['msg']})"
+            ) from None
+
+
 class Codec:
     """A fitted (or fittable) codec named by a spec string.
 
@@ -108,6 +148,7 @@ class Codec:
                     f"option {name}={value!r} must be a plain JSON value (a finite number, "
                     "string, bool or list of them)"
                 ) from None
+        _check_option_types(self.spec, options)
         seed = options.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SpecError(f"option seed must be an integer >= 0; got {seed!r}")

@@ -39,10 +39,17 @@ def read_vectors(path: str | os.PathLike[str], *, mmap: bool = True) -> np.ndarr
 def _read_npy(path: Path, mmap: bool) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (PermissionError, IsADirectoryError) as exc:
+        raise InputError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{str(path)!r} is not a readable .npy file (truncated?): {exc}") from exc
     if array.ndim != 2:
         raise InputError(f"{str(path)!r}: expected a 2-D (n, d) array, got shape {array.shape}")
+    if array.dtype.kind == "f" and not array.dtype.isnative:
+        raise InputError(
+            f"{str(path)!r}: big-endian {array.dtype} vectors; save them little-endian, "
+            "e.g. np.save(path, X.astype(X.dtype.newbyteorder('<')))"
+        )
     if array.dtype not in _VECTOR_DTYPES:
         raise InputError(f"{str(path)!r}: expected float16/32/64 vectors, got dtype {array.dtype}")
     return array
@@ -84,6 +91,11 @@ def write_vectors(path: str | os.PathLike[str], X: np.ndarray) -> None:
     """Write an array to ``.npy`` (any dtype, e.g. uint8 codes) or ``.fvecs`` atomically."""
     suffix = _suffix(path)
     if suffix == ".fvecs":
+        if np.asarray(X).dtype.kind != "f":
+            raise InputError(
+                f"{str(path)!r}: .fvecs holds float vectors; write {np.asarray(X).dtype} "
+                "arrays (such as codes) to .npy"
+            )
         write_fvecs(path, X)
     elif suffix == ".npy":
         with atomic_output(path) as handle:

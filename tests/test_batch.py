@@ -378,3 +378,97 @@ def test_missing_ray_names_the_extra(tmp_path, X, codec_file, monkeypatch, capsy
     assert run(*argv) == 2
     assert "pip install 'embcomp[ray]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# -- never lose data (found by a red-team pass) -----------------------------------------
+def test_a_crash_between_rename_and_record_is_redone_not_trusted(tmp_path, X, codec, monkeypatch):
+    """Run A completes; run B with another codec dies right after renaming its data into
+    place. A's record must not vouch for B's codes: rerunning A redoes the output."""
+    from embcomp.batch import _sinks
+
+    np.save(tmp_path / "x.npy", X[:500])
+    out = tmp_path / "out.npy"
+    compress(codec, tmp_path / "x.npy", out)
+    other = embcomp.make_codec(SPEC).fit(X[1000:2000])
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt  # the crash, just after the data file got its final name
+
+    monkeypatch.setattr(_sinks, "write_skipped", die)
+    with pytest.raises(KeyboardInterrupt):
+        compress(other, tmp_path / "x.npy", out)
+    monkeypatch.undo()
+    assert json.loads((out.parent / "out.npy.json").read_text())["result"] is None
+    report = compress(codec, tmp_path / "x.npy", out)
+    assert report.files_done == 1
+    np.testing.assert_array_equal(np.load(out), codec.encode(X[:500]))
+
+
+def test_files_no_batch_job_wrote_are_not_replaced_without_overwrite(tmp_path, X, codec):
+    shards, codes = tmp_path / "shards", tmp_path / "codes"
+    shards.mkdir()
+    np.save(shards / "a.npy", X[:300])
+    compress(codec, shards, codes)
+    original = (shards / "a.npy").read_bytes()
+    with pytest.raises(InputError, match="exists and no embcomp batch job wrote it"):
+        decompress(codec, codes, shards)  # would replace the originals with lossy vectors
+    assert (shards / "a.npy").read_bytes() == original
+    report = decompress(codec, codes, shards, overwrite=True)
+    assert report.files_done == 1
+    assert compress(codec, shards, codes).files_done == 1  # input changed: redone
+
+
+def test_outputs_that_could_not_be_read_back_are_refused(tmp_path, X, codec):
+    write_parquet(tmp_path / "in.parquet", X[:10], ids=[f"d{i}" for i in range(10)])
+    np.save(tmp_path / "x.npy", X[:10])
+    with pytest.raises(InputError, match="would both be named 'code'"):
+        pq.write_table(
+            pa.table({"code": pa.array([f"s{i}" for i in range(10)]), "emb": fixed_list(X[:10])}),
+            tmp_path / "clash.parquet",
+        )
+        compress(codec, tmp_path / "clash.parquet", tmp_path / "o.parquet", id_column="code")
+    with pytest.raises(InputError, match="is the embedding column"):
+        compress(codec, tmp_path / "in.parquet", tmp_path / "o.parquet", id_column="emb")
+    compress(codec, tmp_path / "in.parquet", tmp_path / "c.parquet", id_column="doc_id")
+    with pytest.raises(InputError, match="would both be named 'doc_id'"):
+        decompress(codec, tmp_path / "c.parquet", tmp_path / "v.parquet", column="doc_id")
+    with pytest.raises(InputError, match="has no .npy or .parquet suffix"):
+        compress(codec, tmp_path / "x.npy", tmp_path / "codesfile")
+    with pytest.raises(InputError, match="names a directory but the input is one file"):
+        compress(codec, tmp_path / "x.npy", str(tmp_path / "newdir") + "/")
+    assert not (tmp_path / "codesfile").exists() and not (tmp_path / "newdir").exists()
+
+
+def test_fit_refuses_mixed_widths_whatever_the_sample(tmp_path, X, capsys):
+    (tmp_path / "mixed").mkdir()
+    np.save(tmp_path / "mixed" / "a.npy", X[:100])
+    np.save(tmp_path / "mixed" / "b.npy", X[:100, :32].copy())
+    for extra in ([], ["--sample", "3"]):
+        argv = ["fit", "--spec", "int8", "--train", tmp_path / "mixed", "-o", tmp_path / "m.codec"]
+        assert run(*argv, *extra) == 2
+        assert "different widths" in capsys.readouterr().err
+    assert not (tmp_path / "m.codec").exists()
+
+
+def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
+    import signal
+    import subprocess
+    import time
+
+    np.save(tmp_path / "x.npy", np.tile(X, (20, 1)))  # 60,000 rows: a few seconds in blocks
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-m", "embcomp", "compress", "-q", "-c", codec_file]
+    proc = subprocess.Popen(
+        [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "500"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not leftovers(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # synchronization only: wait until the temp file exists
+    assert leftovers(out), "the run never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated" in err
+    assert leftovers(out) == [] and list(out.iterdir()) == []

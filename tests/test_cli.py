@@ -127,3 +127,77 @@ def test_demo_runs(capsys):
     assert main(["demo", "--spec", "int8", "--spec", "pca96,fp8"]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "pca96,fp8" in out
+
+
+# -- bad input and the environment: one line, status 2, nothing destroyed -----------------
+def test_outputs_never_replace_their_inputs(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    codec = str(tmp_path / "c.codec")
+    assert main(["fit", "--spec", "int8", "--train", str(tmp_path / "v.npy"), "-o", codec]) == 0
+    for argv in (
+        ["encode", "-c", codec, str(tmp_path / "v.npy"), str(tmp_path / "v.npy")],
+        [
+            "fit",
+            "--spec",
+            "int8",
+            "--train",
+            str(tmp_path / "v.npy"),
+            "-o",
+            str(tmp_path / "v.npy"),
+        ],
+    ):
+        assert main(argv) == 2
+        assert "is the input" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), X)
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    np.save(tmp_path / "v.npy", X)
+    codec = str(tmp_path / "c.codec")
+    assert (
+        main(["fit", "--spec", "pca8,int8", "--train", str(tmp_path / "v.npy"), "-o", codec]) == 0
+    )
+    capsys.readouterr()
+    np.save(tmp_path / "zero.npy", np.zeros((10, 0), np.float32))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "a_dir").mkdir()
+    nan_queries = X[:5].copy()
+    nan_queries[2, 3] = np.nan
+    np.save(tmp_path / "q.npy", nan_queries)
+    fit = ["fit", "--spec", "pca8,int8", "--train", str(tmp_path / "v.npy")]
+    cases = {
+        "0 values": ["fit", "--spec", "int8", "--train", str(tmp_path / "zero.npy"), "-o", codec],
+        "whiten='False'": [*fit, "-o", codec, "--option", "whiten=False"],
+        "percentile='abc'": [*fit, "-o", codec, "--option", "percentile=abc"],
+        "Is a directory": [*fit, "-o", str(tmp_path / "a_dir")],
+        "not a readable .npy file of codes": [
+            "decode",
+            "-c",
+            codec,
+            str(tmp_path / "empty.npy"),
+            str(tmp_path / "o.npy"),
+        ],
+        ".fvecs holds float vectors": [
+            "encode",
+            "-c",
+            codec,
+            str(tmp_path / "v.npy"),
+            str(tmp_path / "c.fvecs"),
+        ],
+        "queries row 2 contains NaN": [
+            "eval",
+            "-c",
+            codec,
+            "--base",
+            str(tmp_path / "v.npy"),
+            "--queries",
+            str(tmp_path / "q.npy"),
+        ],
+    }
+    for expected, argv in cases.items():
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c.fvecs").exists() and not (tmp_path / "o.npy").exists()

@@ -9,6 +9,7 @@ encoding) into an output written under a temporary name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
@@ -27,7 +28,14 @@ from ..codec import Codec
 from ..exceptions import ArtifactError, InputError
 from ._progress import Progress, format_bytes
 from ._rows import transform_block
-from ._sinks import RECORD_FORMAT, RECORD_VERSION, OutputSpec, is_complete, open_sink
+from ._sinks import (
+    RECORD_FORMAT,
+    RECORD_VERSION,
+    OutputSpec,
+    is_complete,
+    open_sink,
+    written_by_embcomp,
+)
 
 __all__ = ["BatchReport", "Job", "compress", "decompress", "plan_job"]
 
@@ -153,6 +161,21 @@ def _format_for(requested: str | None, output: Path, source_fmt: str, single: bo
     return "parquet" if source_fmt == "parquet" else "npy"
 
 
+_FORMAT_SUFFIXES = (".npy", ".parquet", ".pq")
+
+
+def _check_replaceable(path: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is one of the inputs (it would be replaced while read)."""
+    if not path.exists():
+        return
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, source):
+                raise InputError(
+                    f"output {str(path)!r} is the input {str(source)!r}; choose another output"
+                )
+
+
 def plan_job(
     command: str,
     codec: Codec,
@@ -165,8 +188,12 @@ def plan_job(
     output_format: str | None = None,
     on_bad_row: str = "fail",
     engine: str = "local",
+    overwrite: bool = False,
 ) -> Job:
     """Open the inputs, check them against the codec and decide every output.
+
+    An existing file at an output path is replaced only if an earlier batch job wrote
+    it, or with ``overwrite``; never if it is one of the inputs.
 
     Raises ``InputError`` / ``DimensionMismatchError`` / ``ArtifactError`` before any
     output is touched.
@@ -185,6 +212,11 @@ def plan_job(
     )  # fmt: skip
     what = f"codec {str(codec.spec)!r}"
     for source in sources:
+        if source.id_field is not None and source.id_field.name == getattr(source, "column", None):
+            raise InputError(
+                f"{source.path}: --id-column {source.id_field.name!r} is the embedding column; "
+                "name the column that holds the ids"
+            )
         source.check_width(width, what)
         meta = source.meta or {}
         stored = meta.get("codec_id")
@@ -195,6 +227,11 @@ def plan_job(
                 "encoded it"
             )
     single = in_path.is_file() and engine == "local"
+    if single and str(output).endswith(("/", os.sep)):
+        raise InputError(
+            f"output {str(output)!r} names a directory but the input is one file; "
+            "give an output file name (.npy or .parquet)"
+        )
     if in_path.resolve() == out_path.resolve():
         raise InputError(f"output {str(out_path)!r} is the input; choose another path")
     if single and out_path.is_dir():
@@ -223,7 +260,13 @@ def plan_job(
                 f".npy outputs cannot carry the id column {source.id_field.name!r}; "
                 "use --format parquet"
             )
+        if single and output_format is None and out_path.suffix.lower() not in _FORMAT_SUFFIXES:
+            raise InputError(
+                f"output {str(out_path)!r} has no .npy or .parquet suffix (decompress and "
+                "the readers go by it); add one, or pass --format"
+            )
         path = out_path if single else out_path / (source.path.stem + _SUFFIX[fmt])
+        _check_replaceable(path, [s.path for s in sources])
         if path.name in names:
             raise InputError(
                 f"inputs {names[path.name]} and {source.path.name} would both write "
@@ -253,7 +296,19 @@ def plan_job(
             "dataset": dataset if source.format == "hdf5" else None,
             "on_bad_row": on_bad_row,
         }
+        id_name = "id" if source.id_field is None else source.id_field.name
+        if fmt == "parquet" and payload == id_name:
+            raise InputError(
+                f"the output's id column and its {'codes' if command == 'compress' else 'vector'}"
+                f" column would both be named {payload!r}; "
+                + ("choose another --id-column" if command == "compress" else "pass --column")
+            )
         spec = OutputSpec(path, fmt, dtype, out_width, payload, source.id_field, job)
+        if path.exists() and not overwrite and not written_by_embcomp(spec):
+            raise InputError(
+                f"output {str(path)!r} exists and no embcomp batch job wrote it; pass "
+                "--overwrite to replace it, or choose another output"
+            )
         tasks.append(Task(source, spec))
     if single or engine == "ray":  # Ray writes beside OUTPUT, then renames
         created = check_writable(out_path.parent, create=False)
@@ -394,7 +449,7 @@ def _run(
         require_ray()  # say which extra to install before doing anything else
     job = plan_job(
         command, codec, input, output, column=column, id_column=id_column, dataset=dataset,
-        output_format=output_format, on_bad_row=on_bad_row, engine=engine,
+        output_format=output_format, on_bad_row=on_bad_row, engine=engine, overwrite=overwrite,
     )  # fmt: skip
     if engine == "ray":
         from ._ray import run_ray

@@ -50,13 +50,20 @@ def sample_vectors(
         message names its file and row).
     """
     sources = open_sources(path, kind="vectors", column=column, dataset=dataset)
+    widths = {source.width for source in sources if source.width is not None}
+    if len(widths) > 1:  # known from headers: fail whichever rows a sample would pick
+        described = ", ".join(f"{s.path.name}: {s.width}" for s in sources)
+        raise DimensionMismatchError(
+            f"{path}: files hold vectors of different widths ({described})"
+        )
     total = sum(source.n_rows for source in sources)
     if total == 0:
         raise InputError(f"{path} holds no vectors")
     if n is not None and n < 1:
         raise InputError(f"--sample must be >= 1; got {n}")
     if n is None or n >= total:
-        parts = [block.data for block in iter_blocks(sources, check_finite=True)]
+        blocks = iter_blocks(sources, check_finite=True, on_bad_row="refuse")
+        parts = [block.data for block in blocks]
     else:
         picks = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
         parts = []
@@ -65,7 +72,7 @@ def sample_vectors(
             if local.size:
                 parts.append(source.read_rows(local - source.offset))
     widths = {part.shape[1] for part in parts}
-    if len(widths) > 1:
+    if len(widths) > 1:  # widths only the rows tell (list<float> Parquet columns)
         described = ", ".join(f"{s.path.name}: {s.width}" for s in sources)
         raise DimensionMismatchError(
             f"{path}: files hold vectors of different widths ({described})"

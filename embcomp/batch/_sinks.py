@@ -5,7 +5,9 @@ size, mtime and row count, the read options) and, once complete, how many rows i
 holds. That record is what makes an output *verifiable*: a rerun skips outputs whose
 record matches the job it is about to do and whose row count matches the file.
 
-- ``.npy``: the array, then ``<name>.json`` (the record) written after it.
+- ``.npy``: ``<name>.json`` (the record) says "in progress" (``result`` null) before the
+  array is renamed into place, and gets the row count after it: a crash in between
+  leaves a record that no rerun takes for complete (nor a previous job's record).
 - Parquet: an id column and ``code`` (``fixed_size_binary``) or the embedding column
   (``fixed_size_list<float32>``); the job record is the file metadata key
   ``embcomp``, the row count ``embcomp.result``.
@@ -37,7 +39,7 @@ from .._readers import (
 )
 from ..exceptions import InputError
 
-__all__ = ["OutputSpec", "Sink", "is_complete", "open_sink", "write_skipped"]
+__all__ = ["OutputSpec", "Sink", "is_complete", "open_sink", "write_skipped", "written_by_embcomp"]
 
 RECORD_FORMAT = "embcomp-batch"
 RECORD_VERSION = 1
@@ -136,6 +138,31 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
     ``max_rows`` bounds the rows to come (the ``.npy`` header is written first with
     room for it and rewritten with the final count at the end).
     """
+    if spec.fmt == "npy":  # in progress: replaces any earlier job's record first
+        had_data = spec.path.exists()
+        _write_record(spec, None)
+        try:
+            with _sink_file(spec, max_rows) as sink:
+                yield sink
+        except BaseException:
+            if not had_data:  # nothing for the record to describe: leave no trace
+                with contextlib.suppress(FileNotFoundError):
+                    spec.sidecar.unlink()
+            raise
+    else:
+        with _sink_file(spec, max_rows) as sink:
+            yield sink
+    # The data file now has its final name; the list of skipped rows and the record's
+    # result follow. A crash in between leaves an output whose record is still "in
+    # progress", which a rerun redoes.
+    write_skipped(spec.skipped_list, sink.bad)
+    if spec.fmt == "npy":
+        _write_record(spec, {"rows": sink.rows, "bad_rows": len(sink.bad)})
+
+
+@contextlib.contextmanager
+def _sink_file(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
+    """The data file of :func:`open_sink`, renamed into place on a clean exit."""
     with atomic_output(spec.path) as handle:
         sink = Sink(spec, handle)
         if spec.fmt == "npy":
@@ -166,13 +193,30 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
             result = {"rows": sink.rows, "bad_rows": len(sink.bad)}
             sink.writer.add_key_value_metadata({PARQUET_RESULT_KEY: json.dumps(result)})
             sink.writer.close()
-    # The data file now has its final name; the record (sidecar) and the list of
-    # skipped rows follow. A crash in between leaves an output that is complete but
-    # unverified, which a rerun simply redoes.
-    write_skipped(spec.skipped_list, sink.bad)
-    if spec.fmt == "npy":
-        record = {**spec.job, "result": {"rows": sink.rows, "bad_rows": len(sink.bad)}}
-        atomic_write_bytes(spec.sidecar, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def _write_record(spec: OutputSpec, result: dict[str, int] | None) -> None:
+    record = {**spec.job, "result": result}
+    atomic_write_bytes(spec.sidecar, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def written_by_embcomp(spec: OutputSpec) -> bool:
+    """Whether the file at ``spec.path`` carries a batch job record (complete or not),
+    so that replacing it loses nothing the user did not ask embcomp to make."""
+    try:
+        if spec.path.suffix.lower() == ".npy" or spec.fmt == "npy":
+            record = json.loads(spec.sidecar.read_text())
+            return isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+        require_pyarrow()
+        import pyarrow.parquet as pq
+
+        return PARQUET_META_KEY in (pq.read_metadata(spec.path).metadata or {})
+    except (OSError, ValueError, InputError):
+        return False
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own errors on bad files
+        if type(exc).__module__.startswith("pyarrow"):
+            return False
+        raise
 
 
 def write_skipped(path: Path, bad: list[BadRow]) -> None:
@@ -200,7 +244,9 @@ def is_complete(spec: OutputSpec) -> bool:
     try:
         if spec.fmt == "npy":
             record = json.loads(spec.sidecar.read_text())
-            rows = record.get("result", {}).get("rows")
+            rows = (record.get("result") or {}).get("rows")
+            if not isinstance(rows, int):  # in progress: the run did not finish
+                return False
             job = {k: v for k, v in record.items() if k != "result"}
             shape, _, dtype, offset = _read_npy_header(spec.path)
             size = spec.path.stat().st_size

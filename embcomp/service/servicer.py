@@ -11,18 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import typing
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from .._validation import check_finite, check_matrix
-from ..codec import STAGE_FACTORIES, Codec, make_codec
+from ..codec import Codec, make_codec
 from ..evaluation import exact_knn, recall_at_k
-from ..exceptions import ArtifactError, EmbcompError, InputError, SpecError
-from ..spec import parse_spec
+from ..exceptions import ArtifactError, EmbcompError, InputError
 from ..v1 import compression_service_pb2 as pb
 from ..v1 import compression_service_pb2_grpc as pb_grpc
 from ..v1 import types_pb2
@@ -33,7 +30,7 @@ from .errors import CallEndedError, LimitExceededError
 from .metrics import ServiceMetrics
 from .store import CodecStore, StoredCodec, check_codec_id
 
-__all__ = ["CompressionServicer", "check_option_types", "codec_info_message", "parse_options"]
+__all__ = ["CompressionServicer", "codec_info_message", "parse_options"]
 
 _METRICS: dict[int, str] = {
     types_pb2.METRIC_UNSPECIFIED: "ip",
@@ -54,44 +51,6 @@ def parse_options(raw: dict[str, str]) -> dict[str, Any]:
         except ValueError:
             options[key] = text
     return options
-
-
-def check_option_types(spec: str, options: dict[str, Any]) -> None:
-    """Reject option values of the wrong type before fitting, as INVALID_ARGUMENT.
-
-    The expected types are the type hints of the spec's stage constructors (plus
-    ``seed: int``), checked strictly with pydantic: ``percentile="abc"`` or
-    ``whiten="yes"`` would otherwise fail deep inside ``fit`` as a bare ValueError, or
-    not at all. Names no stage knows are left to ``make_codec``, which lists the valid ones.
-    """
-    hints: dict[str, Any] = {"seed": int}
-    for stage in parse_spec(spec).stages:
-        factory = STAGE_FACTORIES.get(stage.name)
-        if factory is not None:
-            cls, structural = factory(stage)
-            init = cls.__init__  # type: ignore[misc]  # the class, not an instance
-            try:
-                stage_hints = typing.get_type_hints(init)
-            except (NameError, TypeError):  # unresolvable hints: leave it to the stage
-                continue
-            for name, hint in stage_hints.items():
-                if name != "return" and name not in structural:
-                    hints[name] = hint
-    for name, value in options.items():
-        if name not in hints:
-            continue
-        try:
-            adapter = TypeAdapter(hints[name])
-        except PydanticSchemaGenerationError:  # a hint pydantic cannot check
-            continue
-        try:
-            adapter.validate_python(value, strict=True)
-        except ValidationError as exc:
-            expected = getattr(hints[name], "__name__", None) or str(hints[name])
-            raise SpecError(
-                f"option {name}={value!r} for spec {spec!r} has the wrong type: expected "
-                f"{expected} ({exc.errors()[0]['msg']})"
-            ) from None
 
 
 def codec_info_message(meta: StoredCodec) -> types_pb2.CodecInfo:
@@ -217,8 +176,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 "FitCodecHeader(spec='pca256,fp8'); training chunks follow it"
             )
         options = parse_options(dict(first.header.options))
-        check_option_types(first.header.spec, options)
-        codec = make_codec(first.header.spec, **options)
+        codec = make_codec(first.header.spec, **options)  # checks the options' types too
         self._take_fit_slot()  # refuse before the upload when fits are running already
         self._fit_slots.release()
         held = [0]  # upload bytes taken from self._uploads
