@@ -78,6 +78,17 @@ def _in_stream_message(index: int, offset: int) -> Iterator[None]:
         raise type(exc)(f"stream message {index} (first row {offset}): {exc}") from exc
 
 
+@contextlib.contextmanager
+def _named(field: str) -> Iterator[None]:
+    """Errors about the library's ``X`` name the request field instead."""
+    try:
+        yield
+    except InputError as exc:
+        if str(exc).startswith("X "):
+            raise type(exc)(f"{field}{str(exc)[1:]}") from exc
+        raise
+
+
 def _check_active(context: Any, during: str) -> None:
     """Stop a call whose client cancelled or whose deadline passed (gRPC may end such a
     client stream as if it were complete: what arrived must not be used)."""
@@ -248,7 +259,8 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         vectors = self._vectors_for(codec, request.vectors, "vectors")
         self._check_response_size(vectors.shape[0], codec.code_size)
         response = pb.EncodeResponse()
-        array_to_codes(codec.encode(vectors), out=response.codes)
+        with _named("vectors"):
+            array_to_codes(codec.encode(vectors), out=response.codes)
         return response
 
     @unary("Decode")
@@ -270,7 +282,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         metric = _metric(request.metric)
         self._check_response_size(queries.shape[0], 4 * codec.d_out)
         response = pb.ProjectQueriesResponse()
-        array_to_matrix(codec.project_queries(queries, metric=metric), out=response.queries)
+        with _named("queries"):
+            projected = codec.project_queries(queries, metric=metric)
+        array_to_matrix(projected, out=response.queries)
         return response
 
     @bidi_stream("EncodeStream")
@@ -288,7 +302,8 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 vectors = self._vectors_for(codec, request.vectors, "vectors")
                 self._check_response_size(vectors.shape[0], codec.code_size)
                 response = pb.EncodeStreamResponse(row_offset=offset)
-                array_to_codes(codec.encode(vectors), out=response.codes)
+                with _named("vectors"):
+                    array_to_codes(codec.encode(vectors), out=response.codes)
             yield response
             offset += vectors.shape[0]
 
@@ -393,7 +408,8 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         check_finite(base, name="base")
         check_matrix(queries, name="queries", d=codec._check_fitted())
         check_finite(queries, name="queries")
-        decoded = codec.decode(codec.encode(base))
+        with _named("base"):
+            decoded = codec.decode(codec.encode(base))
         _check_active(context, "the evaluation")
         true_ids, _ = exact_knn(base, queries, k, metric=metric)
         _check_active(context, "the evaluation")

@@ -156,7 +156,7 @@ def test_encode_wrong_dims(stub, codec_id, rows):
 def test_encode_non_finite(stub, codec_id, rows, bad):
     rows[5, 0] = bad
     request = pb.EncodeRequest(codec_id=codec_id, vectors=matrix(rows))
-    expect(INVALID, stub.Encode, request, match="row 5 contains NaN or inf")
+    expect(INVALID, stub.Encode, request, match="vectors row 5 contains NaN or inf")
 
 
 def test_encode_empty(stub, codec_id):
