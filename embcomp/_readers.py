@@ -672,10 +672,12 @@ class ParquetSource(Source):
         good = np.ones(n, dtype=bool)
         good[list(reasons)] = False
         if self.width is None:
-            # A list column states no width: the first non-null row sets it.
+            # A list column states no width: the most common length among the first
+            # block's non-null rows sets it (so one short first row is the bad one).
             if not good.any():
                 return np.zeros((n, 0), dtype=np.float32), reasons
-            self.width = int(lengths[np.argmax(good)])
+            seen, counts = np.unique(lengths[good], return_counts=True)
+            self.width = int(seen[np.argmax(counts)])
         d = self.width
         for i in np.flatnonzero(good & (lengths != d)):
             reasons[int(i)] = f"has {int(lengths[i])} values, expected {d}"

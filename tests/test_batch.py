@@ -472,3 +472,15 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "terminated" in err
     assert leftovers(out) == [] and list(out.iterdir()) == []
+
+
+def test_a_short_first_list_row_is_the_one_blamed(tmp_path, X, capsys):
+    """A list<float> column states no width: the rows' common length does, not row 0's."""
+    rows = [list(x) for x in X[:100]]
+    rows[0] = rows[0][:10]
+    pq.write_table(
+        pa.table({"emb": pa.array(rows, type=pa.list_(pa.float32()))}), tmp_path / "r.parquet"
+    )
+    argv = ["fit", "--spec", "int8", "--train", tmp_path / "r.parquet", "--column", "emb"]
+    assert run(*argv, "-o", tmp_path / "r.codec") == 2
+    assert "row 0 has 10 values, expected 384" in capsys.readouterr().err
