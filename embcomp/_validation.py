@@ -85,6 +85,20 @@ def check_finite(block: np.ndarray, *, name: str = "X", row_offset: int = 0) -> 
         )
 
 
+def check_not_an_input(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:
+    """Raise ``InputError`` if ``output`` is (the same file as) one of ``inputs``:
+    writing it would destroy what is being read."""
+    for path in inputs:
+        try:
+            same = os.path.samefile(output, path)
+        except OSError:  # one of them does not exist (yet)
+            continue
+        if same:
+            raise InputError(
+                f"output {str(output)!r} is the input {str(path)!r}; choose another output"
+            )
+
+
 def to_float32(X: np.ndarray, *, name: str = "X", row_offset: int = 0) -> np.ndarray:
     """``X`` (a checked float matrix) as C-contiguous float32, without copying when it is
     already; a finite float64 value beyond float32's range (+-3.4e38) raises an

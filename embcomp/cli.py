@@ -9,10 +9,8 @@ with the core install alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from ._validation import check_finite, check_matrix, to_float32
+from ._validation import check_finite, check_matrix, check_not_an_input, to_float32
 from .artifacts import load_codec, read_manifest, save_codec
 from .codec import make_codec
 from .evaluation import exact_knn, recall_at_k
@@ -60,16 +58,8 @@ def sample_rows(X: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return np.asarray(X[rows])
 
 
-def refuse_same_file(output: str, *inputs: str) -> None:
-    """Refuse an output path that is one of the inputs: writing it would destroy them."""
-    for path in inputs:
-        with contextlib.suppress(OSError):
-            if os.path.samefile(output, path):
-                raise InputError(f"output {output!r} is the input {path!r}; choose another path")
-
-
 def _cmd_fit(args: argparse.Namespace) -> int:
-    refuse_same_file(args.output, args.train)
+    check_not_an_input(args.output, args.train)
     options = dict(parse_option(o) for o in args.option)
     options.setdefault("seed", args.seed)
     codec = make_codec(args.spec, **options)
@@ -89,7 +79,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    refuse_same_file(args.output, args.input, args.codec)
+    check_not_an_input(args.output, args.input, args.codec)
     codec = load_codec(args.codec)
     codes = codec.encode(read_vectors(args.input))
     write_vectors(args.output, codes)
@@ -98,7 +88,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    refuse_same_file(args.output, args.input, args.codec)
+    check_not_an_input(args.output, args.input, args.codec)
     codec = load_codec(args.codec)
     try:
         codes = np.load(args.input, mmap_mode="r", allow_pickle=False)

@@ -9,7 +9,6 @@ encoding) into an output written under a temporary name.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._readers import DEFAULT_CODE_COLUMN, Source, block_rows_for, open_sources
+from .._validation import check_not_an_input
 from ..artifacts import codec_id
 from ..codec import Codec
 from ..exceptions import ArtifactError, InputError
@@ -164,18 +164,6 @@ def _format_for(requested: str | None, output: Path, source_fmt: str, single: bo
 _FORMAT_SUFFIXES = (".npy", ".parquet", ".pq")
 
 
-def _check_replaceable(path: Path, inputs: list[Path]) -> None:
-    """Refuse an output path that is one of the inputs (it would be replaced while read)."""
-    if not path.exists():
-        return
-    for source in inputs:
-        with contextlib.suppress(OSError):
-            if os.path.samefile(path, source):
-                raise InputError(
-                    f"output {str(path)!r} is the input {str(source)!r}; choose another output"
-                )
-
-
 def plan_job(
     command: str,
     codec: Codec,
@@ -266,7 +254,7 @@ def plan_job(
                 "the readers go by it); add one, or pass --format"
             )
         path = out_path if single else out_path / (source.path.stem + _SUFFIX[fmt])
-        _check_replaceable(path, [s.path for s in sources])
+        check_not_an_input(path, *(s.path for s in sources))
         if path.name in names:
             raise InputError(
                 f"inputs {names[path.name]} and {source.path.name} would both write "
