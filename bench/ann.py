@@ -23,7 +23,7 @@ from .datasets import Dataset, train_rows
 if TYPE_CHECKING:
     from .run import AnnConfig, PlannedRun, Settings
 
-__all__ = ["pareto_front", "run_ann"]
+__all__ = ["check_ann", "pareto_front", "run_ann"]
 
 
 def pareto_front(points: list[tuple[float, float, str]]) -> list[str]:
@@ -66,6 +66,24 @@ def _ann_index(factory: str, params: dict[str, Any], d: int, metric: str, train:
     if not index.is_trained:
         index.train(np.ascontiguousarray(train, dtype=np.float32))
     return index
+
+
+def check_ann(factory: str, params: dict[str, Any], d: int, metric: str) -> None:
+    """Raise ``InputError`` unless FAISS can build ``factory`` for width ``d`` and knows
+    every search parameter: a sweep should fail on its config before it runs, not after."""
+    import faiss
+
+    from embcomp.exceptions import InputError
+
+    metric_type = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    try:
+        index = faiss.index_factory(d, factory, metric_type)
+        space = faiss.ParameterSpace()
+        for key, value in params.items():
+            space.set_index_parameter(index, key, value)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"ann: FAISS cannot use {factory!r} {params} at d={d}: {first}") from None
 
 
 def _search(template: Any, params: dict[str, Any], vectors: np.ndarray, queries: np.ndarray):

@@ -219,7 +219,14 @@ def load_dataset(
 def _float32(X: np.ndarray, what: str) -> np.ndarray:
     if X.ndim != 2 or X.shape[0] == 0:
         raise InputError(f"{what} must be a non-empty (n, d) matrix; got shape {X.shape}")
-    return X if X.dtype == np.float32 else np.ascontiguousarray(X, dtype=np.float32)
+    X = X if X.dtype == np.float32 else np.ascontiguousarray(X, dtype=np.float32)
+    finite = np.isfinite(X).all(axis=1)
+    if not finite.all():
+        raise InputError(
+            f"{what}: row {int(np.flatnonzero(~finite)[0])} holds NaN or inf "
+            f"({int((~finite).sum())} such rows); benchmark data must be finite"
+        )
+    return X
 
 
 def _check_widths(dataset: Dataset) -> None:
@@ -228,11 +235,43 @@ def _check_widths(dataset: Dataset) -> None:
             f"dataset {dataset.name!r}: queries have {dataset.queries.shape[1]} dims but the "
             f"base has {dataset.base.shape[1]}; give queries made by the same model"
         )
+    if dataset.gt is not None and (
+        dataset.gt.ndim != 2 or dataset.gt.min() < 0 or dataset.gt.max() >= dataset.n_base
+    ):
+        raise InputError(
+            f"dataset {dataset.name!r}: ground truth ids must be a 2-D array of base rows "
+            f"0..{dataset.n_base - 1}; got shape {dataset.gt.shape}, ids "
+            f"{dataset.gt.min()}..{dataset.gt.max()}"
+        )
     if dataset.gt is not None and dataset.gt.shape[0] != dataset.n_queries:
         raise InputError(
             f"dataset {dataset.name!r}: ground truth has {dataset.gt.shape[0]} rows for "
             f"{dataset.n_queries} queries"
         )
+    if dataset.gt is not None:
+        _spot_check_ground_truth(dataset)
+
+
+def _spot_check_ground_truth(dataset: Dataset, n_checked: int = 8) -> None:
+    """Raise ``InputError`` if the stored nearest neighbour of any of the first few
+    queries is not (up to float rounding) the nearest by exact search: ground truth of
+    other data or another metric would score every codec against the wrong answers."""
+    assert dataset.gt is not None
+    base = np.asarray(dataset.base, dtype=np.float64)
+    for q in range(min(n_checked, dataset.n_queries)):
+        query = np.asarray(dataset.queries[q], dtype=np.float64)
+        if dataset.metric == "ip":
+            scores = base @ query
+        else:
+            scores = -((base - query) ** 2).sum(axis=1)
+        best, stored = scores.max(), scores[int(dataset.gt[q, 0])]
+        if best - stored > 1e-4 * max(1.0, abs(best)):
+            raise InputError(
+                f"dataset {dataset.name!r}: ground truth row {q} names base row "
+                f"{int(dataset.gt[q, 0])} as the nearest ({dataset.metric} score {stored:.6g}), "
+                f"but row {int(scores.argmax())} scores {best:.6g}; the ground truth is not "
+                "of this base, these queries and this metric"
+            )
 
 
 def _load_sample() -> Dataset:
@@ -304,10 +343,10 @@ def _load_matrix(
         return Dataset(name, base, Q, "ip", source=str(path))
     n = base.shape[0]
     m = n_queries if n_queries is not None else min(_MAX_HELD_OUT_QUERIES, n // 10)
-    if m < 1 or n - m < 2:
+    if m < 1 or n - m < 10:
         raise InputError(
-            f"{str(path)!r} has {n} rows: too few to hold out queries; pass a query file "
-            "or at least 20 vectors"
+            f"{str(path)!r} has {n} rows: too few to hold out queries (one in ten) and keep "
+            "10 for recall@10; pass a query file or at least 11 vectors"
         )
     held = np.zeros(n, dtype=bool)
     held[np.random.default_rng(seed).choice(n, size=m, replace=False)] = True

@@ -25,10 +25,11 @@ Timings are from a shared 2-core machine: read the ratios against FAISS in the s
 run, not the absolute values.
 
     python bench/frontier.py                 # both datasets (long: FAISS PQ/OPQ training)
-    python bench/frontier.py --quick         # small synthetic data, a few codecs
+    python bench/frontier.py --quick --out /tmp/fq  # small synthetic data, a few codecs
     python bench/frontier.py --cache /tmp/fc # reuse measured runs across invocations
 
-Writes ``frontier.md`` and ``frontier.json`` to ``--out`` (default bench/results).
+Writes ``frontier.md`` and ``frontier.json`` to ``--out`` (default bench/results;
+``--quick`` needs an ``--out``, so it never replaces the full run's results).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import embcomp  # noqa: E402
-from embcomp._atomic import atomic_output  # noqa: E402
+from embcomp._atomic import atomic_output, atomic_write_bytes  # noqa: E402
 from embcomp.evaluation import exact_knn, load_qrels, ndcg_at_k, recall_at_k  # noqa: E402
 from embcomp.search import search_codes, two_stage_search  # noqa: E402
 
@@ -138,6 +139,7 @@ def make_quick() -> Data:
     data = make_powerlaw(d=64, n_base=3000, n_queries=100)
     data.name = "synthetic-powerlaw-64 (quick)"
     data.train = data.base[:2000]
+    data.note = data.note.replace("base[:20000]", "base[:2000]")
     return data
 
 
@@ -195,7 +197,10 @@ class Runner:
         """Fit on data.train, encode data.base, search, score: one result row."""
         path = self._path(data, name, options)
         if path is not None and path.exists():
-            return dict(json.loads(path.read_text()))
+            try:
+                return dict(json.loads(path.read_text()))
+            except ValueError:  # a damaged cache entry: measure again (and rewrite it)
+                self.log(f"  cache entry {path.name} is damaged; measuring again")
         from bench.methods import make_method
 
         method = make_method(name, options)
@@ -226,7 +231,7 @@ class Runner:
             f"  fit {row['fit_wall_s']:.1f}s"
         )
         if path is not None:
-            path.write_text(json.dumps(row))
+            atomic_write_bytes(path, json.dumps(row).encode())
         return row
 
 
@@ -832,7 +837,9 @@ def remeasure_speed(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument(
+        "--out", help="where frontier.{md,json} go (default: bench/results; --quick needs one)"
+    )
     parser.add_argument("--quick", action="store_true", help="small synthetic smoke run")
     parser.add_argument("--cache", help="directory of per-run JSON results to reuse")
     parser.add_argument("--repeats", type=int, default=3, help="encode timing repeats")
@@ -846,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
         help="re-measure only the encode throughput of the .json's pairs, then rewrite both",
     )
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    if args.quick and args.out is None:  # never over the committed full-run results
+        parser.error("--quick writes a smoke report: give it an --out directory")
+    out = Path(args.out or REPO / "bench" / "results")
     if args.replot:
         report = json.loads((out / "frontier.json").read_text(encoding="utf-8"))
         with atomic_output(out / "frontier.md") as handle:

@@ -292,6 +292,10 @@ def recommend(
         raise InputError(f"--budget-bytes must be >= 1; got {budget_bytes}")
     if min_recall is not None and not 0.0 < min_recall <= 1.0:
         raise InputError(f"--min-recall must be in (0, 1]; got {min_recall}")
+    if dataset.n_base < 10:
+        raise InputError(
+            f"recommend scores recall@10: it needs at least 10 base vectors; got {dataset.n_base}"
+        )
     from embcomp.spec import parse_spec
 
     def primary(spec: str) -> bool:
@@ -391,11 +395,12 @@ def format_text(rec: Recommendation) -> str:
     def line(tag: str, c: Candidate) -> str:
         r = c.results
         ndcg = f"  nDCG@10 {r['ndcg_at_10']:.4f}" if r.get("ndcg_at_10") is not None else ""
+        deep = f"  recall@100 {r['recall_at_100']:.4f}" if "recall_at_100" in r else ""
         return (
             f"{tag:<10} {c.spec:<16} {r['bytes_per_vector']:>5} bytes/vector "
             f"{r['compression_ratio']:>6.1f}x  recall@1 {r['recall_at_1']:.4f}  "
-            f"recall@10 {r['recall_at_10']:.4f}  recall@100 {r.get('recall_at_100', 0):.4f}"
-            f"{ndcg}  encode {r['encode_vectors_per_s']:,.0f} vec/s"
+            f"recall@10 {r['recall_at_10']:.4f}{deep}{ndcg}  "
+            f"encode {r['encode_vectors_per_s']:,.0f} vec/s"
         )
 
     if "budget_bytes" in rec.constraint:

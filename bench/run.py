@@ -87,7 +87,9 @@ class Settings(BaseModel):
     """Everything besides the dataset and method that changes a run's numbers."""
 
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(100, ge=1, description="depth of the exact ground truth (recall@1/10/100)")
+    k: int = Field(
+        100, ge=10, description="depth of the exact ground truth (recall@1/10/100; >= 10)"
+    )
     train_size: int | None = Field(20000, ge=1, description="base rows codecs are fitted on")
     train_rows: str = Field("first", description="'first' rows of the base or 'random'")
     rescore: int = Field(4, ge=0, description="re-rank the top rescore*10 with float32; 0=off")
@@ -120,7 +122,7 @@ class SweepConfig(BaseModel):
     settings: Settings = Field(default_factory=lambda: Settings.model_validate({}))
     ratios: list[float] = Field(
         default_factory=_default_ratios,
-        description="compression ratios for {qb} budgets and the frontier table",
+        description="compression ratios for {qb} budgets and the frontier table (>= 1)",
     )
     methods: MethodTemplates
     options: dict[str, dict[str, Any]] = Field(
@@ -128,6 +130,13 @@ class SweepConfig(BaseModel):
     )
     ann: AnnConfig | None = None
     claims: bool = False
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if any(not ratio >= 1 for ratio in value):
+            raise ValueError("compression ratios must be >= 1 (float32 is 1)")
+        return value
 
     @field_validator("options")
     @classmethod
@@ -336,6 +345,11 @@ def evaluate(
     if method.fit_s is not None:
         fit_s = method.fit_s
     base = dataset.base
+    # First calls compile kernels and allocate: warm up on a few rows, untimed, so that
+    # one timed repeat measures the steady state rather than the start-up.
+    warm = method.encode(base[: min(256, dataset.n_base)])
+    if method.decodes:
+        method.decode(warm)
     codes, encode_s = _timed(lambda: method.encode(base), settings.timing_repeats)
     code_size = method.code_size
     if codes.shape != (dataset.n_base, code_size) or codes.dtype != np.uint8:
@@ -483,6 +497,11 @@ def run_sweep(
     records: list[dict[str, Any]] = []
     for dataset in datasets:
         records += run_dataset(config, dataset, out, force=force, progress=progress, log=log)
+    if not records and not config.claims:
+        raise InputError(
+            "the sweep plans no runs: every method list is empty or every template was "
+            "skipped for this data (the 'skipped' lines say why)"
+        )
     written: list[Path] = []
     if config.claims:
         from .claims import write_claims
@@ -493,6 +512,7 @@ def run_sweep(
                 out,
                 config.settings,
                 options=config.options,
+                force=force,
                 log=log,
                 progress=progress,
             )
@@ -501,8 +521,16 @@ def run_sweep(
         from .plot import plot_results
         from .results import load_records, write_summary
 
-        names = {dataset.name for dataset in datasets}
-        on_disk = [r for r in load_records(out) if r["params"]["dataset"] in names]
+        # Only records of this sweep's data and settings: an output folder may also hold
+        # records of other data under the same name, or of other settings.
+        fingerprints = {(dataset.name, dataset.fingerprint()) for dataset in datasets}
+        settings = config.settings.model_dump()
+        on_disk = [
+            r
+            for r in load_records(out)
+            if (r["params"]["dataset"], r["params"].get("dataset_fingerprint")) in fingerprints
+            and r["params"].get("settings", settings) == settings
+        ]
         written += write_summary(out, on_disk, ratios=config.ratios)
         written += plot_results(out, on_disk)
     for path in written:
@@ -520,6 +548,10 @@ def run_dataset(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> list[dict[str, Any]]:
     """All runs (then the ANN pass) of one dataset; returns their records."""
+    if config.ann is not None:
+        from .ann import check_ann
+
+        check_ann(config.ann.factory, config.ann.params, dataset.d, dataset.metric)
     planned, skipped = plan_runs(config, dataset, out)
     for line in skipped:
         log(f"skipped {line}")
@@ -561,5 +593,8 @@ def execute(
     if ann is not None:
         from .ann import run_ann
 
-        records += run_ann(records, planned, dataset, out, settings, ann, force, progress, log)
+        try:
+            records += run_ann(records, planned, dataset, out, settings, ann, force, progress, log)
+        except RuntimeError as exc:  # FAISS cannot build or train that index on this data
+            log(f"{dataset.name}: ANN pass ({ann.factory} {ann.params}) skipped: {exc}")
     return records

@@ -1,7 +1,7 @@
 """Encode/decode throughput of every embcomp quantizer, side by side with FAISS.
 
     python -m bench speed                      # 200,000 x 384 and 100,000 x 768, 5 runs
-    python -m bench speed --shapes 20000x384 --repeats 3 --quick
+    python -m bench speed --shapes 20000x384 --repeats 3 --no-jit-cost
 
 For each input shape it times, in the same process and interleaved run by run, in a
 seeded random order each round (so a busy machine slows both sides alike, and no
@@ -78,8 +78,8 @@ class Timing:
     def record(self, nbytes: int) -> dict[str, Any]:
         return {
             "mb_per_s": round(self.mb_per_s(nbytes), 1),
-            "wall_s": [round(t, 5) for t in self.wall],
-            "cpu_s": [round(t, 5) for t in self.cpu],
+            "wall_s": [round(t, 7) for t in self.wall],
+            "cpu_s": [round(t, 7) for t in self.cpu],
             "mb_per_cpu_s": round(self.mb_per_cpu_s(nbytes), 1),
         }
 
@@ -114,7 +114,10 @@ def synthetic(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 def from_file(path: str, n: int, d: int) -> np.ndarray:
-    base = np.load(path, mmap_mode="r")
+    try:
+        base = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SystemExit(f"--data {path}: not a readable .npy matrix ({exc})") from None
     if base.ndim != 2 or base.shape[1] != d:
         raise SystemExit(f"--data {path}: shape {base.shape} has not {d} columns")
     reps = -(-n // base.shape[0])
@@ -302,6 +305,9 @@ def run_shape(n: int, d: int, repeats: int, data: str | None, specs_filter: Sequ
     half = d // 2
     specs = quantizer_names() + [f"pca{half},int8", f"pca{half},fp8"]
     if specs_filter:
+        unknown = [f for f in specs_filter if not any(f in (s, s.split(",")[-1]) for s in specs)]
+        if unknown:
+            raise SystemExit(f"--specs: {unknown} are not among the measured specs {specs}")
         specs = [s for s in specs if s in specs_filter or s.split(",")[-1] in specs_filter]
     methods = build_methods(X, train, specs)
     codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
@@ -572,6 +578,11 @@ def _floor_sentence(shape: dict[str, Any]) -> str:
     if floor is None:  # a record written before the floor was measured
         return "Decode writes fresh memory, whose page faults both sides pay. "
     share = shape["fresh_output_floor_share_of_faiss_sq8_decode"]
+    if share > 1:  # small outputs come from the allocator's free lists: no faults to time
+        return (
+            "Decode writes fresh memory; at this size both sides get it from the allocator "
+            "without page faults, so there is no page-fault floor to report. "
+        )
     return (
         "Decode writes fresh memory: allocating the output and faulting in its pages "
         f"alone, on every thread, runs at {floor['mb_per_s']} MB/s: {100 * share:.0f}% of "
@@ -643,6 +654,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         shape = run_shape(n, d, args.repeats, args.data, args.specs)
         record["shapes"].append(shape)
         print_shape(shape)
+    if args.output is not None and args.output.suffix.lower() != ".json":
+        raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     if not args.no_write:
         path = args.output or default_output(args)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -361,3 +361,36 @@ def test_recommend_prefers_a_cheaper_codec_only_within_the_noise():
     smaller = _candidate("pca4,int8", np.asarray(small.per_query["recall_at_10"]) - 0.001, 4, 1.0)
     ranked, note = prefer_cheaper([slow, small, smaller])
     assert ranked[0] is small and "8 fewer bytes per vector" in note
+
+
+def test_harness_argument_mistakes_stop_before_any_work(tmp_path, capsys):
+    from bench import frontier, speed
+
+    with pytest.raises(SystemExit, match="give a .json path"):
+        speed.main(
+            [
+                "--shapes",
+                "100x8",
+                "--repeats",
+                "1",
+                "--no-jit-cost",
+                "--output",
+                str(tmp_path / "x.md"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="not among the measured specs"):
+        speed.main(
+            ["--shapes", "100x8", "--repeats", "1", "--no-jit-cost", "--no-write", "--specs", "foo"]
+        )
+    with pytest.raises(SystemExit, match="not a readable .npy"):
+        speed.main(
+            ["--shapes", "100x8", "--no-jit-cost", "--no-write", "--data", str(tmp_path / "no.npy")]
+        )
+    with pytest.raises(SystemExit):
+        frontier.main(["--quick"])  # would replace the committed full-run results
+    assert "--quick writes a smoke report" in capsys.readouterr().err
+    np.save(tmp_path / "few.npy", unit_rows(10, 8, 1))
+    assert (
+        embcomp_main(["recommend", "--data", str(tmp_path / "few.npy"), "--budget-bytes", "8"]) == 2
+    )
+    assert "at least 11 vectors" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from bench import run as bench_run
 from bench.__main__ import main as bench_main
 from bench.datasets import load_dataset
 from bench.results import COLUMNS, load_records
+from embcomp.exceptions import InputError
 
 N_BASE, N_QUERIES, DIM = 1500, 40, 32
 
@@ -206,3 +207,97 @@ def test_bad_sweep_file_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "datasets" in err and "bogus" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- found by a red-team pass ------------------------------------------------------------
+TINY_YAML = """
+name: tiny
+datasets: [{data}]
+settings: {{k: 10, train_size: 150, rescore: 0, timing_repeats: 1}}
+methods: {{embcomp: [int8, "pca4,fp32"]}}
+ann: {{factory: "{factory}"}}
+claims: {claims}
+"""
+
+
+def _tiny(root: Path, n: int = 200, seed: int = 1) -> Path:
+    X = np.random.default_rng(seed).standard_normal((n, 8))
+    np.save(root / f"x{seed}.npy", (X / np.linalg.norm(X, axis=1, keepdims=True)).astype("f4"))
+    return root / f"x{seed}.npy"
+
+
+def test_an_ann_index_this_data_cannot_train_is_skipped_not_fatal(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(TINY_YAML.format(data=_tiny(tmp_path), factory="IVF256,Flat", claims="false"))
+    assert bench_main(["run", str(sweep), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "ANN pass (IVF256,Flat" in err and "skipped" in err and "256" in err
+    assert (tmp_path / "o" / "summary.md").exists()
+    sweep.write_text(TINY_YAML.format(data=_tiny(tmp_path), factory="Garbage", claims="false"))
+    assert bench_main(["run", str(sweep), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "FAISS cannot use 'Garbage'" in capsys.readouterr().err
+
+
+def test_force_reruns_the_claims_runs_too(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(TINY_YAML.format(data=_tiny(tmp_path), factory="IVF4,Flat", claims="true"))
+    argv = ["run", str(sweep), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert bench_main(argv) == 0
+    capsys.readouterr()
+    assert bench_main([*argv, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert " 0 already recorded" in err and "already recorded, 0 to run" not in err
+
+
+def test_summary_holds_only_this_sweeps_data_and_settings(tmp_path):
+    out = tmp_path / "o"
+    first, second = _tiny(tmp_path, seed=1), _tiny(tmp_path, seed=2)
+    second.replace(first.with_name("swap.npy"))
+    first_copy = first.read_bytes()
+    sweep = tmp_path / "s.yaml"
+    data = tmp_path / "data.npy"
+    for content in (first_copy, first.with_name("swap.npy").read_bytes()):
+        data.write_bytes(content)  # same name, other vectors
+        sweep.write_text(TINY_YAML.format(data=data, factory="IVF4,Flat", claims="false"))
+        assert bench_main(["run", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2  # this data's int8 and pca4,fp32, not the earlier data's too
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("settings: {k: 5}", "settings.k"),
+        ("ratios: [0]", "ratios"),
+        ("methods: {faiss: ['PQ{m/0}']}", "divides by zero"),
+        ("methods: {embcomp: []}", "plans no runs"),
+    ],
+)
+def test_sweep_config_mistakes_are_one_clear_error(tmp_path, capsys, change, message):
+    data = _tiny(tmp_path)
+    text = f"name: x\ndatasets: [{data}]\nmethods: {{embcomp: [int8]}}\n"
+    key = change.split(":")[0]
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(key)) + "\n"
+    (tmp_path / "s.yaml").write_text(text + change + "\n")
+    assert bench_main(["run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and sum("error" in line for line in err.splitlines()) == 1, err
+
+
+def test_bad_benchmark_data_is_refused(tmp_path):
+    folder = make_folder(tmp_path)
+    base = np.load(folder / "base.npy")
+    queries = np.load(folder / "queries.npy")
+    wrong = np.argsort(queries @ base.T, axis=1)[:, :10]  # the farthest, not the nearest
+    np.save(folder / "gt_ip_100.npy", wrong)
+    with pytest.raises(InputError, match="ground truth row 0 names base row"):
+        load_dataset(str(folder))
+    np.save(folder / "gt_ip_100.npy", wrong + N_BASE)
+    with pytest.raises(InputError, match="ground truth ids must be"):
+        load_dataset(str(folder))
+    (folder / "gt_ip_100.npy").unlink()
+    base[7, 3] = np.nan
+    np.save(folder / "base.npy", base)
+    with pytest.raises(InputError, match="row 7 holds NaN or inf"):
+        load_dataset(str(folder))
