@@ -79,6 +79,15 @@ class FittedStage:
         with blas_single_thread():  # derived arrays bit-identical to the fit's
             self._after_load()
 
+    def _contiguous_state(self) -> None:
+        """Make the fitted arrays C-contiguous, as loading gives them: BLAS may round a
+        product with a Fortran-ordered matrix differently, and a codec must compute the
+        same before and after a save and load."""
+        for name in self._state:
+            value = getattr(self, name, None)
+            if isinstance(value, np.ndarray) and not value.flags.c_contiguous:
+                setattr(self, name, np.ascontiguousarray(value))
+
     def _check_state(self) -> None:
         """Raise ``ArtifactError`` unless the loaded arrays fit together (shapes, dtypes,
         finite values): kernels index with them and must never read out of bounds,

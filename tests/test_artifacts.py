@@ -193,7 +193,7 @@ def _set(index, value):
         ("int8", _tamper("quantizer.d_", lambda _: 4_000_000), "expected float32 \\(4000000,\\)"),
         ("int8", _tamper("d_in", lambda _: 50), "quantizer's arrays are for 48-dim vectors"),
         ("int8", _tamper("quantizer.min_", lambda a: a[:3]), "'min_' is float32 \\(3,\\)"),
-        ("int4", _tamper("quantizer.step_", _set(0, -1.0)), "'step_' holds a step <= 0"),
+        ("int4", _tamper("quantizer.step_", _set(0, -1.0)), "'step_' holds a step below 1.2e-38"),
         ("fp8", _tamper("quantizer.scale_", _set(0, np.nan)), "'scale_' holds NaN or inf"),
         ("fp8", _tamper("quantizer.scale_", lambda a: a.astype(np.float64)), "'scale_' is float64"),
         ("bin", _tamper("quantizer.low_", lambda a: a[:5]), "'low_' is float32 \\(5,\\)"),

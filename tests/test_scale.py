@@ -131,3 +131,36 @@ def test_float64_values_beyond_float32_are_named_not_warned(data, spec):
         search_codes(codec, codec.encode(data), huge, k=3)
     with pytest.raises(InputError, match="training vectors " + message):
         PCAReducer(4).fit(huge)
+
+
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "fp8", "fp8e5m2", "fp4"])
+def test_a_dimension_of_near_zero_values_decodes_to_zero_on_both_paths(spec):
+    """amax / target below float32's smallest normal made 1 / scale inf, and 0 * inf NaN."""
+    from embcomp import _jit
+
+    X = np.array([[1.0, 1e-40], [-1.0, 0.0], [0.5, 0.0]], dtype=np.float32)
+    results = []
+    for compiled in (True, False) if _jit.AVAILABLE else (False,):
+        old = _jit.set_enabled(compiled)
+        try:
+            codec = make_codec(spec).fit(X)
+            codes = codec.encode(X)
+            results.append((codes, codec.decode(codes)))
+        finally:
+            _jit.set_enabled(old)
+    for codes, decoded in results:
+        assert np.isfinite(decoded).all() and (np.abs(decoded[:, 1]) <= 1e-39).all()
+        np.testing.assert_array_equal(codes, results[0][0])
+
+
+@pytest.mark.parametrize("spec", ["rot,fp32", "pca,fp32", "pca20,int8"])
+def test_a_fitted_codec_computes_what_it_computes_after_save_and_load(spec):
+    from embcomp import codec_from_bytes, codec_to_bytes
+
+    X = np.random.default_rng(1).standard_normal((300, 40)).astype(np.float32)
+    fitted = make_codec(spec).fit(X)
+    loaded = codec_from_bytes(codec_to_bytes(fitted))
+    codes = fitted.encode(X)
+    np.testing.assert_array_equal(loaded.encode(X), codes)
+    np.testing.assert_array_equal(loaded.decode(codes), fitted.decode(codes))
+    np.testing.assert_array_equal(loaded.project_queries(X), fitted.project_queries(X))

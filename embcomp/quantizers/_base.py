@@ -59,6 +59,7 @@ class Quantizer(FittedStage):
         self.d_ = X32.shape[1]
         with blas_single_thread():  # deterministic fits (see LinearReducer.fit)
             self._fit(X32)
+            self._contiguous_state()
             self._after_load()
         return self
 

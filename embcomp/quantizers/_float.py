@@ -104,15 +104,19 @@ class FloatQuantizer(Quantizer):
         amax = np.abs(X).max(axis=0).astype(np.float64)
         if self.scale == "global":
             amax = np.full(d, amax.max())
-        # A constant-zero dimension gets scale 1: any scale stores 0 exactly.
-        amax = np.where(amax > 0, amax, self.format.target)
+        # A constant-zero dimension gets scale 1: any scale stores 0 exactly. So does one
+        # whose values are all so close to 0 that amax / target would not be a normal
+        # float32 (1 / scale would overflow to inf, and 0 * inf is NaN): it decodes to 0,
+        # an error below float32's smallest normal number times the format's max.
+        tiny = float(np.finfo(np.float32).tiny) * self.format.target
+        amax = np.where(amax >= tiny, amax, self.format.target)
         self.scale_ = (amax / self.format.target).astype(np.float32)
 
     def _check_state(self) -> None:
         assert self.d_ is not None and self.scale_ is not None
         expect_array(self.scale_, "scale_", (self.d_,))
-        if not (self.scale_ > 0).all():
-            raise ArtifactError("state array 'scale_' holds a scale <= 0")
+        if not (self.scale_ >= np.finfo(np.float32).tiny).all():  # 1 / scale must be finite
+            raise ArtifactError("state array 'scale_' holds a scale below 1.2e-38")
 
     def _after_load(self) -> None:
         assert self.scale_ is not None

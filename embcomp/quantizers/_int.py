@@ -73,8 +73,8 @@ class IntQuantizer(Quantizer):
         assert self.d_ is not None and self.min_ is not None and self.step_ is not None
         expect_array(self.min_, "min_", (self.d_,))
         expect_array(self.step_, "step_", (self.d_,))
-        if not (self.step_ > 0).all():
-            raise ArtifactError("state array 'step_' holds a step <= 0")
+        if not (self.step_ >= np.finfo(np.float32).tiny).all():  # 1 / step must be finite
+            raise ArtifactError("state array 'step_' holds a step below 1.2e-38")
 
     def _after_load(self) -> None:
         assert self.min_ is not None and self.step_ is not None

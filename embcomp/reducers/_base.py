@@ -56,6 +56,7 @@ class LinearReducer(FittedStage):
         # can round differently, and a fit must give the same bytes every time.
         with blas_single_thread():
             self._fit(X)
+            self._contiguous_state()
             self._after_load()
         return self
 
