@@ -21,6 +21,7 @@ import numpy as np
 
 from ._validation import check_codes, check_finite, check_matrix, to_float32
 from .codec import Codec
+from .evaluation import _top_k
 from .exceptions import InputError, NotFittedError
 
 __all__ = ["search_codes", "two_stage_search"]
@@ -45,16 +46,6 @@ def _scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray
     vector_sq = np.einsum("ij,ij->i", vectors, vectors)
     query_sq = np.einsum("ij,ij->i", queries, queries)
     return 2.0 * ip - vector_sq[None, :] - query_sq[:, None]
-
-
-def _best(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top k per row by score, ties to the lower id; (ids, scores) best first."""
-    if k < scores.shape[1]:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores = np.take_along_axis(scores, part, axis=1)
-        ids = np.take_along_axis(ids, part, axis=1)
-    order = np.lexsort((ids, -scores), axis=1)
-    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
@@ -110,7 +101,7 @@ def search_codes(
             scores = _scores(Q[rows], vectors, metric)
             ids = np.broadcast_to(block_ids, scores.shape)
             merged.append(
-                _best(
+                _top_k(
                     np.concatenate([best_scores[rows], scores], axis=1),
                     np.concatenate([best_ids[rows], ids], axis=1),
                     k,
@@ -182,5 +173,5 @@ def two_stage_search(
     else:
         scores = 2.0 * ip - np.einsum("mcd,mcd->mc", vectors, vectors)
         scores -= np.einsum("md,md->m", Q, Q)[:, None]
-    ids, top = _best(scores, candidates, k)
+    ids, top = _top_k(scores, candidates, k)
     return _finish(ids, top, metric)

@@ -91,3 +91,15 @@ def test_bad_calls(data):
     assert ids.shape == (0, 5) and scores.shape == (0, 5)
     ids, _ = search_codes(small, codes_s[:3], queries, 5)
     assert ids.shape == (queries.shape[0], 3)
+
+
+def test_ties_go_to_the_lower_id_as_documented():
+    """argpartition picks among tied scores arbitrarily; the results must not."""
+    X = np.ones((1000, 4), np.float32)
+    Q = np.ones((2, 4), np.float32)
+    codec = make_codec("fp32").fit(X)
+    codes = codec.encode(X)
+    expected = np.tile(np.arange(5), (2, 1))
+    np.testing.assert_array_equal(exact_knn(X, Q, 5)[0], expected)
+    np.testing.assert_array_equal(search_codes(codec, codes, Q, 5)[0], expected)
+    np.testing.assert_array_equal(two_stage_search(codec, codes, codec, codes, Q, 5)[0], expected)
