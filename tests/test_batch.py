@@ -459,17 +459,22 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
     out = tmp_path / "out"
     out.mkdir()
     command = [sys.executable, "-m", "embcomp", "compress", "-q", "-c", codec_file]
-    proc = subprocess.Popen(
-        [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "500"],
+    proc = subprocess.Popen(  # 600 blocks of 100 rows: seconds of writing to catch
+        [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "100"],
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while not leftovers(out) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # synchronization only: wait until the temp file exists
-    assert leftovers(out), "the run never started writing"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not leftovers(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # synchronization only: wait until the temp file exists
+        assert leftovers(out), "the run never started writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
     assert proc.returncode == 143 and "terminated" in err
     assert leftovers(out) == [] and list(out.iterdir()) == []
 

@@ -1,21 +1,16 @@
-"""Encode and decode row blocks so that a row's bytes never depend on its neighbours.
+"""Encode and decode row blocks for the batch engines.
 
 Both engines cut the input into blocks wherever their reader or scheduler happens to,
-so the codes of a row must not depend on how rows are grouped. One thing breaks that:
-a one-row matrix product goes through BLAS's matrix-vector kernel, whose summation
-order differs from the matrix-matrix kernel used for every larger block, and a value
-on a rounding boundary can then land on the neighbouring code. ``Codec.encode`` feeds
-its reducer blocks of ``rows_per_block`` rows, so a call whose row count leaves a
-remainder of one would hit it. These wrappers never let that happen.
+so the codes of a row must not depend on how rows are grouped. ``Codec`` guarantees it
+(a one-row matrix product, which BLAS would round differently, is computed as two rows:
+``embcomp.reducers._base.rowwise_matmul``); the tests check it for every block size.
 """
-
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
-from .._blocks import rows_per_block
 from .._readers import BadRow, Block, bad_row_message, nonfinite_reasons
 from ..codec import Codec
 from ..exceptions import InputError
@@ -23,28 +18,15 @@ from ..exceptions import InputError
 __all__ = ["decode_rows", "encode_rows", "transform_block"]
 
 
-def _lone_row(n: int, width: int) -> bool:
-    return n % rows_per_block(4 * width) == 1
-
-
 def encode_rows(codec: Codec, X: np.ndarray) -> np.ndarray:
-    """``codec.encode(X)``: float (n, d_in) -> uint8 (n, code_size), row-independent."""
-    n, d_in = X.shape[0], codec._check_fitted()
-    if not _lone_row(n, d_in):
-        return codec.encode(X)
-    if n == 1:
-        return codec.encode(np.concatenate([X, X]))[:1]
-    return np.concatenate([codec.encode(X[:-2]), codec.encode(X[-2:])])
+    """``codec.encode(X)``: float (n, d_in) -> uint8 (n, code_size); a row's codes do
+    not depend on the rows around it (see ``embcomp.reducers._base.rowwise_matmul``)."""
+    return codec.encode(X)
 
 
 def decode_rows(codec: Codec, codes: np.ndarray) -> np.ndarray:
     """``codec.decode(codes)``: uint8 (n, code_size) -> float32 (n, d_in), row-independent."""
-    n, d_in = codes.shape[0], codec._check_fitted()
-    if not _lone_row(n, d_in):
-        return codec.decode(codes)
-    if n == 1:
-        return codec.decode(np.concatenate([codes, codes]))[:1]
-    return np.concatenate([codec.decode(codes[:-2]), codec.decode(codes[-2:])])
+    return codec.decode(codes)
 
 
 def transform_block(

@@ -17,6 +17,22 @@ from .._validation import check_finite, check_matrix, to_float32
 from ..exceptions import ArtifactError
 
 
+def rowwise_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` with each row's result the same however rows are grouped.
+
+    BLAS computes a one-row product on its matrix-vector path, which rounds differently
+    from the matrix-matrix one: a vector encoded alone got other codes than in a batch.
+    So one row is computed as two.
+    """
+    if a.shape[0] != 1:
+        return np.matmul(a, b, out=out)
+    two = np.matmul(np.concatenate([a, a]), b)[:1]
+    if out is None:
+        return two
+    out[...] = two
+    return out
+
+
 class LinearReducer(FittedStage):
     """Base class: subclasses implement ``_fit(X)`` to set the fitted arrays.
 
@@ -78,6 +94,11 @@ class LinearReducer(FittedStage):
     def _after_load(self) -> None:
         assert self.components_ is not None and self.mean_ is not None
         self._projection = np.ascontiguousarray(self.components_.T, dtype=np.float32)
+        # Queries meet reduced decodes through the inverse's transpose (see
+        # Codec.project_queries); kept C-contiguous like _projection, so BLAS takes the
+        # same path for one query as for many.
+        assert self.inverse_components_ is not None
+        self._query_projection = np.ascontiguousarray(self.inverse_components_.T, np.float32)
         # (X - mean) @ P  ==  X @ P - mean @ P: no centered copy of X.
         self._offset = (self.mean_.astype(np.float64) @ self._projection.astype(np.float64)).astype(
             np.float32
@@ -85,13 +106,14 @@ class LinearReducer(FittedStage):
 
     def transform_block(self, X: np.ndarray) -> np.ndarray:
         """Project one validated, contiguous float32 block; no checks (hot path)."""
-        Z = X @ self._projection
+        Z = rowwise_matmul(X, self._projection)
         Z -= self._offset
         return Z
 
     def inverse_transform_block(self, Z: np.ndarray) -> np.ndarray:
         """Map one float32 block of reduced vectors back to the input space."""
-        X = Z @ self.inverse_components_
+        assert self.inverse_components_ is not None
+        X = rowwise_matmul(Z, self.inverse_components_)
         X += self.mean_
         return X
 
