@@ -72,9 +72,8 @@ def ref_float_decode(q: FloatQuantizer, codes: np.ndarray) -> np.ndarray:
 def ref_int_encode(q: IntQuantizer, X: np.ndarray) -> np.ndarray:
     X32 = np.ascontiguousarray(X, dtype=np.float32)
     inv_step = (1.0 / q.step_.astype(np.float64)).astype(np.float32)
-    offset = (-q.min_.astype(np.float64) * inv_step).astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = X32 * inv_step + offset
+        y = (X32 - q.min_) * inv_step  # the subtraction first: exact near min_
     codes = np.clip(np.rint(y), 0, (1 << q.bits) - 1).astype(np.uint8)
     return ref_pack_nibbles(codes) if q.bits == 4 else codes
 

@@ -5,6 +5,7 @@ so the codes of a row must not depend on how rows are grouped. ``Codec`` guarant
 (a one-row matrix product, which BLAS would round differently, is computed as two rows:
 ``embcomp.reducers._base.rowwise_matmul``); the tests check it for every block size.
 """
+
 from __future__ import annotations
 
 from typing import Any

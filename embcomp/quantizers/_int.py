@@ -1,6 +1,6 @@
 """Uniform integer quantizers (int8, int4) with per-dimension calibrated ranges.
 
-code = clip(round((x - min_) / step_), 0, 2**bits - 1); decode = min_ + code * step_.
+code = clip(round((x - min_) * (1 / step_)), 0, 2**bits - 1); decode = min_ + code * step_.
 Rounding and clipping come before the cast: a float-to-int cast truncates and wraps.
 """
 
@@ -79,14 +79,13 @@ class IntQuantizer(Quantizer):
     def _after_load(self) -> None:
         assert self.min_ is not None and self.step_ is not None
         self._inv_step = (1.0 / self.step_.astype(np.float64)).astype(np.float32)
-        # (x - min) / step folded into one multiply-add: x * inv_step + offset
-        self._offset = (-self.min_.astype(np.float64) * self._inv_step).astype(np.float32)
 
     def _jit_encode(self, X: np.ndarray, out: np.ndarray) -> bool | None:
         if not _jit.ENABLED:
             return None
         encode = _kernels.encode_int8 if self.bits == 8 else _kernels.encode_int4
-        return bool(encode(X, self._inv_step, self._offset, np.float32(self.levels), out))
+        assert self.min_ is not None
+        return bool(encode(X, self._inv_step, self.min_, np.float32(self.levels), out))
 
     def _jit_decode(self, codes: np.ndarray, out: np.ndarray, stream: bool) -> bool:
         if not _jit.ENABLED:
@@ -101,9 +100,10 @@ class IntQuantizer(Quantizer):
         if self._jit_encode(X, out) is not None:
             return
         y = X if overwrite else scratch.get("scaled", X.shape, np.float32)
+        assert self.min_ is not None
         with np.errstate(over="ignore", invalid="ignore"):  # inf is clipped just below
-            np.multiply(X, self._inv_step, out=y)
-            np.add(y, self._offset, out=y)
+            np.subtract(X, self.min_, out=y)  # exact near min_ (see _kernels._int_code)
+            np.multiply(y, self._inv_step, out=y)
         # clip(rint(y), 0, L) == rint(clip(y, 0, L)) as rint is monotone and fixes the
         # integers 0 and L. For 0 <= y <= L < 2**23, y + 2**23 rounds y to an integer
         # (ties to even, exactly as rint) and leaves it in the low bits of the float32.

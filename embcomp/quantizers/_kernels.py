@@ -221,26 +221,31 @@ def decode_table4(codes, lut, scale, out, stream):  # type: ignore[no-untyped-de
 
 # -- uniform integer levels -------------------------------------------------------------
 @kernel
-def _int_code(x, inv_step, offset, top):  # type: ignore[no-untyped-def]
-    """clip(rint(x * inv_step + offset), 0, top) as an integer, like IntQuantizer's numpy path."""
-    y = min(max(x * inv_step + offset, np.float32(0)), top)
+def _int_code(x, inv_step, low, top):  # type: ignore[no-untyped-def]
+    """clip(rint((x - low) * inv_step), 0, top) as an integer, like IntQuantizer's numpy path.
+
+    ``x - low`` first: it is exact for x within a factor 2 of ``low`` (Sterbenz), where
+    a folded ``x * inv_step - low * inv_step`` cancels two large rounded products (codes
+    off by 3 levels for values 1e4 +- 0.04, by 26 at 1e5).
+    """
+    y = min(max((x - low) * inv_step, np.float32(0)), top)
     return np.float32(y + _ROUNDER).view(np.uint32) & _U(0xFF)
 
 
 @kernel
-def encode_int8(X, inv_step, offset, top, out):  # type: ignore[no-untyped-def]
+def encode_int8(X, inv_step, low, top, out):  # type: ignore[no-untyped-def]
     n, d = X.shape
     finite = True
     for i in range(n):
         finite &= _row_is_finite(X, i)
         for j in range(d):
             x = X[i, j]
-            out[i, j] = _int_code(x, inv_step[j], offset[j], top)
+            out[i, j] = _int_code(x, inv_step[j], low[j], top)
     return finite
 
 
 @kernel
-def encode_int4(X, inv_step, offset, top, out):  # type: ignore[no-untyped-def]
+def encode_int4(X, inv_step, low, top, out):  # type: ignore[no-untyped-def]
     n, d = X.shape
     finite = True
     for i in range(n):
@@ -248,12 +253,12 @@ def encode_int4(X, inv_step, offset, top, out):  # type: ignore[no-untyped-def]
         for j in range(d // 2):
             a = X[i, 2 * j]
             b = X[i, 2 * j + 1]
-            lo = _int_code(a, inv_step[2 * j], offset[2 * j], top)
-            hi = _int_code(b, inv_step[2 * j + 1], offset[2 * j + 1], top)
+            lo = _int_code(a, inv_step[2 * j], low[2 * j], top)
+            hi = _int_code(b, inv_step[2 * j + 1], low[2 * j + 1], top)
             out[i, j] = lo | (hi << _U(4))
         if d % 2:
             a = X[i, d - 1]
-            out[i, d // 2] = _int_code(a, inv_step[d - 1], offset[d - 1], top)
+            out[i, d // 2] = _int_code(a, inv_step[d - 1], low[d - 1], top)
     return finite
 
 
