@@ -146,6 +146,8 @@ def _parse_manifest(blob: bytes, source: str) -> tuple[dict[str, Any], int]:
         raise ArtifactError(f"{source}: manifest checksum mismatch (file corrupted)")
     try:
         manifest = json.loads(manifest_bytes)
+    except RecursionError:  # nested deeper than any manifest: a crafted file
+        raise ArtifactError(f"{source}: manifest is nested too deeply to be a codec") from None
     except ValueError as exc:
         raise ArtifactError(f"{source}: manifest is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "embcomp-codec":

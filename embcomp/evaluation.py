@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_matrix
+from ._validation import check_finite, check_matrix, to_float32
 from .exceptions import InputError
 
 __all__ = ["exact_knn", "load_qrels", "ndcg_at_k", "recall_at_k", "relevance_recall_at_k"]
@@ -67,8 +67,11 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
     """
     base = check_matrix(base, name="base")
     queries = check_matrix(queries, name="queries", d=base.shape[1], allow_empty=True)
-    if k < 1:
-        raise InputError(f"k must be >= 1; got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be an integer >= 1; got {k!r}")
+    if metric not in ("ip", "l2"):
+        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    check_finite(to_float32(queries, name="queries"), name="queries")
     k = min(k, base.shape[0])
     m = queries.shape[0]
     best_ids = np.empty((m, k), dtype=np.int64)
@@ -78,7 +81,8 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
         run_ids = np.empty((q.shape[0], 0), dtype=np.int64)
         run_scores = np.empty((q.shape[0], 0), dtype=np.float32)
         for b0 in range(0, base.shape[0], _B_BLOCK):
-            b = np.ascontiguousarray(base[b0 : b0 + _B_BLOCK], dtype=np.float32)
+            b = to_float32(base[b0 : b0 + _B_BLOCK], name="base", row_offset=b0)
+            check_finite(b, name="base", row_offset=b0)
             block_scores = _scores(q, b, metric)
             block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
             ids_k, scores_k = _top_k(block_scores, block_ids, k)
@@ -115,8 +119,19 @@ def recall_at_k(
     -------
     float in [0, 1].
     """
-    found = np.asarray(found_ids)[:, :k]
-    true = np.asarray(true_ids)[:, :k]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be an integer >= 1; got {k!r}")
+    if metric not in ("ip", "l2"):
+        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    found, true = np.asarray(found_ids), np.asarray(true_ids)
+    if any(a.ndim != 2 or a.dtype.kind not in "iu" for a in (found, true)):
+        raise InputError(
+            f"found_ids and true_ids must be 2-D integer arrays; got {found.dtype} "
+            f"{found.shape} and {true.dtype} {true.shape}"
+        )
+    found, true = found[:, :k], true[:, :k]
+    if base is not None and (true.max(initial=0) >= len(base) or found.max(initial=0) >= len(base)):
+        raise InputError(f"found_ids or true_ids name rows beyond the {len(base)} base vectors")
     if found.shape[0] != true.shape[0] or true.shape[1] < k:
         raise InputError(
             f"found_ids {found.shape} and true_ids {true.shape} must have the same rows "

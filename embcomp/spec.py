@@ -140,6 +140,10 @@ def _parse_token(token: str, position: int, spec: str) -> Stage:
                 f"unknown stage {token!r} at position {position} in spec {spec!r}; "
                 f"valid names: {_valid_names()} (reducers and alloc take a number, e.g. pca256)"
             )
+        if len(match.group(2)) > 9:
+            raise SpecError(
+                f"stage {token!r} at position {position} in spec {spec!r}: the number is too large"
+            )
         canonical, arg = match.group(1), int(match.group(2))
     info = STAGES[canonical]
     if arg is None and info.arg == "required":

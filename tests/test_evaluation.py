@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from embcomp import InputError
 from embcomp.evaluation import (
     exact_knn,
     load_qrels,
@@ -83,3 +84,23 @@ def test_ndcg_and_relevance_recall(tmp_path):
     path.write_text("0\t1\n1\t9\n1\t4\n")
     assert load_qrels(path) == qrels
     assert ndcg_at_k(ids, {0: {1}}, 3) == pytest.approx(expected0)
+
+
+def test_search_and_scoring_arguments_are_checked():
+    X = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    bad = X.copy()
+    bad[7, 1] = np.nan
+    ids = np.tile(np.arange(5), (3, 1))
+    cases = [
+        (lambda: exact_knn(X, X, 2.5), "k must be an integer >= 1"),
+        (lambda: exact_knn(X, X[:0], 3, metric="cos"), "metric must be 'ip' or 'l2'"),
+        (lambda: exact_knn(X, bad, 3), "queries row 7 contains NaN"),
+        (lambda: exact_knn(bad, X, 3), "base row 7 contains NaN"),
+        (lambda: recall_at_k(ids, ids, 0), "k must be an integer >= 1"),
+        (lambda: recall_at_k(ids[0], ids[0], 3), "2-D integer arrays"),
+        (lambda: recall_at_k(ids, ids, 3, metric="cos"), "metric must be"),
+        (lambda: recall_at_k(ids + 100, ids, 3, base=X, queries=X[:3]), "beyond the 50 base"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError, match=message):
+            call()

@@ -68,3 +68,19 @@ def test_reducer_errors(rng_data):
     with pytest.raises(InputError, match="at least 2"):
         PCAReducer(1).fit(rng_data[:1])
     assert PCAReducer(4).get_params() == {"n_components": 4, "whiten": False}
+
+
+def test_standalone_reducers_check_their_arguments_and_data():
+    from embcomp import SpecError
+    from embcomp.reducers import MPADReducer
+
+    X = np.random.default_rng(0).standard_normal((100, 12)).astype(np.float32)
+    bad = X.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(SpecError, match="n_components must be None or an integer >= 1"):
+        PCAReducer(-1).fit(X)
+    with pytest.raises(SpecError, match="seed must be an integer >= 0"):
+        RandomRotation(seed=-1).fit(X)
+    for reducer in (RandomRotation(), MPADReducer(4), PCAReducer(4)):
+        with pytest.raises(InputError, match="row 5 contains NaN or inf"):
+            reducer.fit(bad)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
+from .._validation import check_finite
 from ..exceptions import DimensionMismatchError, InputError, SpecError
 from ._base import LinearReducer, flip_signs, streamed_mean_cov
 
@@ -162,6 +163,11 @@ class MPADReducer(LinearReducer):
         # memory traffic); sorting, tail selection and sums run in float64.
         work_dtype = np.float64 if X.dtype == np.float64 else np.float32
         mean, train = _centered_sample(X, self.n_train, sample_rng, work_dtype)
+        if not np.isfinite(mean).all():  # name the first NaN/inf row of X
+            for start in range(0, X.shape[0], 8192):
+                block = np.asarray(X[start : start + 8192])
+                check_finite(block, name="training vectors", row_offset=start)
+            raise InputError("training vectors: their mean overflows; rescale them")
         rms = float(np.sqrt(np.einsum("ij,ij->", train, train, dtype=np.float64) / len(train)))
         if rms > 0:
             train /= np.asarray(rms, dtype=work_dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._stage import expect_array
-from ..exceptions import ArtifactError, DimensionMismatchError, InputError
+from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
 from ._base import LinearReducer, flip_signs, streamed_mean_cov
 
 
@@ -52,7 +52,12 @@ class PCAReducer(LinearReducer):
 
     def _fit(self, X: np.ndarray) -> None:
         d = X.shape[1]
-        k = d if self.n_components is None else int(self.n_components)
+        wanted = self.n_components
+        if wanted is not None and (
+            isinstance(wanted, bool) or not isinstance(wanted, (int, np.integer)) or wanted < 1
+        ):
+            raise SpecError(f"n_components must be None or an integer >= 1; got {wanted!r}")
+        k = d if wanted is None else int(wanted)
         if k > d:
             raise DimensionMismatchError(
                 f"pca{k} keeps more dimensions than the {d} the training vectors have; "

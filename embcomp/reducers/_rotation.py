@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exceptions import ArtifactError
+from .._validation import check_finite, to_float32
+from ..exceptions import ArtifactError, InputError, SpecError
 from ._base import LinearReducer
 
 
@@ -33,7 +34,12 @@ class RandomRotation(LinearReducer):
 
     def _fit(self, X: np.ndarray) -> None:
         d = X.shape[1]
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError(f"seed must be an integer >= 0; got {self.seed!r}")
         mean = np.asarray(X, dtype=np.float32).mean(axis=0, dtype=np.float64)
+        if not np.isfinite(mean).all():  # a NaN/inf row (named) or values beyond float32
+            check_finite(to_float32(X, name="training vectors"), name="training vectors")
+            raise InputError("training vectors: their mean overflows float32; rescale them")
         gaussian = np.random.default_rng(self.seed).standard_normal((d, d))
         q, r = np.linalg.qr(gaussian)
         q *= np.sign(np.diag(r))  # makes the draw Haar-uniform and deterministic
