@@ -421,11 +421,9 @@ def test_files_no_batch_job_wrote_are_not_replaced_without_overwrite(tmp_path, X
 def test_outputs_that_could_not_be_read_back_are_refused(tmp_path, X, codec):
     write_parquet(tmp_path / "in.parquet", X[:10], ids=[f"d{i}" for i in range(10)])
     np.save(tmp_path / "x.npy", X[:10])
+    clash = pa.table({"code": pa.array([f"s{i}" for i in range(10)]), "emb": fixed_list(X[:10])})
+    pq.write_table(clash, tmp_path / "clash.parquet")
     with pytest.raises(InputError, match="would both be named 'code'"):
-        pq.write_table(
-            pa.table({"code": pa.array([f"s{i}" for i in range(10)]), "emb": fixed_list(X[:10])}),
-            tmp_path / "clash.parquet",
-        )
         compress(codec, tmp_path / "clash.parquet", tmp_path / "o.parquet", id_column="code")
     with pytest.raises(InputError, match="is the embedding column"):
         compress(codec, tmp_path / "in.parquet", tmp_path / "o.parquet", id_column="emb")
