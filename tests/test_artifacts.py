@@ -201,6 +201,8 @@ def _set(index, value):
         ("pca,alloc8", _tamper("quantizer.units_", _set((0, 2), 12)), "bits outside 1..8"),
         ("pca,alloc8", _tamper("quantizer.units_", _set((-1, 0), 48)), "outside the 48 comp"),
         ("pca,alloc8", _tamper("quantizer.codebooks_", lambda a: a[:-1]), "'codebooks_' is"),
+        # values no fit produces, whose float32 squares overflow into NaN scores (segfault)
+        ("pca,alloc8", _tamper("quantizer.codebooks_", _set(0, 3e38)), "beyond 2\\*\\*56"),
         ("pca8,int8", _tamper("reducer.components_", lambda a: a[:4]), "inverse_components_"),
         ("pca8,int8", _tamper("reducer.inverse_components_", lambda a: a.T.copy()), "\\(8, 48\\)"),
         ("pca,int8", _first_rows_of_pca(40), "full PCA keeps all 48"),

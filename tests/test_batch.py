@@ -487,3 +487,15 @@ def test_a_short_first_list_row_is_the_one_blamed(tmp_path, X, capsys):
     argv = ["fit", "--spec", "int8", "--train", tmp_path / "r.parquet", "--column", "emb"]
     assert run(*argv, "-o", tmp_path / "r.codec") == 2
     assert "row 0 has 10 values, expected 384" in capsys.readouterr().err
+
+
+def test_an_output_rewritten_by_another_command_is_redone(tmp_path, X, codec, codec_file):
+    """The record notes the file's size and mtime: `embcomp encode` over a batch output
+    with another codec leaves the old record, which must not vouch for the new bytes."""
+    np.save(tmp_path / "x.npy", X[:200])
+    out = tmp_path / "out.npy"
+    compress(codec, tmp_path / "x.npy", out)
+    other = embcomp.make_codec(SPEC).fit(X[1000:2000])
+    np.save(out, other.encode(X[:200]))  # what `embcomp encode -c other.codec` writes
+    assert compress(codec, tmp_path / "x.npy", out).files_done == 1
+    np.testing.assert_array_equal(np.load(out), codec.encode(X[:200]))

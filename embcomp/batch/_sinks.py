@@ -157,7 +157,9 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
     # progress", which a rerun redoes.
     write_skipped(spec.skipped_list, sink.bad)
     if spec.fmt == "npy":
-        _write_record(spec, {"rows": sink.rows, "bad_rows": len(sink.bad)})
+        done = spec.path.stat()  # so that a later rewrite by anything else shows
+        result = {"rows": sink.rows, "bad_rows": len(sink.bad), "size": done.st_size}
+        _write_record(spec, {**result, "mtime_ns": done.st_mtime_ns})
 
 
 @contextlib.contextmanager
@@ -244,9 +246,13 @@ def is_complete(spec: OutputSpec) -> bool:
     try:
         if spec.fmt == "npy":
             record = json.loads(spec.sidecar.read_text())
-            rows = (record.get("result") or {}).get("rows")
+            result = record.get("result") or {}
+            rows = result.get("rows")
             if not isinstance(rows, int):  # in progress: the run did not finish
                 return False
+            done = spec.path.stat()
+            if (result.get("size"), result.get("mtime_ns")) != (done.st_size, done.st_mtime_ns):
+                return False  # the file was rewritten since (e.g. by embcomp encode)
             job = {k: v for k, v in record.items() if k != "result"}
             shape, _, dtype, offset = _read_npy_header(spec.path)
             size = spec.path.stat().st_size

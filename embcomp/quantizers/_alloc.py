@@ -464,6 +464,12 @@ class AllocQuantizer(Quantizer):
         if not 0 <= int(self.norm_bits) <= MAX_BITS:
             raise ArtifactError(f"norm_bits must be in 0..{MAX_BITS}; got {self.norm_bits!r}")
         expect_array(self.norm_levels_, "norm_levels_", (1 << int(self.norm_bits),))  # type: ignore[arg-type]
+        # The kernels square these in float32: values beyond what a fit can produce (the
+        # training range is capped at 2**56) would overflow into NaN scores, and a NaN
+        # score picks no valid centroid.
+        for name in ("mean_", "codebooks_", "norm_levels_"):
+            if np.abs(getattr(self, name)).max(initial=0.0) > _LARGEST_TOP:
+                raise ArtifactError(f"state array {name!r} holds values beyond 2**56")
 
     def _after_load(self) -> None:
         assert self.units_ is not None and self.order_ is not None and self.mean_ is not None
