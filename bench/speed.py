@@ -639,6 +639,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run the benchmark described by ``args`` (see :func:`build_parser`)."""
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    if args.output is not None and args.output.suffix.lower() != ".json":  # before measuring
+        raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     record: dict[str, Any] = {
         "benchmark": "speed",
         "command": " ".join(["python -m bench speed", *argv]),
@@ -654,8 +656,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         shape = run_shape(n, d, args.repeats, args.data, args.specs)
         record["shapes"].append(shape)
         print_shape(shape)
-    if args.output is not None and args.output.suffix.lower() != ".json":
-        raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     if not args.no_write:
         path = args.output or default_output(args)
         path.parent.mkdir(parents=True, exist_ok=True)

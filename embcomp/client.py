@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from ._blocks import rows_per_block
-from ._validation import check_matrix
+from ._validation import check_float32_range, check_matrix
 from .artifacts import codec_to_bytes
 from .codec import Codec
 from .exceptions import EmbcompError, InputError
@@ -237,6 +237,8 @@ class CompressionClient:
         ``options`` are the codec's training options (``seed``, ``percentile``...).
         """
         train = check_matrix(train, name="training vectors", allow_empty=True)
+        if train.dtype == np.float64:  # an error from inside the stream reaches us as UNKNOWN
+            check_float32_range(train, name="training vectors")
         header = pb.FitCodecHeader(
             spec=spec, options={key: json.dumps(value) for key, value in options.items()}
         )
@@ -329,10 +331,18 @@ class CompressionClient:
         """Queries (n, d_in) float -> (n, d_out) float32 in the codec's reduced space."""
         if metric not in _METRICS:
             raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
-        request = pb.ProjectQueriesRequest(codec_id=codec_id, metric=_METRICS[metric])
-        array_to_matrix(Q, name="queries", out=request.queries)
-        reply = self._call(self._stub.ProjectQueries, request)
-        return _writable(matrix_to_array(reply.queries, name="projected queries"))
+        Q = check_matrix(Q, name="queries", allow_empty=True)
+        info = self._info(codec_id)
+        if Q.shape[0] == 0:  # as the library
+            return np.empty((0, info.d_out), dtype=np.float32)
+        step = self._rows_per_message(4 * max(Q.shape[1], info.d_out), info.d_in)
+        parts = []
+        for start in range(0, Q.shape[0], step):  # one call per message-sized slice
+            request = pb.ProjectQueriesRequest(codec_id=codec_id, metric=_METRICS[metric])
+            array_to_matrix(Q[start : start + step], name="queries", out=request.queries)
+            reply = self._call(self._stub.ProjectQueries, request)
+            parts.append(matrix_to_array(reply.queries, name="projected queries"))
+        return np.concatenate(parts) if len(parts) > 1 else _writable(parts[0])
 
     def encode_stream(
         self, codec_id: str, X: Any, *, rows_per_message: int | None = None
@@ -341,6 +351,8 @@ class CompressionClient:
         X = check_matrix(X, allow_empty=True)
         if X.shape[0] == 0:
             return np.empty((0, self._info(codec_id).code_size), dtype=np.uint8)
+        if X.dtype == np.float64:  # an error from inside the stream reaches us as UNKNOWN
+            check_float32_range(X, name="vectors")
         step = rows_per_message or self._rows_per_message(4 * X.shape[1], X.shape[1])
 
         def messages() -> Iterator[pb.EncodeStreamRequest]:

@@ -171,6 +171,16 @@ def test_config_from_environment_and_flags(monkeypatch, tmp_path):
     assert load_config().token() == "abc"
 
 
+def test_every_setting_has_a_flag():
+    """The config promises an ``embcomp serve --<field>`` flag for every field (the token
+    itself only as a file or variable, to keep it out of the process list)."""
+    from embcomp.service.cli import _SERVE_FLAGS, _SERVE_SWITCHES
+    from embcomp.service.config import ServiceConfig
+
+    flags = {name.replace("-", "_") for name in (*_SERVE_FLAGS, *_SERVE_SWITCHES)}
+    assert set(ServiceConfig.model_fields) - {"auth_token"} <= flags
+
+
 def test_defaults_need_nothing_else(monkeypatch):
     for name in list(os.environ):
         if name.startswith("EMBCOMP_") and name != "EMBCOMP_THREADS":

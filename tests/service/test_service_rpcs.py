@@ -273,3 +273,20 @@ def test_client_empty_and_out_of_range_inputs_behave_like_the_library(fitted, cl
     huge[2, 5] = 1e300
     with pytest.raises(embcomp.InputError, match="vectors row 2 holds 1e\\+300, beyond float32"):
         client.encode(info.id, huge)
+
+
+def test_client_projects_many_queries_and_refuses_overflow_up_front(fitted, server, sample):
+    info, codec = fitted["pca128,int8"]
+    queries = np.tile(sample[1], (3, 1))  # 600 queries in 500-row messages
+    target = f"127.0.0.1:{server.port}"
+    with CompressionClient(target, max_rows_per_message=500) as small:
+        np.testing.assert_array_equal(
+            small.project_queries(info.id, queries), codec.project_queries(queries)
+        )
+        assert small.project_queries(info.id, queries[:0]).shape == (0, codec.d_out)
+        huge = np.zeros((4, 384))
+        huge[3, 0] = 1e300
+        with pytest.raises(embcomp.InputError, match="training vectors row 3 holds 1e\\+300"):
+            small.fit("int8", huge)
+        with pytest.raises(embcomp.InputError, match="vectors row 3 holds 1e\\+300"):
+            small.encode_stream(info.id, huge)
