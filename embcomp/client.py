@@ -240,7 +240,9 @@ class CompressionClient:
         if train.dtype == np.float64:  # an error from inside the stream reaches us as UNKNOWN
             check_float32_range(train, name="training vectors")
         header = pb.FitCodecHeader(
-            spec=spec, options={key: json.dumps(value) for key, value in options.items()}
+            spec=spec,
+            options={key: json.dumps(value) for key, value in options.items()},
+            rows=train.shape[0],  # so the server can tell a cut stream from a complete one
         )
         step = self._rows_per_message(4 * train.shape[1])
 

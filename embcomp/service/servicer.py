@@ -194,6 +194,12 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         try:
             train = self._read_training_chunks(request_iterator, held)
             _check_active(context, "the upload")
+            declared = first.header.rows
+            if declared and train.shape[0] != declared:
+                raise CallEndedError(
+                    f"the header declared {declared} training rows but {train.shape[0]} "
+                    "arrived: the upload was cut short (deadline or cancel); nothing stored"
+                )
             self._take_fit_slot()  # a stalled upload holds no slot: taken now
             try:
                 self.metrics.fits_running.inc()

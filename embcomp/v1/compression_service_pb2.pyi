@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FitCodecHeader(_message.Message):
-    __slots__ = ("spec", "options")
+    __slots__ = ("spec", "options", "rows")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -18,9 +18,11 @@ class FitCodecHeader(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     spec: str
     options: _containers.ScalarMap[str, str]
-    def __init__(self, spec: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rows: int
+    def __init__(self, spec: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class FitCodecRequest(_message.Message):
     __slots__ = ("header", "chunk")

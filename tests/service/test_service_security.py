@@ -145,8 +145,8 @@ def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
         target = f"127.0.0.1:{srv.port}"
         for _ in range(5):  # the server sees the cut as an end of stream in about half
 
-            def slow():
-                yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+            def slow():  # declares its rows, as CompressionClient.fit does
+                yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8", rows=1000))
                 for start in range(0, 1000, 100):
                     yield pb.FitCodecRequest(chunk=array_to_matrix(base[start : start + 100]))
                     time.sleep(0.15)
@@ -162,6 +162,19 @@ def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
         while (finished() or 0) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)  # synchronization only: wait until the server ended all five
         assert finished() == 5
+        assert not [p for p in store.iterdir() if p.suffix == ".codec"]
+
+
+def test_a_stream_shorter_than_its_header_declares_stores_nothing(tmp_path, sample):
+    base = sample[0]
+    store = tmp_path / "s"
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        header = pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8", rows=1000))
+        messages = iter([header, pb.FitCodecRequest(chunk=array_to_matrix(base[:200]))])
+        with pytest.raises(ServiceError) as caught:
+            client._call(client._stub.FitCodec, messages)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        assert "declared 1000 training rows but 200 arrived" in caught.value.details()
         assert not [p for p in store.iterdir() if p.suffix == ".codec"]
 
 
