@@ -28,7 +28,7 @@ from .quantizers import (
     Quantizer,
 )
 from .reducers import LinearReducer, MPADReducer, PCAReducer, RandomRotation
-from .reducers._base import rowwise_matmul
+from .reducers._base import project
 from .spec import CodecSpec, Stage, parse_spec
 
 __all__ = ["Codec", "make_codec"]
@@ -222,7 +222,7 @@ class Codec:
             return reducer.transform_block(block)
         # LinearReducer.transform_block (X @ P - offset) with its output in scratch
         z = scratch.get("reduced", (block.shape[0], reducer.n_components_), np.float32)
-        rowwise_matmul(block, reducer._projection, out=z)
+        project(block, reducer._projection, z.shape[1], out=z)
         np.subtract(z, reducer._offset, out=z)
         return z
 
@@ -302,7 +302,7 @@ class Codec:
                 return
             # LinearReducer.inverse_transform_block (Z @ inverse_components_ + mean_), in place
             assert reducer.inverse_components_ is not None and reducer.mean_ is not None
-            rowwise_matmul(z, reducer.inverse_components_, out=out[start:stop])
+            project(z, reducer._inverse, out.shape[1], out=out[start:stop])
             np.add(out[start:stop], reducer.mean_, out=out[start:stop])
 
         rows = rows_per_block(4 * d_in) if expand else self.quantizer._block_rows()
@@ -326,7 +326,7 @@ class Codec:
         if self.reducer is None:
             return Q32.copy() if Q32 is Q else Q32
         if metric == "ip":
-            return rowwise_matmul(Q32, self.reducer._query_projection)
+            return project(Q32, self.reducer._query_projection, self.reducer._offset.shape[0])
         if metric == "l2":
             if not self.reducer.has_orthonormal_rows:
                 raise SpecError(

@@ -166,7 +166,9 @@ def test_a_fitted_codec_computes_what_it_computes_after_save_and_load(spec):
     np.testing.assert_array_equal(loaded.project_queries(X), fitted.project_queries(X))
 
 
-@pytest.mark.parametrize("spec", ["l2norm,pca16,fp16", "pca,fp8", "rot,int8", "mpad4,int8"])
+@pytest.mark.parametrize(
+    "spec", ["l2norm,pca16,fp16", "pca,fp8", "rot,int8", "mpad4,int8", "pca5,int8", "pca13,fp16"]
+)
 def test_a_vector_alone_gets_the_bytes_it_gets_in_a_batch(data, spec):
     """A one-row product takes BLAS's matrix-vector path, which rounds differently; the
     codec computes it as two rows, so encode, decode and query projection do not depend

@@ -33,6 +33,36 @@ def rowwise_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) 
     return out
 
 
+# A row's product comes out the same whatever the number of rows only when the output
+# width is a multiple of BLAS's column unroll: other widths take M-dependent tail paths
+# (pca100 and pca200 codes depended on how rows were grouped; pca128 and pca192 never
+# did). Projections are padded with zero columns to a multiple of 16, which every
+# OpenBLAS sgemm unroll divides, and the padding is cut off after the product.
+_COLUMN_MULTIPLE = 16
+
+
+def padded_columns(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` (K, N) as C-contiguous float32 with zero columns appended up to a
+    multiple of 16 (see ``_COLUMN_MULTIPLE``)."""
+    k, n = matrix.shape
+    wide = np.zeros((k, -(-n // _COLUMN_MULTIPLE) * _COLUMN_MULTIPLE), dtype=np.float32)
+    wide[:, :n] = matrix
+    return wide
+
+
+def project(a: np.ndarray, padded: np.ndarray, width: int, out: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+    """``(a @ padded)[:, :width]``, each row's result the same however rows are grouped
+    (``padded`` from :func:`padded_columns`; one row computed as two, see
+    :func:`rowwise_matmul`)."""
+    if padded.shape[1] == width:
+        return rowwise_matmul(a, padded, out=out)
+    full = rowwise_matmul(a, padded)[:, :width]
+    if out is None:
+        return np.ascontiguousarray(full)
+    out[...] = full
+    return out
+
+
 class LinearReducer(FittedStage):
     """Base class: subclasses implement ``_fit(X)`` to set the fitted arrays.
 
@@ -93,27 +123,27 @@ class LinearReducer(FittedStage):
 
     def _after_load(self) -> None:
         assert self.components_ is not None and self.mean_ is not None
-        self._projection = np.ascontiguousarray(self.components_.T, dtype=np.float32)
+        k = self.components_.shape[0]
+        self._projection = padded_columns(self.components_.T)  # see _COLUMN_MULTIPLE
         # Queries meet reduced decodes through the inverse's transpose (see
-        # Codec.project_queries); kept C-contiguous like _projection, so BLAS takes the
-        # same path for one query as for many.
+        # Codec.project_queries), padded the same way.
         assert self.inverse_components_ is not None
-        self._query_projection = np.ascontiguousarray(self.inverse_components_.T, np.float32)
+        self._query_projection = padded_columns(self.inverse_components_.T)
+        self._inverse = padded_columns(self.inverse_components_)  # decode: (k, d_in) padded
         # (X - mean) @ P  ==  X @ P - mean @ P: no centered copy of X.
-        self._offset = (self.mean_.astype(np.float64) @ self._projection.astype(np.float64)).astype(
-            np.float32
-        )
+        unpadded = self._projection[:, :k].astype(np.float64)
+        self._offset = (self.mean_.astype(np.float64) @ unpadded).astype(np.float32)
 
     def transform_block(self, X: np.ndarray) -> np.ndarray:
         """Project one validated, contiguous float32 block; no checks (hot path)."""
-        Z = rowwise_matmul(X, self._projection)
+        Z = project(X, self._projection, self._offset.shape[0])
         Z -= self._offset
         return Z
 
     def inverse_transform_block(self, Z: np.ndarray) -> np.ndarray:
         """Map one float32 block of reduced vectors back to the input space."""
-        assert self.inverse_components_ is not None
-        X = rowwise_matmul(Z, self.inverse_components_)
+        assert self.mean_ is not None
+        X = project(Z, self._inverse, self.mean_.shape[0])
         X += self.mean_
         return X
 
