@@ -292,9 +292,10 @@ def recommend(
         raise InputError(f"--budget-bytes must be >= 1; got {budget_bytes}")
     if min_recall is not None and not 0.0 < min_recall <= 1.0:
         raise InputError(f"--min-recall must be in (0, 1]; got {min_recall}")
-    if dataset.n_base < 10:
+    if dataset.n_base < 100:  # with 10 the top 10 is everything: every codec scores 1.0
         raise InputError(
-            f"recommend scores recall@10: it needs at least 10 base vectors; got {dataset.n_base}"
+            f"recommend scores recall@10 among the base vectors: it needs at least 100 to "
+            f"tell codecs apart; got {dataset.n_base}"
         )
     from embcomp.spec import parse_spec
 

@@ -332,6 +332,11 @@ class NpySource(Source):
         allowed = _FLOAT_DTYPES if kind == "vectors" else (np.dtype(np.uint8),)
         if len(shape) != 2:
             raise InputError(f"{path}: expected a 2-D (n, d) array, got shape {shape}")
+        if dtype.kind == "f" and not dtype.isnative:
+            raise InputError(
+                f"{path}: big-endian {dtype} values; save them little-endian, e.g. "
+                "np.save(path, X.astype(X.dtype.newbyteorder('<')))"
+            )
         if dtype not in allowed:
             want = "float16/32/64 vectors" if kind == "vectors" else "uint8 codes"
             raise InputError(f"{path}: expected {want}, got dtype {dtype}")

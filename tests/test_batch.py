@@ -499,3 +499,9 @@ def test_an_output_rewritten_by_another_command_is_redone(tmp_path, X, codec, co
     np.save(out, other.encode(X[:200]))  # what `embcomp encode -c other.codec` writes
     assert compress(codec, tmp_path / "x.npy", out).files_done == 1
     np.testing.assert_array_equal(np.load(out), codec.encode(X[:200]))
+
+
+def test_big_endian_npy_is_named_as_such(tmp_path, X, codec_file, capsys):
+    np.save(tmp_path / "be.npy", X[:10].astype(">f4"))
+    assert run("compress", "-c", codec_file, tmp_path / "be.npy", tmp_path / "o.npy", "-q") == 2
+    assert "big-endian" in capsys.readouterr().err

@@ -115,3 +115,17 @@ def test_decode_refuses_a_bad_buffer_and_leaves_it_alone():
         with pytest.raises(error, match=words):
             codec.decode(codes, out=buf)
         np.testing.assert_array_equal(np.asarray(buf), before)
+
+
+def test_standalone_quantizers_check_their_parameter_types():
+    from embcomp import SpecError
+    from embcomp.quantizers import AllocQuantizer
+
+    train = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    for quantizer, message in [
+        (IntQuantizer(8.0), "supports 4 or 8 bits; got 8.0"),
+        (AllocQuantizer(4, weight="x"), "weight must be a number; got 'x'"),
+        (AllocQuantizer(None), "budget must be an integer; got None"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            quantizer.fit(train)

@@ -306,6 +306,14 @@ class AllocQuantizer(Quantizer):
 
     # -- fitting ------------------------------------------------------------------------
     def _check_params(self, d: int) -> None:
+        numbers = {"budget": int, "weight": float, "vq_below": float, "vq_bits": int}
+        numbers.update(norm_bits=int, kmeans_iters=int, train_sample=int, seed=int)
+        for name, kind in numbers.items():  # standalone use: make_codec checks these too
+            value = getattr(self, name)
+            allowed = (int, float) if kind is float else (int,)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                what = "a number" if kind is float else "an integer"
+                raise SpecError(f"{name} must be {what}; got {value!r}")
         if self.levels not in LEVEL_KINDS:
             raise SpecError(f"levels must be one of {LEVEL_KINDS}; got {self.levels!r}")
         if not 0.0 <= float(self.weight) <= 1.0:

@@ -54,7 +54,7 @@ class IntQuantizer(Quantizer):
         return (1 << self.bits) - 1
 
     def _fit(self, X: np.ndarray) -> None:
-        if self.bits not in (4, 8):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (4, 8):
             raise SpecError(f"IntQuantizer supports 4 or 8 bits; got {self.bits}")
         if self.percentile is None:
             lo, hi = X.min(axis=0), X.max(axis=0)
