@@ -198,7 +198,13 @@ class Codec:
             X32 = _l2_normalize(X32.copy())
         if self.reducer is not None:
             self.reducer.fit(X32)
-            X32 = self.reducer.transform(X32)
+            with np.errstate(over="ignore", invalid="ignore"):  # named just below
+                X32 = self.reducer.transform(X32)
+            if not np.isfinite(X32).all():
+                raise InputError(
+                    f"training row {_first_nonfinite_row(X32)} becomes inf after the reducer: "
+                    "its values are too large for float32 arithmetic; rescale the vectors"
+                )
         self.quantizer.fit(X32)
         self.d_in = X.shape[1]
         return self

@@ -195,3 +195,10 @@ def test_int_codes_are_exact_roundings_even_far_from_zero(offset):
     codes = q.encode(X)
     assert np.abs(codes.astype(int) - exact).max() <= 1
     np.testing.assert_array_equal(codes[~tie], exact[~tie])
+
+
+def test_training_rows_that_overflow_in_the_reducer_are_named():
+    X = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    X[:, :3] = np.where(np.arange(200) % 2, 3e38, -3e38)[:, None]  # finite; their sum is not
+    with pytest.raises(InputError, match="training row 0 becomes inf after the reducer"):
+        make_codec("pca8,int8").fit(X)
