@@ -3,7 +3,7 @@
 Both engines cut the input into blocks wherever their reader or scheduler happens to,
 so the codes of a row must not depend on how rows are grouped. ``Codec`` guarantees it
 (a one-row matrix product, which BLAS would round differently, is computed as two rows:
-``embcomp.reducers._base.rowwise_matmul``); the tests check it for every block size.
+``embcomp.reducers._base.project``); the tests check it for every block size.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["decode_rows", "encode_rows", "transform_block"]
 
 def encode_rows(codec: Codec, X: np.ndarray) -> np.ndarray:
     """``codec.encode(X)``: float (n, d_in) -> uint8 (n, code_size); a row's codes do
-    not depend on the rows around it (see ``embcomp.reducers._base.rowwise_matmul``)."""
+    not depend on the rows around it (see ``embcomp.reducers._base.project``)."""
     return codec.encode(X)
 
 

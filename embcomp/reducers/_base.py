@@ -16,23 +16,6 @@ from .._stage import FittedStage, expect_array
 from .._validation import check_finite, check_matrix, to_float32
 from ..exceptions import ArtifactError
 
-
-def rowwise_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``a @ b`` with each row's result the same however rows are grouped.
-
-    BLAS computes a one-row product on its matrix-vector path, which rounds differently
-    from the matrix-matrix one: a vector encoded alone got other codes than in a batch.
-    So one row is computed as two.
-    """
-    if a.shape[0] != 1:
-        return np.matmul(a, b, out=out)
-    two = np.matmul(np.concatenate([a, a]), b)[:1]
-    if out is None:
-        return two
-    out[...] = two
-    return out
-
-
 # A row's product comes out the same whatever the number of rows only when the output
 # width is a multiple of BLAS's column unroll: other widths take M-dependent tail paths
 # (pca100 and pca200 codes depended on how rows were grouped; pca128 and pca192 never
@@ -50,13 +33,20 @@ def padded_columns(matrix: np.ndarray) -> np.ndarray:
     return wide
 
 
-def project(a: np.ndarray, padded: np.ndarray, width: int, out: np.ndarray | None = None):  # type: ignore[no-untyped-def]
-    """``(a @ padded)[:, :width]``, each row's result the same however rows are grouped
-    (``padded`` from :func:`padded_columns`; one row computed as two, see
-    :func:`rowwise_matmul`)."""
-    if padded.shape[1] == width:
-        return rowwise_matmul(a, padded, out=out)
-    full = rowwise_matmul(a, padded)[:, :width]
+def project(
+    a: np.ndarray, padded: np.ndarray, width: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``(a @ padded)[:, :width]`` with each row's result the same however rows are
+    grouped (``padded`` from :func:`padded_columns`).
+
+    BLAS computes a one-row product on its matrix-vector path, which rounds differently
+    from the matrix-matrix one (a vector encoded alone got other codes than in a batch),
+    so one row is computed as two.
+    """
+    rows = np.concatenate([a, a]) if a.shape[0] == 1 else a
+    if rows is a and padded.shape[1] == width:
+        return np.matmul(a, padded, out=out)
+    full = np.matmul(rows, padded)[: a.shape[0], :width]
     if out is None:
         return np.ascontiguousarray(full)
     out[...] = full
