@@ -21,7 +21,7 @@ test: install  ## the whole test suite
 
 lint: install
 	$(VENV)/bin/ruff check embcomp bench tests
-	$(VENV)/bin/mypy embcomp
+	$(VENV)/bin/mypy embcomp bench
 
 proto: install  ## regenerate embcomp/v1 from proto/
 	$(PY) scripts/gen_proto.py

@@ -207,8 +207,9 @@ class Runner:
         with Clock() as fit:
             method.fit(data.train, "ip")
         if "RaBitQ" in name:
-            from bench.methods import _innermost
+            from bench.methods import FaissMethod, _innermost
 
+            assert isinstance(method, FaissMethod)
             _innermost(method.index).qb = _RABITQ_QUERY_BITS
         with Clock() as enc:
             codes = method.encode(data.base)
