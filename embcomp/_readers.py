@@ -787,9 +787,6 @@ def open_sources(
         source.offset = offset
         offset += source.n_rows
         sources.append(source)
-    kinds_of_ids = {s.id_field is not None for s in sources}
-    if len(kinds_of_ids) > 1:
-        raise InputError(f"{path}: some files have the id column and others do not")
     return sources
 
 

@@ -505,3 +505,28 @@ def test_big_endian_npy_is_named_as_such(tmp_path, X, codec_file, capsys):
     np.save(tmp_path / "be.npy", X[:10].astype(">f4"))
     assert run("compress", "-c", codec_file, tmp_path / "be.npy", tmp_path / "o.npy", "-q") == 2
     assert "big-endian" in capsys.readouterr().err
+
+
+def test_a_directory_of_npy_and_parquet_shards_round_trips(tmp_path, X, codec, codec_file, capsys):
+    """One output per file, each with its own kind of output (a .npy one for the .npy
+    shard, Parquet with global row numbers as ids for the Parquet one)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "a.npy", X[:1000])
+    write_parquet(shards / "b.parquet", X[1000:], ids=[f"d{i}" for i in range(1000, len(X))])
+    codes, approx = tmp_path / "codes", tmp_path / "approx"
+    assert run("compress", "-c", codec_file, shards, codes, "--column", "emb", "-q") == 0
+    assert run("decompress", "-c", codec_file, codes, approx, "-q") == 0
+    np.testing.assert_array_equal(np.load(approx / "a.npy"), codec.decode(codec.encode(X[:1000])))
+    table = pq.read_table(approx / "b.parquet")
+    assert table.column("id").to_pylist()[:2] == [1000, 1001]
+    decoded = np.stack(table.column("emb").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(decoded, codec.decode(codec.encode(X[1000:])))
+    # --id-column names a Parquet column: a .npy input has none, so it is refused, not ignored
+    capsys.readouterr()
+    out = tmp_path / "ids"
+    ids = ["--id-column", "doc_id"]
+    assert run("compress", "-c", codec_file, shards, out, "--column", "emb", *ids) == 2
+    err = capsys.readouterr().err
+    assert "a.npy: --id-column 'doc_id' names a Parquet column" in err and not out.exists()
+    assert run("compress", "-c", codec_file, shards / "a.npy", tmp_path / "a.parquet", *ids) == 2

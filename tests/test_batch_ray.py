@@ -160,3 +160,30 @@ def test_ray_refuses_to_replace_a_foreign_directory(tmp_path, X, codec):
     with pytest.raises(InputError, match="is not an output of 'embcomp compress --engine ray'"):
         compress(codec, tmp_path / "x.npy", foreign, engine="ray")
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_ray_needs_one_kind_of_id_across_files(tmp_path, shards, X, codec):
+    """Ray writes one dataset: files whose ids differ in name or type are refused up
+    front; a file without ids fits with int64 ``id`` ones (its rows' global numbers)."""
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    compress(codec, shards / "part-1.parquet", codes / "b.parquet", id_column="doc")
+    compress(codec, _npy(tmp_path, X[:1700]), codes / "a.npy")
+    with pytest.raises(InputError, match=r"b.parquet: id column 'doc' \(string\).*--engine local"):
+        decompress(codec, codes, tmp_path / "refused", engine="ray")
+    # Without ids, the vector columns still differ ('emb' from b's input, 'embedding' for a)
+    compress(codec, shards / "part-1.parquet", codes / "b.parquet", overwrite=True)
+    with pytest.raises(InputError, match=r"column 'emb'.*pass --column"):
+        decompress(codec, codes, tmp_path / "refused", engine="ray")
+    assert not (tmp_path / "refused").exists()
+
+    assert decompress(codec, codes, tmp_path / "back", engine="ray", column="v").vectors == 3000
+    ids, vectors, _ = table_rows(tmp_path / "back")
+    assert ids == list(range(1700)) + list(range(1300))  # b.parquet keeps its stored ids
+    np.testing.assert_array_equal(vectors.view(np.float32), codec.decode(codec.encode(X)))
+
+
+def _npy(tmp_path, rows: np.ndarray):
+    path = tmp_path / "a-input.npy"
+    np.save(path, rows)
+    return path

@@ -200,6 +200,12 @@ def plan_job(
     )  # fmt: skip
     what = f"codec {str(codec.spec)!r}"
     for source in sources:
+        if id_column is not None and source.format != "parquet":
+            raise InputError(
+                f"{source.path}: --id-column {id_column!r} names a Parquet column, but this "
+                f"is a .{source.format} file, which has no columns (its rows get their row "
+                "numbers as ids); drop --id-column or give Parquet inputs"
+            )
         if source.id_field is not None and source.id_field.name == getattr(source, "column", None):
             raise InputError(
                 f"{source.path}: --id-column {source.id_field.name!r} is the embedding column; "
@@ -298,12 +304,33 @@ def plan_job(
                 "--overwrite to replace it, or choose another output"
             )
         tasks.append(Task(source, spec))
+    if engine == "ray":
+        _check_one_schema(tasks, in_path)
     if single or engine == "ray":  # Ray writes beside OUTPUT, then renames
         created = check_writable(out_path.parent, create=False)
     else:
         created = check_writable(out_path)
     read_options = {"column": read_column, "id_column": id_column, "dataset": dataset}
     return Job(command, codec, cid, tasks, out_path, not single, on_bad_row, read_options, created)
+
+
+def _check_one_schema(tasks: list[Task], in_path: Path) -> None:
+    """The Ray engine writes one Parquet dataset, so every input must give the same
+    columns (a file without ids gets int64 ``id`` ones, its rows' global numbers)."""
+    kinds: dict[tuple[str, str, str], str] = {}
+    for task in tasks:
+        field = task.output.id_field
+        ids = ("id", "int64") if field is None else (field.name, str(field.type))
+        kinds.setdefault((*ids, task.output.column), task.source.path.name)
+    if len(kinds) > 1:
+        found = "; ".join(
+            f"{name}: id column {i!r} ({t}), column {c!r}" for (i, t, c), name in kinds.items()
+        )
+        raise InputError(
+            f"{in_path}: the Ray engine writes one dataset, but these files would give it "
+            f"parts with other columns ({found}); pass --column to name the vector column, "
+            "or use --engine local (one output per file)"
+        )
 
 
 # -- the local engine ------------------------------------------------------------------
