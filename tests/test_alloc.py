@@ -502,3 +502,28 @@ def test_real_recall_floor_and_faiss(spec, floor, wordnet, faiss_recalls):
     rival_bytes, rival_recall = faiss_recalls[rival]
     assert rival_bytes >= codec.code_size
     assert recall > rival_recall + 0.02, f"{spec} {recall:.4f} vs {rival} {rival_recall:.4f}"
+
+
+def test_an_installed_cancel_check_stops_long_fits_and_is_gone_after():
+    """The service stops fits whose client has left through embcomp._cancel: the loops
+    of alloc's k-means and MPAD call the check between steps."""
+    from embcomp._cancel import cancel_when
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    X = _gaussian(600, 32)
+    for spec in ("pca,alloc12", "mpad8,int8"):
+        calls.clear()
+        with pytest.raises(Stop), cancel_when(check):
+            make_codec(spec).fit(X)
+        assert len(calls) == 3
+        make_codec(spec).fit(X)  # no check outside the block
+        assert len(calls) == 3

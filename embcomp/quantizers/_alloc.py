@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch
+from .._cancel import checkpoint
 from .._stage import expect_array
 from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
 from . import _alloc_kernels
@@ -359,6 +360,7 @@ class AllocQuantizer(Quantizer):
         units, tables = self._plan(Z, weighted[order], np.power(variance[order], self.weight))
         codebooks = []
         for index, (first, size, bits) in enumerate(units):
+            checkpoint()
             if size == 1:
                 if (first, bits) not in tables:  # a one-component k-means group
                     column = SortedColumns(Z[:, first : first + 1])

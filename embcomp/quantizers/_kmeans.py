@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._cancel import checkpoint
+
 __all__ = ["assign", "kmeans"]
 
 _ASSIGN_BLOCK = 256  # rows per distance block: 256 x 256 float32 = 256 KiB, cache-resident
@@ -89,6 +91,7 @@ def kmeans(X: np.ndarray, k: int, *, iters: int = 16, seed: int | list[int] = 0)
     centroids = _plus_plus(seeds, k, rng)
     labels = np.full(n, -1, dtype=np.int64)
     for _ in range(iters):
+        checkpoint()
         new_labels = assign(X, centroids)
         if np.array_equal(new_labels, labels):
             break

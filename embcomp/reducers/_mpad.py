@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize
 
+from .._cancel import checkpoint
 from .._validation import check_finite
 from ..exceptions import DimensionMismatchError, InputError, SpecError
 from ._base import LinearReducer, flip_signs, streamed_mean_cov
@@ -180,6 +181,7 @@ class MPADReducer(LinearReducer):
             info[key] = []
         with _one_blas_thread():
             for k in range(self.n_components):
+                checkpoint()
                 axis, nit, nfev = _fit_axis(stages, axes[:k], starts[k], float(self.alpha))
                 axes[k] = axis
                 info["nit"].append(nit)

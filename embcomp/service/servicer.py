@@ -12,10 +12,12 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from .._cancel import cancel_when
 from .._validation import check_finite, check_matrix
 from ..codec import Codec, make_codec
 from ..evaluation import exact_knn, recall_at_k
@@ -203,7 +205,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             self._take_fit_slot()  # a stalled upload holds no slot: taken now
             try:
                 self.metrics.fits_running.inc()
-                codec.fit(train)
+                # the fit's long loops stop at their next step once the call has ended
+                with cancel_when(partial(_check_active, context, "the fit")):
+                    codec.fit(train)
                 del train
                 _check_active(context, "the fit")
                 meta = self.store.put(codec)

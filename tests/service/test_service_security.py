@@ -270,3 +270,35 @@ def test_tls_with_self_signed_certificate(tmp_path, self_signed, sample):
             assert _code(client.list)[0] == UNAUTHENTICATED
         with CompressionClient(target, token="tok", timeout=5) as client:  # plaintext to TLS
             assert _code(client.list)[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_fit_stops_at_its_next_step_once_its_call_has_ended(tmp_path, sample, monkeypatch):
+    """numpy and scipy cannot be interrupted, so a long fit checks between steps (here
+    MPAD axes) whether its client is still there; a cancelled one frees its slot early."""
+    from embcomp.reducers import _mpad
+
+    fitted_axes = []
+    real_fit_axis = _mpad._fit_axis
+
+    def slow_fit_axis(*args, **kwargs):  # a slow machine, deterministically: 0.25 s an axis
+        time.sleep(0.25)
+        fitted_axes.append(1)
+        return real_fit_axis(*args, **kwargs)
+
+    monkeypatch.setattr(_mpad, "_fit_axis", slow_fit_axis)
+    base = sample[0][:500]
+    store = tmp_path / "s"
+    with running_server(store, max_concurrent_fits=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CompressionClient(target, timeout=1.5) as client:  # 64 axes would take 16 s
+            code, _ = _code(lambda: client.fit("mpad64,int8", base, n_train=500))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        running = lambda: srv.metrics.registry.get_sample_value("embcomp_fits_running")  # noqa: E731
+        deadline = time.monotonic() + 60
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.01)  # synchronization only: wait until the server gave up the fit
+        assert running() == 0
+        assert 1 <= len(fitted_axes) < 32, len(fitted_axes)
+        assert not [p for p in store.iterdir() if p.suffix == ".codec"]
+        with CompressionClient(target) as client:  # the slot is free again
+            assert client.fit("int8", base).code_size == 384
