@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._cancel import checkpoint
 from ._validation import check_finite, check_matrix, to_float32
 from .exceptions import InputError
 
@@ -81,6 +82,7 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
         run_ids = np.empty((q.shape[0], 0), dtype=np.int64)
         run_scores = np.empty((q.shape[0], 0), dtype=np.float32)
         for b0 in range(0, base.shape[0], _B_BLOCK):
+            checkpoint()  # a caller may stop a long search between blocks (embcomp._cancel)
             b = to_float32(base[b0 : b0 + _B_BLOCK], name="base", row_offset=b0)
             check_finite(b, name="base", row_offset=b0)
             block_scores = _scores(q, b, metric)

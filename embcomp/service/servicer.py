@@ -420,10 +420,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         check_finite(queries, name="queries")
         with _named("base"):
             decoded = codec.decode(codec.encode(base))
-        _check_active(context, "the evaluation")
-        true_ids, _ = exact_knn(base, queries, k, metric=metric)
-        _check_active(context, "the evaluation")
-        found_ids, _ = exact_knn(decoded, queries, k, metric=metric)
+        with cancel_when(partial(_check_active, context, "the evaluation")):
+            true_ids, _ = exact_knn(base, queries, k, metric=metric)
+            found_ids, _ = exact_knn(decoded, queries, k, metric=metric)
         recall = recall_at_k(found_ids, true_ids, k, base=base, queries=queries, metric=metric)
         return pb.EvaluateCodecResponse(
             recall_at_k=recall,

@@ -302,3 +302,34 @@ def test_a_fit_stops_at_its_next_step_once_its_call_has_ended(tmp_path, sample, 
         assert not [p for p in store.iterdir() if p.suffix == ".codec"]
         with CompressionClient(target) as client:  # the slot is free again
             assert client.fit("int8", base).code_size == 384
+
+
+def test_an_evaluation_stops_between_blocks_once_its_call_has_ended(tmp_path, sample, monkeypatch):
+    from embcomp import evaluation
+
+    blocks = []
+    real_scores = evaluation._scores
+
+    def slow_scores(*args):  # a slow machine, deterministically: 0.05 s a block
+        time.sleep(0.05)
+        blocks.append(1)
+        return real_scores(*args)
+
+    monkeypatch.setattr(evaluation, "_scores", slow_scores)
+    monkeypatch.setattr(evaluation, "_B_BLOCK", 50)  # 60 blocks per search, 2 searches
+    base, queries = sample[0], sample[1][:20]
+    with running_server(tmp_path / "s") as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CompressionClient(target) as client:
+            info = client.fit("int8", base)
+        with CompressionClient(target, timeout=1.0) as client:  # 120 blocks would take 6 s
+            code, _ = _code(lambda: client.evaluate(info.id, base, queries))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        done = lambda: srv.metrics.registry.get_sample_value(  # noqa: E731
+            "embcomp_requests_total", {"method": "EvaluateCodec"}
+        )
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.01)  # synchronization only: wait until the server ended the call
+        assert done() == 1
+        assert 1 <= len(blocks) < 60, len(blocks)
