@@ -129,3 +129,19 @@ def test_standalone_quantizers_check_their_parameter_types():
     ]:
         with pytest.raises(SpecError, match=message):
             quantizer.fit(train)
+
+
+def test_bin_splits_tied_medians_toward_even_halves():
+    """0/1 features with 70% ones have median 1: ``x > 1`` put every row on one side
+    (every vector got the same code). The ties now go to the side that splits evenly."""
+    rng = np.random.default_rng(3)
+    X = (rng.random((1000, 16)) < 0.7).astype(np.float32)
+    for data in (X, 1 - X, 5 * X - 2):
+        codec = make_codec("bin").fit(data)
+        np.testing.assert_array_equal(codec.decode(codec.encode(data)), data)
+    # continuous data: the plain median, as before; constant columns decode to themselves
+    Z = rng.standard_normal((1001, 8)).astype(np.float32)
+    np.testing.assert_array_equal(make_codec("bin").fit(Z).quantizer.center_, np.median(Z, axis=0))
+    C = np.full((10, 8), 3.0, dtype=np.float32)
+    codec = make_codec("bin").fit(C)
+    np.testing.assert_array_equal(codec.decode(codec.encode(C)), C)

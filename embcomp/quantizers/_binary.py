@@ -18,7 +18,10 @@ class BinaryQuantizer(Quantizer):
 
     Attributes
     ----------
-    center_ : ndarray (d,) float32, per-dimension median of the training data.
+    center_ : ndarray (d,) float32, per-dimension median of the training data; where
+        many values equal the median, the side of the split they go to is the one that
+        leaves the halves closer to even (on 0/1 data with 70% ones the median is 1,
+        and ``x > 1`` would put every row on one side).
     low_, high_ : ndarray (d,) float32, decoded value for bit 0 / bit 1.
     """
 
@@ -32,7 +35,7 @@ class BinaryQuantizer(Quantizer):
         pass
 
     def _fit(self, X: np.ndarray) -> None:
-        center = np.median(X, axis=0)
+        center = _split_point(X)
         above = X > center
         n_above = above.sum(axis=0)
         n_below = X.shape[0] - n_above
@@ -87,6 +90,19 @@ class BinaryQuantizer(Quantizer):
         wide = scratch.get("wide", (n, 8 * n_bytes), np.float32)
         np.take(self._table, index, out=wide.view(_EIGHT_FLOATS), mode="wrap")
         np.copyto(out, wide[:, : self.d_])
+
+
+def _split_point(X: np.ndarray) -> np.ndarray:
+    """Per dimension, the threshold t of ``x > t`` that splits the rows most evenly
+    among the median and the largest value below it (values equal to the median go
+    below the one, above the other)."""
+    median = np.median(X, axis=0).astype(X.dtype)
+    half = X.shape[0] / 2
+    n_above = (X > median).sum(axis=0)
+    below = np.where(X < median, X, -np.inf).max(axis=0, initial=-np.inf)
+    n_above_below = (X > below).sum(axis=0)  # the ties go above
+    better = np.isfinite(below) & (np.abs(n_above_below - half) < np.abs(n_above - half))
+    return np.where(better, below, median)
 
 
 # eight float32 as one opaque 32-byte item, so np.take moves them with one copy
