@@ -130,6 +130,12 @@ def greedy_bits(
     return bits
 
 
+def _top10(scores: np.ndarray) -> np.ndarray:
+    """Indices of the (up to) 10 highest scores of each row (unordered)."""
+    k = min(10, scores.shape[1])
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
 class _Batch:
     """k-means units of one size and codebook length, encoded by one batched product.
 
@@ -383,10 +389,43 @@ class AllocQuantizer(Quantizer):
         self._after_load()
         if int(self.norm_bits):
             fitted = np.ascontiguousarray(sample, dtype=np.float32)
-            ratios = self._norm_ratios(fitted, self._encode_units(fitted, Scratch()))
+            codes = self._encode_units(fitted, Scratch())
+            ratios = self._norm_ratios(fitted, codes)
             levels = fit_levels(SortedColumns(ratios[:, None]), int(self.norm_bits), "lloyd")
-            self.norm_levels_ = levels[0].astype(np.float32)
-            self._after_load()
+            if self._norm_code_helps(fitted, codes, ratios, levels[0].astype(np.float32)):
+                self.norm_levels_ = levels[0].astype(np.float32)
+                self._after_load()
+
+    def _norm_code_helps(
+        self, X: np.ndarray, codes: np.ndarray, ratios: np.ndarray, levels: np.ndarray
+    ) -> bool:
+        """Whether rescaling by the norm code finds the training sample's own nearest
+        neighbours about as well as the plain reconstruction or better: False only if
+        its recall@10 (by inner product; a fifth of the sample, at most 1,000 rows, as
+        queries against the rest) is lower by more than twice the paired standard error.
+
+        The code is meant for search: it raises the squared error a little where the
+        reconstruction is rich, yet lifts recall (MiniLM, ``pca,alloc48``: 0.752 against
+        0.722). Where the reconstruction spans only a few components (tiny budgets),
+        the ratios reach hundreds and rescaling wrecks both: then it is left at 1.
+        """
+        n = X.shape[0]
+        m = min(1000, n // 5)
+        if m < 1 or n - m < 10:
+            return True
+        plain = self._decode_units(codes)
+        thresholds = 0.5 * (levels[1:] + levels[:-1])
+        scale = levels[np.searchsorted(thresholds, ratios)][:, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = (plain - self.mean_) * scale + self.mean_
+        queries, base = X[:m], slice(m, None)
+        truth = _top10(queries @ X[base].T)
+        found = [_top10(queries @ r[base].T) for r in (scaled, plain)]
+        hits = [
+            [np.intersect1d(t, f).size for t, f in zip(truth, ids, strict=True)] for ids in found
+        ]
+        gaps = np.subtract(hits[0], hits[1], dtype=np.float64)
+        return bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(m))
 
     def _plan(
         self, Z: np.ndarray, weighted: np.ndarray, weights: np.ndarray
