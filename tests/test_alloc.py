@@ -557,3 +557,25 @@ def test_norm_code_levels_are_positive_and_off_where_they_hurt_search():
         assert levels.min() > 0, levels
         error = ((codec.decode(codec.encode(X)) - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
         assert error < 3.0, (budget, error)
+
+
+def test_alloc_refuses_dimensions_whose_mean_dwarfs_their_spread():
+    """k-means scores are float32 sums about x's size: at mean 30, spread 0.01 encode
+    found the nearest centroid for 5% of rows (worse than decoding to the mean). Such
+    data are refused with the remedy; pca/rot centre first and take them."""
+    rng = np.random.default_rng(7)
+    X = (0.01 * rng.standard_normal((2000, 16)) + 30.0).astype(np.float32)
+    with pytest.raises(
+        InputError, match=r"dimension \d+ has mean 30 but spread 0.0\d+ .*pca,alloc"
+    ):
+        make_codec("alloc8").fit(X)
+    codec = make_codec("rot,alloc8").fit(X)
+    error = ((codec.decode(codec.encode(X)) - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    assert error < 0.6
+    constant = np.full((100, 4), 1e4, dtype=np.float32)  # no spread: coded exactly
+    np.testing.assert_array_equal(
+        make_codec("alloc2")
+        .fit(constant)
+        .decode(make_codec("alloc2").fit(constant).encode(constant)),
+        constant,
+    )
