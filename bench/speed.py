@@ -705,7 +705,7 @@ def register(sub: Any) -> None:
     """Add ``embcomp bench-speed`` (same options as ``python -m bench speed``)."""
     parser = sub.add_parser(
         "bench-speed",
-        help="encode/decode throughput of every codec vs FAISS (issue 7)",
+        help="encode/decode throughput of every codec vs FAISS",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

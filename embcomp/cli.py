@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from ._validation import check_finite, check_matrix, check_not_an_input, to_float32
-from .artifacts import load_codec, read_manifest, save_codec
+from .artifacts import codec_id, load_codec, read_manifest, save_codec
 from .codec import make_codec
 from .evaluation import exact_knn, recall_at_k
 from .exceptions import EmbcompError, InputError
@@ -102,8 +103,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.codec)
-    load_codec(args.codec)  # verifies every array checksum too
+    codec = load_codec(args.codec)  # verifies every array checksum too
     summary = {k: manifest[k] for k in ("spec", "d_in", "d_out", "code_size", "options")}
+    summary["id"] = codec_id(codec)  # the service's and the batch records' name for it
     summary["compression_ratio"] = round(4 * manifest["d_in"] / manifest["code_size"], 3)
     summary["format_version"] = manifest["format_version"]
     summary["versions"] = manifest["versions"]
@@ -251,6 +253,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated
 
 
+# The optional packages a command may import, and the extra that installs each.
+_EXTRA_OF = {
+    "grpc": "service",
+    "grpc_health": "service",
+    "grpc_reflection": "service",
+    "google": "service",  # protobuf
+    "pydantic_settings": "service",
+    "prometheus_client": "service",
+    "faiss": "bench",
+    "matplotlib": "bench",
+    "yaml": "bench",
+    "tqdm": "batch",
+    "h5py": "batch",
+    "pyarrow": "parquet",
+    "ray": "ray",
+    "numba": "fast",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 on a user error)."""
     parser = build_parser()
@@ -263,9 +284,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbcompError as exc:
         print(f"embcomp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`embcomp inspect x.codec | head`)
+        # Python would report the broken pipe again when it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # as if killed by SIGPIPE, as a shell pipeline expects
     except OSError as exc:  # permissions, a directory where a file was expected, disk full
         where = f": {exc.filename!r}" if exc.filename else ""
         print(f"embcomp {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"embcomp {args.command}: error: this command needs {exc.name}, which is not "
+            f"installed: pip install 'embcomp[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"embcomp {args.command}: interrupted", file=sys.stderr)

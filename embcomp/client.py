@@ -24,8 +24,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
 import numpy as np
+
+try:
+    import grpc
+except ModuleNotFoundError as _missing:  # the core install has no gRPC
+    raise ModuleNotFoundError(
+        "embcomp.client needs grpcio: pip install 'embcomp[service]'", name=_missing.name
+    ) from _missing
 
 from ._blocks import rows_per_block
 from ._validation import check_float32_range, check_matrix

@@ -1,9 +1,12 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from embcomp import load_codec
+from embcomp import load_codec, make_codec, save_codec
+from embcomp.artifacts import codec_id
 from embcomp.cli import main
 from embcomp.io import read_vectors, write_fvecs
 
@@ -49,6 +52,7 @@ def test_fit_encode_decode_inspect_eval(files, rng_data, capsys):
     assert main(["inspect", str(codec_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["spec"] == "pca16,int8" and info["code_size"] == 16
+    assert info["id"] == codec_id(codec)
     assert (
         main(
             [
@@ -201,3 +205,31 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "c.fvecs").exists() and not (tmp_path / "o.npy").exists()
+
+
+def test_a_command_missing_its_extra_names_it_in_one_line(monkeypatch, capsys):
+    """A core-only install lacks grpc, faiss, yaml...: a command that needs one says
+    which extra installs it (it was a traceback)."""
+    monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc now fails
+    assert main(["health"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "embcomp health: error: this command needs grpc, which is not installed: "
+        "pip install 'embcomp[service]'"
+    )
+
+
+def test_output_to_a_closed_pipe_exits_quietly(tmp_path):
+    """`embcomp inspect x.codec | head -1`: the reader leaves; no 'Broken pipe' error."""
+    codec_file = tmp_path / "c.codec"
+    save_codec(make_codec("int8").fit(np.eye(8, dtype=np.float32)), codec_file)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embcomp", "inspect", str(codec_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before anything is written
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 141
+    assert stderr == b""
