@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -381,6 +382,37 @@ def test_missing_ray_names_the_extra(tmp_path, X, codec_file, monkeypatch, capsy
 
 
 # -- never lose data (found by a red-team pass) -----------------------------------------
+def test_an_interrupted_rewrite_is_not_decoded_with_either_codec(tmp_path, X, codec):
+    """A's codes are complete; a compress with codec B into the same path is killed
+    before its data lands: the record says B, in progress, over A's codes. Decoding
+    them with B gave errors of 1.7; decompress now refuses until a compress completes."""
+    from embcomp.batch import _sinks
+
+    np.save(tmp_path / "x.npy", X[:500])
+    out = tmp_path / "out.npy"
+    compress(codec, tmp_path / "x.npy", out)
+    other = embcomp.make_codec(SPEC).fit(X[1000:2000])
+    real = _sinks._sink_file
+
+    @contextlib.contextmanager
+    def killed(*args, **kwargs):
+        with real(*args, **kwargs) as sink:
+            yield sink
+            raise KeyboardInterrupt  # killed before the rename
+
+    _sinks._sink_file = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compress(other, tmp_path / "x.npy", out)
+    finally:
+        _sinks._sink_file = real
+    np.testing.assert_array_equal(np.load(out), codec.encode(X[:500]))  # A's codes
+    with pytest.raises(InputError, match="is incomplete"):
+        decompress(other, out, tmp_path / "back.npy")
+    compress(other, tmp_path / "x.npy", out)  # the rerun completes
+    assert decompress(other, out, tmp_path / "back.npy").vectors == 500
+
+
 def test_a_crash_between_rename_and_record_is_redone_not_trusted(tmp_path, X, codec, monkeypatch):
     """Run A completes; run B with another codec dies right after renaming its data into
     place. A's record must not vouch for B's codes: rerunning A redoes the output."""
@@ -399,6 +431,10 @@ def test_a_crash_between_rename_and_record_is_redone_not_trusted(tmp_path, X, co
         compress(other, tmp_path / "x.npy", out)
     monkeypatch.undo()
     assert json.loads((out.parent / "out.npy.json").read_text())["result"] is None
+    # decompress trusts neither codec with an output whose record is still in progress
+    for either in (codec, other):
+        with pytest.raises(InputError, match="is incomplete: .* was interrupted"):
+            decompress(either, out, tmp_path / "back.npy")
     report = compress(codec, tmp_path / "x.npy", out)
     assert report.files_done == 1
     np.testing.assert_array_equal(np.load(out), codec.encode(X[:500]))

@@ -214,6 +214,12 @@ def plan_job(
         source.check_width(width, what)
         meta = source.meta or {}
         stored = meta.get("codec_id")
+        if command == "decompress" and "result" in meta and meta["result"] is None:
+            raise InputError(
+                f"{source.path} is incomplete: its record says a compress into it (codec "
+                f"{stored}, {meta.get('spec')}) was interrupted, so it may hold another "
+                "job's codes; rerun that compress first"
+            )
         if command == "decompress" and stored is not None and stored != cid:
             raise ArtifactError(
                 f"{source.path} was encoded with codec {stored} ({meta.get('spec')}), "
