@@ -187,3 +187,27 @@ def _npy(tmp_path, rows: np.ndarray):
     path = tmp_path / "a-input.npy"
     np.save(path, rows)
     return path
+
+
+def test_ray_never_deletes_an_input_and_deletes_other_files_only_with_overwrite(tmp_path, X, codec):
+    """Replacing a Ray output replaces its directory: it deleted a user's notes and the
+    job's own input under it, with only the record checked."""
+    np.save(tmp_path / "x.npy", X[:300])
+    out = tmp_path / "codes"
+    compress(codec, tmp_path / "x.npy", out, engine="ray")
+    (out / "notes.txt").write_text("keep me")
+    inputs = out / "inputs"
+    inputs.mkdir()
+    np.save(inputs / "y.npy", X[300:600])
+    with pytest.raises(InputError, match="lies inside the output directory"):
+        compress(codec, inputs, out, engine="ray", overwrite=True)
+    (inputs / "y.npy").unlink()
+    inputs.rmdir()
+    other = embcomp.make_codec(SPEC).fit(X[1000:2000])  # another job: replaces the output
+    with pytest.raises(InputError, match=r"holds 1 file\(s\) no embcomp job wrote \(notes.txt\)"):
+        compress(other, tmp_path / "x.npy", out, engine="ray")
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert compress(codec, tmp_path / "x.npy", out, engine="ray").files_already_complete == 1
+    compress(other, tmp_path / "x.npy", out, engine="ray", overwrite=True)
+    assert not (out / "notes.txt").exists()
+    np.testing.assert_array_equal(table_rows(out)[1], other.encode(X[:300]))

@@ -254,20 +254,11 @@ def run_ray(
     start = time.monotonic()
     report = BatchReport(job.command, "ray", files=len(job.tasks))
     record = _job_record(job)
-    if (
-        job.output.is_dir()
-        and any(job.output.iterdir())
-        and not (job.output / RECORD_NAME).exists()
-    ):
-        # Replacing it would delete files embcomp did not write.
-        raise InputError(
-            f"output directory {str(job.output)!r} exists, is not empty and is not an "
-            "output of 'embcomp compress --engine ray'; choose a new or empty directory"
-        )
     if not overwrite and _is_complete(job.output, record):
         report.files_already_complete = len(job.tasks)
         report.seconds = time.monotonic() - start
         return report
+    _check_replaceable(job.output, [task.source.path for task in job.tasks], overwrite)
     sources = [task.source for task in job.tasks]
     outputs = [task.output for task in job.tasks]
     rows = block_rows or block_rows_for(job.codec.d_in or 1)
@@ -336,6 +327,36 @@ def run_ray(
     report.outputs = [str(job.output / name) for name in files]
     report.seconds = time.monotonic() - start
     return report
+
+
+def _check_replaceable(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output directory whose replacement would delete what no Ray job of
+    embcomp wrote: an input (never), or other files (only with ``overwrite``)."""
+    if not output.is_dir():
+        return
+    inside = [p for p in inputs if output.resolve() in p.resolve().parents]
+    if inside:
+        raise InputError(
+            f"input {str(inside[0])!r} lies inside the output directory {str(output)!r}, "
+            "which the job replaces as a whole; choose an output outside the inputs"
+        )
+    entries = {p.name for p in output.iterdir()}
+    if not entries:
+        return
+    try:
+        written = json.loads((output / RECORD_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(
+            f"output directory {str(output)!r} exists, is not empty and is not an "
+            "output of 'embcomp compress --engine ray'; choose a new or empty directory"
+        ) from None
+    foreign = sorted(entries - set(written) - {RECORD_NAME, SKIPPED_NAME})
+    if foreign and not overwrite:
+        raise InputError(
+            f"output directory {str(output)!r} holds {len(foreign)} file(s) no embcomp "
+            f"job wrote ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
+            "which replacing it would delete; move them, or pass --overwrite"
+        )
 
 
 def _replace_dir(new: Path, final: Path) -> None:
