@@ -206,7 +206,7 @@ def _ray_session(address: str | None, quiet: bool) -> Iterator[Any]:
     ray = require_ray()
     started = False
     if not ray.is_initialized():
-        options: dict[str, Any] = {"logging_level": logging.WARNING if quiet else logging.INFO}
+        options: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO}
         if address is None:
             options["include_dashboard"] = False
         ray.init(address=address, **options)
@@ -227,8 +227,8 @@ def _ray_session(address: str | None, quiet: bool) -> Iterator[Any]:
         context.enable_progress_bars = not quiet
         if saved_raise is not None:
             context.raise_original_map_exception = True
-        if quiet:
-            data_logger.setLevel(logging.ERROR)
+        if quiet:  # its errors reach us as exceptions: only a crash of Ray itself shows
+            data_logger.setLevel(logging.CRITICAL)
         yield ray
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
@@ -304,7 +304,8 @@ def run_ray(
                 found = _user_error(exc)
                 if found is None:
                     raise
-                raise type(found)(str(found)) from None
+                # Ray appends lines of retry advice to the message; ours is one line
+                raise type(found)(str(found).split("\n", 1)[0]) from None
             # A retried task may report a row twice: keep one entry per (file, row).
             unique = {(b.path, b.row): b for b in ray.get(log.rows.remote())}
             bad: list[BadRow] = [unique[key] for key in sorted(unique)]
