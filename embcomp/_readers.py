@@ -582,7 +582,11 @@ class ParquetSource(Source):
             if pa.types.is_fixed_size_list(self.type):
                 self.width = self.type.list_size
             else:
-                self.width = width  # known only per row; checked row by row
+                # known only per row, and checked row by row; but rows whose usual length
+                # is another would all be "bad" (an empty output with --on-bad-row skip)
+                self.width = self._usual_list_length() if width is not None else None
+                if self.width is None or self.width == width:
+                    self.width = width
         else:
             if not pa.types.is_fixed_size_binary(self.type):
                 raise InputError(
@@ -594,6 +598,24 @@ class ParquetSource(Source):
             if id_column not in schema.names:
                 raise InputError(f"{path}: no id column {id_column!r}; columns are {schema.names}")
             self.id_field = schema.field(id_column)
+
+    def _usual_list_length(self) -> int | None:
+        """The most common length among the first block's non-null rows (None if none)."""
+        import pyarrow.parquet as pq
+
+        handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
+        try:
+            batch = next(handle.iter_batches(batch_size=1024, columns=[self.column]), None)
+        finally:
+            handle.close()
+        if batch is None:
+            return None
+        array = batch.column(0)
+        lengths = np.diff(np.asarray(array.offsets, dtype=np.int64))[~_null_mask(array)]
+        if lengths.size == 0:
+            return None
+        seen, counts = np.unique(lengths, return_counts=True)
+        return int(seen[np.argmax(counts)])
 
     def _guess_column(self, pa: Any, schema: Any) -> str:
         if self.kind == "codes":

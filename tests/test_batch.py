@@ -566,3 +566,14 @@ def test_a_directory_of_npy_and_parquet_shards_round_trips(tmp_path, X, codec, c
     err = capsys.readouterr().err
     assert "a.npy: --id-column 'doc_id' names a Parquet column" in err and not out.exists()
     assert run("compress", "-c", codec_file, shards / "a.npy", tmp_path / "a.parquet", *ids) == 2
+
+
+def test_a_list_column_of_another_width_is_refused_up_front(tmp_path, X, codec_file, capsys):
+    """Every row of the wrong width was a "bad row": --on-bad-row skip wrote an empty
+    output and exited 0. Rows whose usual length is another width are a mismatch."""
+    write_parquet(tmp_path / "x.parquet", X[:500, :300], list_type=True)
+    out = tmp_path / "codes.parquet"
+    assert (
+        run("compress", "-c", codec_file, tmp_path / "x.parquet", out, "--on-bad-row", "skip") == 2
+    )
+    assert "rows have 300 dims but codec" in capsys.readouterr().err and not out.exists()
