@@ -767,11 +767,19 @@ def _input_files(path: Path, kind: str) -> list[Path]:
             supported = sorted(VECTOR_SUFFIXES if kind == "vectors" else CODE_SUFFIXES)
             raise InputError(f"{path}: unsupported file type {path.suffix!r}; use {supported}")
         return [path]
-    files = sorted(
-        p
-        for p in path.iterdir()
-        if p.is_file() and not p.name.startswith((".", "_")) and vector_format(p, kind) is not None
-    )
+    visible = [p for p in path.iterdir() if not p.name.startswith((".", "_"))]
+    files = sorted(p for p in visible if p.is_file() and vector_format(p, kind) is not None)
+    for sub in sorted(p for p in visible if p.is_dir()):
+        nested = next(
+            (f for f in sub.rglob("*") if f.is_file() and vector_format(f, kind) is not None),
+            None,
+        )
+        if nested is not None:  # e.g. a Hive-style date=.../part-0.parquet layout
+            raise InputError(
+                f"{nested} is in a subdirectory of {path}, and a directory input is read "
+                "one level deep (its files would be left out); pass each directory "
+                "separately, or move the files up"
+            )
     if not files:
         raise InputError(f"directory {path} holds no supported input files ({kind})")
     return files

@@ -577,3 +577,17 @@ def test_a_list_column_of_another_width_is_refused_up_front(tmp_path, X, codec_f
         run("compress", "-c", codec_file, tmp_path / "x.parquet", out, "--on-bad-row", "skip") == 2
     )
     assert "rows have 300 dims but codec" in capsys.readouterr().err and not out.exists()
+
+
+def test_files_in_subdirectories_are_not_silently_left_out(tmp_path, X, codec_file, capsys):
+    shards = tmp_path / "shards"
+    (shards / "date=2026-11-28").mkdir(parents=True)
+    np.save(shards / "a.npy", X[:100])
+    np.save(shards / "date=2026-11-28" / "b.npy", X[100:200])
+    (shards / "_logs").mkdir()  # hidden (_ and .) directories are not inputs
+    np.save(shards / "_logs" / "c.npy", X[:10])
+    assert run("compress", "-c", codec_file, shards, tmp_path / "codes") == 2
+    err = capsys.readouterr().err
+    assert "b.npy is in a subdirectory of" in err and not (tmp_path / "codes").exists()
+    (shards / "date=2026-11-28" / "b.npy").unlink()
+    assert run("compress", "-c", codec_file, shards, tmp_path / "codes", "-q") == 0
