@@ -591,3 +591,19 @@ def test_files_in_subdirectories_are_not_silently_left_out(tmp_path, X, codec_fi
     assert "b.npy is in a subdirectory of" in err and not (tmp_path / "codes").exists()
     (shards / "date=2026-11-28" / "b.npy").unlink()
     assert run("compress", "-c", codec_file, shards, tmp_path / "codes", "-q") == 0
+
+
+def test_output_names_that_readers_would_misread_are_refused(
+    tmp_path, X, codec, codec_file, capsys
+):
+    """--format npy into x.fvecs wrote .npy bytes that every reader then called a corrupt
+    .fvecs; a directory of outputs named codes.npy looked like one .npy file."""
+    np.save(tmp_path / "x.npy", X[:100])
+    compress(codec, tmp_path / "x.npy", tmp_path / "codes.npy")
+    back = tmp_path / "back.fvecs"
+    assert run("decompress", "-c", codec_file, tmp_path / "codes.npy", back, "--format", "npy") == 2
+    assert "name it back.npy" in capsys.readouterr().err and not back.exists()
+    shards = tmp_path / "shards"
+    make_shards(shards, X[:300])
+    assert run("compress", "-c", codec_file, shards, tmp_path / "dir.npy") == 2
+    assert "has a file suffix" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._readers import DEFAULT_CODE_COLUMN, Source, block_rows_for, open_sources
+from .._readers import DEFAULT_CODE_COLUMN, Source, block_rows_for, open_sources, vector_format
 from .._validation import check_not_an_input
 from ..artifacts import codec_id
 from ..codec import Codec
@@ -150,6 +150,12 @@ def _format_for(requested: str | None, output: Path, source_fmt: str, single: bo
     )
     if requested is not None:
         _check_choice("--format", requested, FORMATS)
+        if single and from_suffix is None and vector_format(output) is not None:
+            raise InputError(
+                f"output {str(output)!r} has suffix {output.suffix!r}, but --format "
+                f"{requested} writes a .{requested} file (readers would take it for "
+                f"{vector_format(output)}); name it {output.stem}{_SUFFIX[requested]}"
+            )
         if single and from_suffix is not None and from_suffix != requested:
             raise InputError(
                 f"output {str(output)!r} has suffix {output.suffix!r} but --format is "
@@ -238,6 +244,11 @@ def plan_job(
         raise InputError(
             f"output {str(out_path)!r} is a directory but the input is one file; "
             "give an output file name"
+        )
+    if not single and vector_format(out_path) is not None:
+        raise InputError(
+            f"output {str(out_path)!r} would be a directory of outputs (the input is a "
+            "directory, or the engine is Ray) but has a file suffix; name it without one"
         )
     if not single and out_path.is_file():
         raise InputError(
