@@ -211,3 +211,11 @@ def test_ray_never_deletes_an_input_and_deletes_other_files_only_with_overwrite(
     compress(other, tmp_path / "x.npy", out, engine="ray", overwrite=True)
     assert not (out / "notes.txt").exists()
     np.testing.assert_array_equal(table_rows(out)[1], other.encode(X[:300]))
+
+
+def test_ray_output_of_an_empty_input_decompresses(tmp_path, X, codec):
+    np.save(tmp_path / "empty.npy", X[:0])
+    assert compress(codec, tmp_path / "empty.npy", tmp_path / "codes", engine="ray").vectors == 0
+    assert decompress(codec, tmp_path / "codes", tmp_path / "back").vectors == 0
+    (part,) = (tmp_path / "back").glob("*.parquet")
+    assert pq.read_metadata(part).num_rows == 0

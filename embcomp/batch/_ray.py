@@ -310,6 +310,10 @@ def run_ray(
             unique = {(b.path, b.row): b for b in ray.get(log.rows.remote())}
             bad: list[BadRow] = [unique[key] for key in sorted(unique)]
         scratch.mkdir(exist_ok=True)  # an input with no rows writes no part file
+        if not any(scratch.glob("*.parquet")):  # one empty part, so the output reads back
+            meta = {"embcomp": json.dumps(record, sort_keys=True).encode()}
+            empty = _schema(outputs[0]).empty_table().replace_schema_metadata(meta)
+            pq.write_table(empty, scratch / "part-empty.parquet")
         files = {p.name: pq.read_metadata(p).num_rows for p in sorted(scratch.glob("*.parquet"))}
         total_bad = len(bad)
         stored = {"job": record, "files": files, "rows": sum(files.values()), "bad_rows": total_bad}
