@@ -219,3 +219,27 @@ def test_ray_output_of_an_empty_input_decompresses(tmp_path, X, codec):
     assert decompress(codec, tmp_path / "codes", tmp_path / "back").vectors == 0
     (part,) = (tmp_path / "back").glob("*.parquet")
     assert pq.read_metadata(part).num_rows == 0
+
+
+def test_ray_session_keeps_the_callers_sigterm_handler(monkeypatch):
+    """ray.init installs its own SIGTERM handler (a C++ stack dump, exit 15); the CLI's
+    (which unwinds: exit 143, scratch removed) must stay in force during the job."""
+    import signal
+
+    from embcomp.batch import _ray
+
+    def ours(signum, frame):  # pragma: no cover - never called
+        pass
+
+    def fake_init(**kwargs):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, in effect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        with _ray._ray_session(None, quiet=True):
+            assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,8 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -209,8 +211,13 @@ def _ray_session(address: str | None, quiet: bool) -> Iterator[Any]:
         options: dict[str, Any] = {"logging_level": logging.ERROR if quiet else logging.INFO}
         if address is None:
             options["include_dashboard"] = False
+        # ray.init installs its own SIGTERM handler (a C++ stack dump, exit 15): keep
+        # the caller's (the CLI's unwinds, so the scratch directory goes and Ray stops)
+        handler = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, **options)
         started = True
+        if threading.current_thread() is threading.main_thread() and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     with warnings.catch_warnings():
         # Ray Data warns about its own deprecated defaults when it builds its context.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
