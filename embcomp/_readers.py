@@ -147,6 +147,10 @@ def _drop_bad(
     rows = np.arange(start, start + data.shape[0], dtype=np.int64)
     if not reasons:
         return data, rows, ids, []
+    if on_bad_row != "skip" and source.kind == "vectors":
+        # about to fail: a NaN row before the first null or short one is the first bad
+        # row (the encoder, which checks finiteness otherwise, never sees this block)
+        reasons = {**nonfinite_reasons(data), **reasons}
     bad = [BadRow(str(source.path), start + i, _id_at(ids, i), reasons[i]) for i in sorted(reasons)]
     if on_bad_row != "skip":  # "fail", or "refuse" where skipping is no option (fitting)
         raise InputError(bad_row_message(bad[0], len(bad), skippable=on_bad_row == "fail"))

@@ -140,8 +140,8 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
     """
     if spec.fmt == "npy":  # in progress: replaces any earlier job's record first
         had_data = spec.path.exists()
-        _write_record(spec, None)
-        try:
+        try:  # (a signal landing just after the record is written cleans it up too)
+            _write_record(spec, None)
             with _sink_file(spec, max_rows) as sink:
                 yield sink
         except BaseException:
