@@ -48,7 +48,6 @@ import numpy as np
 from embcomp import _jit
 
 DEFAULT_SHAPES = ("200000x384", "100000x768")
-RESULTS = Path(__file__).resolve().parent / "results"
 ORDER_SEED = 7  # the order methods run in, each round
 FAISS_EQUIVALENT = {"int8": "SQ8", "int4": "SQ4", "fp16": "SQfp16", "bf16": "SQbf16"}
 NAIVE_CAST = {"fp8": "float8_e4m3fn", "fp8e5m2": "float8_e5m2", "fp4": "float4_e2m1fn"}
@@ -616,7 +615,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
     parser.add_argument("--specs", nargs="+", help="only these specs or quantizer names")
     parser.add_argument("--data", help="a .npy float matrix to use instead of synthetic data")
-    parser.add_argument("--output", type=Path, help="JSON record path (default: bench/results)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON record path (default: bench-results/speed[-SHAPES].json here)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument(
         "--no-jit-cost",
@@ -628,11 +631,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def default_output(args: argparse.Namespace) -> Path:
+    """``bench-results/speed[-SHAPES].json`` under the working directory (the committed
+    records in bench/results are written only when named with ``--output``)."""
     default = [parse_shape(s) for s in DEFAULT_SHAPES]
     if args.shapes == default and not args.specs and not args.data:
-        return RESULTS / "speed.json"
+        return Path("bench-results") / "speed.json"
     tag = "-".join(f"{n}x{d}" for n, d in args.shapes)
-    return RESULTS / f"speed-{tag}.json"
+    return Path("bench-results") / f"speed-{tag}.json"
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
