@@ -47,5 +47,5 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         assert cost["installed_mb"]["llvmlite"] > 1 and cost["import_numba_s"] > 0
         # both timed (which is faster is the benchmark's finding, not a test's)
         assert cost["first_use_all_quantizers_cold_s"] > 0
-        assert cost["first_use_all_quantizers_cached_s"] > 0
+        assert cost["first_use_all_quantizers_cached_s"] >= 0
         assert "numpy path" in out.with_suffix(".md").read_text()
