@@ -92,6 +92,8 @@ def test_round_trip_per_input_format(tmp_path, X, codec, codec_file, fmt, capsys
     assert run("compress", "-c", codec_file, source, codes_path, "-q", *extra) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"compress: {len(X):,} vectors from 1 file(s)")
+    if fmt == "hdf5":  # the dataset read, not the whole file (it holds "test" too)
+        assert f"{X.nbytes / 1e6:.2f} MB in" in line
     expected = codec.encode(X)
     if parquet:
         out_ids, codes = parquet_codes(codes_path)

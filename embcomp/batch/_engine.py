@@ -448,7 +448,7 @@ def _run_tasks(
             report.rows_read += source.n_rows
             report.vectors += sink.rows
             report.bad_rows += len(sink.bad)
-            report.bytes_in += source.nbytes
+            report.bytes_in += source.data_bytes
             report.bytes_out += task.output.path.stat().st_size
             report.outputs.append(str(task.output.path))
 

@@ -334,7 +334,7 @@ def run_ray(
     report.rows_read = sum(source.n_rows for source in sources)
     report.vectors = sum(files.values())
     report.bad_rows = total_bad
-    report.bytes_in = sum(source.nbytes for source in sources)
+    report.bytes_in = sum(source.data_bytes for source in sources)
     report.bytes_out = sum((job.output / name).stat().st_size for name in files)
     report.outputs = [str(job.output / name) for name in files]
     report.seconds = time.monotonic() - start
