@@ -562,20 +562,26 @@ def test_norm_code_levels_are_positive_and_off_where_they_hurt_search():
 def test_alloc_refuses_dimensions_whose_mean_dwarfs_their_spread():
     """k-means scores are float32 sums about x's size: at mean 30, spread 0.01 encode
     found the nearest centroid for 5% of rows (worse than decoding to the mean). Such
-    data are refused with the remedy; pca/rot centre first and take them."""
+    groups are refused with the remedy; pca/rot centre first and take them. Scalar
+    components (thresholds) and components without bits are not affected."""
     rng = np.random.default_rng(7)
-    X = (0.01 * rng.standard_normal((2000, 16)) + 30.0).astype(np.float32)
+    X = (0.01 * rng.standard_normal((2000, 100)) + 30.0).astype(np.float32)
     with pytest.raises(
         InputError, match=r"dimension \d+ has mean 30 but spread 0.0\d+ .*pca,alloc"
     ):
-        make_codec("alloc8").fit(X)
+        make_codec("alloc8").fit(X)  # 0.64 bits a dimension: k-means groups
     codec = make_codec("rot,alloc8").fit(X)
     error = ((codec.decode(codec.encode(X)) - X) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
     assert error < 0.6
+    scalar = X[:, :16]  # 4 bits a dimension: scalar levels, exact comparisons
+    codec = make_codec("alloc8").fit(scalar)
+    error = ((codec.decode(codec.encode(scalar)) - scalar) ** 2).sum()
+    assert error / ((scalar - scalar.mean(0)) ** 2).sum() < 0.05
+    # one near-constant column far from 0 (no bits, or in a group with real spread)
+    Y = rng.standard_normal((3000, 64)).astype(np.float32)
+    Y[:, 10] = 5.0 + 1e-4 * rng.standard_normal(3000)
+    for budget in (8, 32, 64):
+        make_codec(f"alloc{budget}").fit(Y)
     constant = np.full((100, 4), 1e4, dtype=np.float32)  # no spread: coded exactly
-    np.testing.assert_array_equal(
-        make_codec("alloc2")
-        .fit(constant)
-        .decode(make_codec("alloc2").fit(constant).encode(constant)),
-        constant,
-    )
+    codec = make_codec("alloc2").fit(constant)
+    np.testing.assert_array_equal(codec.decode(codec.encode(constant)), constant)

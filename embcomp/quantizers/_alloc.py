@@ -363,11 +363,11 @@ class AllocQuantizer(Quantizer):
             sample = X[np.sort(rng.choice(n, int(self.train_sample), replace=False))]
         mean = X.mean(axis=0, dtype=np.float64)
         variance = X.var(axis=0, dtype=np.float64)
-        self._check_offsets(mean, variance)
         weighted = variance * np.power(variance, float(self.weight))
         order = np.argsort(-weighted, kind="stable")
         Z = np.ascontiguousarray(sample[:, order], dtype=np.float32)
         units, tables = self._plan(Z, weighted[order], np.power(variance[order], self.weight))
+        self._check_offsets(mean, variance, [order[f : f + g] for f, g, _ in units if g > 1])
         codebooks = []
         for index, (first, size, bits) in enumerate(units):
             checkpoint()
@@ -431,23 +431,28 @@ class AllocQuantizer(Quantizer):
         gaps = np.subtract(hits[0], hits[1], dtype=np.float64)
         return bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(m))
 
-    def _check_offsets(self, mean: np.ndarray, variance: np.ndarray) -> None:
-        """Refuse a dimension whose mean dwarfs its spread: k-means scores
-        ``|c|^2 - 2 x.c`` are float32 sums about ``x``'s size, so they keep only
-        ``2**-24 * mean**2 / variance`` of the spread. At 1,000x (mean 10, spread 0.01)
+    def _check_offsets(
+        self, mean: np.ndarray, variance: np.ndarray, groups: list[np.ndarray]
+    ) -> None:
+        """Refuse a k-means group whose values sit far from 0 for their spread: its
+        scores ``|c|^2 - 2 x.c`` are float32 sums about ``|x|^2``, so they keep only
+        ``2**-24 * |mean|^2 / variance`` of the spread. At 1,000x (mean 10, spread 0.01)
         codes were 5% worse than centred; at 3,000x only 5% of rows got their nearest
-        centroid. Over 1,024x is refused."""
-        spread = np.sqrt(variance)
-        lost = np.abs(mean) > _MAX_OFFSET * np.maximum(spread, np.finfo(np.float64).tiny)
-        lost &= spread > 0  # a constant dimension is coded exactly, whatever its value
-        if lost.any():
-            j = int(np.argmax(lost))
-            raise InputError(
-                f"alloc{self.budget} codes dimensions in float32 about their values, and "
-                f"dimension {j} has mean {mean[j]:.4g} but spread {spread[j]:.3g} "
-                f"(over {_MAX_OFFSET}x): its codes would be near-random; centre the "
-                "vectors first (pca,alloc or rot,alloc do), or subtract the mean"
-            )
+        centroid. Over 1,024x is refused. (Scalar components compare values with
+        thresholds, exact in float32, and components without bits decode to their mean.)
+        """
+        for dims in groups:
+            ratio = float(np.sum(mean[dims] ** 2) / max(float(np.sum(variance[dims])), 1e-300))
+            if ratio > float(_MAX_OFFSET) ** 2:
+                spread = np.sqrt(variance[dims])
+                j = int(dims[np.argmax(np.abs(mean[dims]) / np.maximum(spread, 1e-300))])
+                raise InputError(
+                    f"alloc{self.budget} codes groups of dimensions in float32 about their "
+                    f"values, and dimension {j} has mean {mean[j]:.4g} but spread "
+                    f"{np.sqrt(variance[j]):.3g} (its group: over {_MAX_OFFSET}x): its codes "
+                    "would be near-random; centre the vectors first (pca,alloc or rot,alloc "
+                    "do), or subtract the mean"
+                )
 
     def _plan(
         self, Z: np.ndarray, weighted: np.ndarray, weights: np.ndarray
