@@ -612,7 +612,10 @@ def test_output_names_that_readers_would_misread_are_refused(
     shards = tmp_path / "shards"
     make_shards(shards, X[:300])
     assert run("compress", "-c", codec_file, shards, tmp_path / "dir.npy") == 2
-    assert "has a file suffix" in capsys.readouterr().err
+    assert "has the file suffix '.npy'" in capsys.readouterr().err
+    # a Parquet dataset directory is often named so: that is fine
+    assert run("compress", "-c", codec_file, shards, tmp_path / "codes.parquet", "-q") == 0
+    assert (tmp_path / "codes.parquet").is_dir()
 
 
 def test_the_first_bad_row_is_named_whatever_its_kind(tmp_path, X, codec_file, capsys):

@@ -217,6 +217,12 @@ def test_a_command_missing_its_extra_names_it_in_one_line(monkeypatch, capsys):
         "embcomp health: error: this command needs grpc, which is not installed: "
         "pip install 'embcomp[service]'"
     )
+    # a benchmark command names the extra that brings all it needs (tqdm alone is in
+    # 'batch' too, but recommend also needs faiss)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert main(["sweep", "--data", "sample-wordnet-minilm-384", "--out", "/nonexistent/x"]) == 2
+    assert "pip install 'embcomp[bench]'" in capsys.readouterr().err
 
 
 def test_output_to_a_closed_pipe_exits_quietly(tmp_path):

@@ -245,10 +245,12 @@ def plan_job(
             f"output {str(out_path)!r} is a directory but the input is one file; "
             "give an output file name"
         )
-    if not single and vector_format(out_path) is not None:
+    if not single and vector_format(out_path) not in (None, "parquet"):
+        # (a Parquet dataset directory is often named x.parquet; x.npy is taken for a file)
         raise InputError(
             f"output {str(out_path)!r} would be a directory of outputs (the input is a "
-            "directory, or the engine is Ray) but has a file suffix; name it without one"
+            f"directory, or the engine is Ray) but has the file suffix {out_path.suffix!r}; "
+            "name it without one"
         )
     if not single and out_path.is_file():
         raise InputError(
