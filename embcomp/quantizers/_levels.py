@@ -87,19 +87,11 @@ class SortedColumns:
         """Per column, the largest training value: (c,) float64."""
         return self._high
 
-    def subset(self, columns: np.ndarray) -> SortedColumns:
-        """The training columns ``columns`` (sorted values rebuilt from the keys: equal
-        to the originals to within a few units in the last place)."""
-        keys = self._keys.reshape(self.c, self.n)[columns] - np.asarray(columns)[:, None]
-        values = self._low[columns, None] + 2.0 * keys * self._span[columns, None]
-        return SortedColumns(values.T)
-
-    def quantiles(self, q: np.ndarray) -> np.ndarray:
-        """Per column, the training values at fractions ``q`` (m,) of the way through
-        the sorted values (lower ones): (c, m) float64."""
-        ranks = np.minimum((np.asarray(q) * self.n).astype(np.int64), self.n - 1)
-        keys = self._keys.reshape(self.c, self.n)[:, ranks] - np.arange(self.c)[:, None]
-        return self._low[:, None] + 2.0 * keys * self._span[:, None]
+    def sorted_values(self, column: int) -> np.ndarray:
+        """Column ``column``'s training values, sorted (rebuilt from the keys: equal to
+        the originals to within a few units in the last place): (n,) float64."""
+        keys = self._keys[column * self.n : (column + 1) * self.n] - column
+        return self._low[column] + 2.0 * keys * self._span[column]
 
     def _rank(self, thresholds: np.ndarray) -> np.ndarray:
         """Per column, how many training values lie below each threshold: (c, m) int."""
@@ -230,21 +222,56 @@ def fit_levels(
         # A level whose cell is empty never moves: on skewed data the symmetric start
         # leaves levels outside the data's range, wasted (a lognormal column at 4 bits
         # used 9 of 16, 7 below its minimum). Columns with a quarter of their levels
-        # outside start again from the data's quantiles, with more iterations (Lloyd
-        # creeps into a heavy tail a little each step); the set with the lower error
-        # is kept. (A few outer levels of 256 cost little, and restarting is slow.)
+        # outside go on with each empty level moved to the far end of the cell with the
+        # largest error (as k-means re-seeds), until no level moves; the set with the
+        # lower error is kept (lognormal, 6 bits: MSE 0.185 -> 0.018).
         outside = (levels < sc.low[:, None]) | (levels > sc.high[:, None])
         stuck = np.nonzero(4 * outside.sum(axis=1) >= n_levels)[0]
-        if stuck.size:
-            part = sc.subset(stuck)
-            start = part.quantiles((np.arange(n_levels) + 0.5) / n_levels)
-            again = _lloyd(part, start, 10 * iters)
-            better = part.mse(again) < sc.mse(levels)[stuck]
-            levels[stuck[better]] = again[better]
+        errors = sc.mse(levels) if stuck.size else np.zeros(0)
+        for j in stuck:
+            xs = sc.sorted_values(int(j))
+            again = _lloyd_reseeding(xs, levels[j], 10 * iters)
+            if _mse_1d(xs, again) < errors[j]:
+                levels[j] = again
         # Levels still outside move to the range's ends: closer to every value, so no
         # value's error grows (and a ratio's levels are never negative).
         levels = np.clip(levels, sc.low[:, None], sc.high[:, None])
     return levels
+
+
+def _lloyd_reseeding(xs: np.ndarray, levels: np.ndarray, iters: int) -> np.ndarray:
+    """Lloyd-Max on one column's sorted values ``xs`` from ``levels`` (K,), moving a
+    level whose cell is empty to the far end of the cell with the largest squared
+    error (splitting it); up to ``iters`` iterations, until no level moves."""
+    n = xs.size
+    c1 = np.concatenate([[0.0], np.cumsum(xs)])
+    c2 = np.concatenate([[0.0], np.cumsum(xs * xs)])
+    levels = np.sort(np.asarray(levels, dtype=np.float64))
+    for _ in range(iters):
+        cuts = np.searchsorted(xs, 0.5 * (levels[1:] + levels[:-1]), side="left")
+        edges = np.concatenate([[0], cuts, [n]])
+        count = np.diff(edges).astype(np.float64)
+        s1, s2 = np.diff(c1[edges]), np.diff(c2[edges])
+        moved = np.where(count > 0, s1 / np.maximum(count, 1.0), levels)
+        sse = s2 - 2.0 * moved * s1 + count * moved * moved
+        for k in np.flatnonzero(count == 0):
+            worst = int(np.argmax(sse))
+            if count[worst] < 2 or sse[worst] <= 0:
+                break
+            low, high = xs[edges[worst]], xs[edges[worst + 1] - 1]
+            moved[k] = high if high - moved[worst] >= moved[worst] - low else low
+            sse[worst] = 0.0  # one split per cell and iteration
+        moved = np.sort(moved)
+        if np.array_equal(moved, levels):
+            break
+        levels = moved
+    return levels
+
+
+def _mse_1d(xs: np.ndarray, levels: np.ndarray) -> float:
+    """Mean squared error of nearest-level decoding of sorted ``xs`` (sorted levels)."""
+    cells = np.searchsorted(0.5 * (levels[1:] + levels[:-1]), xs, side="right")
+    return float(np.mean((xs - levels[cells]) ** 2))
 
 
 def _lloyd(sc: SortedColumns, levels: np.ndarray, iters: int) -> np.ndarray:
