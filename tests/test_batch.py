@@ -468,8 +468,10 @@ def test_outputs_that_could_not_be_read_back_are_refused(tmp_path, X, codec):
     compress(codec, tmp_path / "in.parquet", tmp_path / "c.parquet", id_column="doc_id")
     with pytest.raises(InputError, match="would both be named 'doc_id'"):
         decompress(codec, tmp_path / "c.parquet", tmp_path / "v.parquet", column="doc_id")
-    with pytest.raises(InputError, match="has no .npy or .parquet suffix"):
+    with pytest.raises(InputError, match="has no .npy or .parquet suffix.*codesfile.npy"):
         compress(codec, tmp_path / "x.npy", tmp_path / "codesfile")
+    with pytest.raises(InputError, match="has no .npy or .parquet suffix"):  # readers could
+        compress(codec, tmp_path / "x.npy", tmp_path / "codesfile", output_format="npy")
     with pytest.raises(InputError, match="names a directory but the input is one file"):
         compress(codec, tmp_path / "x.npy", str(tmp_path / "newdir") + "/")
     assert not (tmp_path / "codesfile").exists() and not (tmp_path / "newdir").exists()

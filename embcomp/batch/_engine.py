@@ -273,10 +273,10 @@ def plan_job(
                 f".npy outputs cannot carry the id column {source.id_field.name!r}; "
                 "use --format parquet"
             )
-        if single and output_format is None and out_path.suffix.lower() not in _FORMAT_SUFFIXES:
+        if single and out_path.suffix.lower() not in _FORMAT_SUFFIXES:
             raise InputError(
                 f"output {str(out_path)!r} has no .npy or .parquet suffix (decompress and "
-                "the readers go by it); add one, or pass --format"
+                f"the readers go by it); name it {out_path.name}{_SUFFIX[fmt]}"
             )
         path = out_path if single else out_path / (source.path.stem + _SUFFIX[fmt])
         check_not_an_input(path, *(s.path for s in sources))

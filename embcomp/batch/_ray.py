@@ -234,8 +234,9 @@ def _ray_session(address: str | None, quiet: bool) -> Iterator[Any]:
         context.enable_progress_bars = not quiet
         if saved_raise is not None:
             context.raise_original_map_exception = True
-        if quiet:  # its errors reach us as exceptions: only a crash of Ray itself shows
-            data_logger.setLevel(logging.CRITICAL)
+        # Its errors reach us as exceptions, reported in one line (a bad row was 233
+        # lines of logged tracebacks): only a crash of Ray itself is logged
+        data_logger.setLevel(logging.CRITICAL)
         yield ray
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
