@@ -11,8 +11,8 @@ Pipeline::
 Reading through embcomp's own readers (rather than ``ray.data.read_parquet``) keeps
 what the local engine guarantees: the same inputs (Parquet, ``.npy``, ``.fvecs``,
 HDF5), bad rows named by file and row number, and ids equal to the global row number
-when there is no id column. Rows are encoded with :func:`encode_rows`, whose output
-does not depend on how rows are grouped, so the codes equal the local engine's.
+when there is no id column. Units are read in the local engine's blocks and encoded
+with :func:`encode_rows`, so the codes equal the local engine's byte for byte.
 
 The output is a directory of Parquet part files plus ``_embcomp.json``, the job
 record (codec id, every input's fingerprint, rows per part) that makes a rerun skip

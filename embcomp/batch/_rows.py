@@ -1,9 +1,11 @@
 """Encode and decode row blocks for the batch engines.
 
-Both engines cut the input into blocks wherever their reader or scheduler happens to,
-so the codes of a row must not depend on how rows are grouped. ``Codec`` guarantees it
-(a one-row matrix product, which BLAS would round differently, is computed as two rows:
-``embcomp.reducers._base.project``); the tests check it for every block size.
+Both engines read the input in the same blocks (same readers, same block sizes), so
+they write the same bytes. A codec with a reducer encodes a row read in another
+grouping (another block size, alone) to the same codes up to BLAS rounding: the
+projection's last bit can depend on the shape of the matrix product, and a value on
+a rounding boundary then takes the neighbouring level (up to 0.1% of values; see
+``embcomp.reducers._base.project``). Codecs without a reducer never depend on grouping.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ __all__ = ["decode_rows", "encode_rows", "transform_block"]
 
 
 def encode_rows(codec: Codec, X: np.ndarray) -> np.ndarray:
-    """``codec.encode(X)``: float (n, d_in) -> uint8 (n, code_size); a row's codes do
-    not depend on the rows around it (see ``embcomp.reducers._base.project``)."""
+    """``codec.encode(X)``: float (n, d_in) -> uint8 (n, code_size) (see the module
+    docstring for how a row's codes can depend on its block)."""
     return codec.encode(X)
 
 
 def decode_rows(codec: Codec, codes: np.ndarray) -> np.ndarray:
-    """``codec.decode(codes)``: uint8 (n, code_size) -> float32 (n, d_in), row-independent."""
+    """``codec.decode(codes)``: uint8 (n, code_size) -> float32 (n, d_in)."""
     return codec.decode(codes)
 
 
