@@ -51,6 +51,15 @@ _HEADER = struct.Struct("<8sII32s")
 _ALIGN = 64
 # Only plain numeric dtypes may be stored: nothing that could carry objects.
 _ALLOWED_DTYPES = {"<f4", "<f8", "<i8", "<i4", "<u1", "<u2", "<f2"}
+# Options added to a stage after artifacts were first saved, each with the value that
+# computes what those artifacts computed: a manifest without the option loads with it.
+LEGACY_OPTIONS: dict[str, Any] = {"center": False}  # the float formats' centring
+
+
+def _with_legacy_options(spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    accepted = Codec(spec).options  # every option the spec's stages take, with defaults
+    missing = {k: v for k, v in LEGACY_OPTIONS.items() if k in accepted and k not in options}
+    return {**options, **missing}
 
 
 def _stage_arrays(codec: Codec) -> dict[str, np.ndarray]:
@@ -189,7 +198,8 @@ def codec_from_bytes(blob: bytes, *, source: str = "<bytes>") -> Codec:
     manifest, data_start = _parse_manifest(blob, source)
     try:
         arrays = _read_arrays(blob, manifest, data_start, source)
-        codec = Codec(manifest["spec"], **manifest["options"])
+        options = _with_legacy_options(manifest["spec"], manifest["options"])
+        codec = Codec(manifest["spec"], **options)
         groups: dict[str, dict[str, np.ndarray]] = {"reducer": {}, "quantizer": {}}
         for name, array in arrays.items():
             group, _, attribute = name.partition("/")

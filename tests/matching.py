@@ -51,7 +51,7 @@ def assert_codes_match(codec: Codec, got: np.ndarray, want: np.ndarray) -> None:
     elif isinstance(q, FloatQuantizer):
         info = ml_dtypes.finfo(q.format.dtype)
         # one step of the format at the centred value, or its smallest step near 0
-        steps = 2.0 ** (1 - int(info.nmant)) * np.abs(b - getattr(q, "offset_", 0.0))
+        steps = 2.0 ** (1 - int(info.nmant)) * np.abs(b - q.offset_)
         level = steps + q.scale_.astype(np.float64) * float(info.smallest_subnormal)
     else:  # other quantizers: only the share of changes is bounded
         return

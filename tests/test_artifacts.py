@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 import embcomp
-from embcomp import ArtifactError, codec_from_bytes, codec_to_bytes, load_codec, make_codec
+from embcomp import (
+    ArtifactError,
+    codec_from_bytes,
+    codec_to_bytes,
+    load_codec,
+    make_codec,
+    read_manifest,
+)
 from embcomp.artifacts import FORMAT_VERSION, MAGIC
 
 DATA = Path(__file__).parent / "data"
@@ -39,6 +46,36 @@ def test_golden_artifact_decodes_to_stored_output(path):
         np.testing.assert_allclose(decoded, np.load(stem + ".decoded.npy"), rtol=1e-5, atol=1e-6)
         diff = np.abs(codec.encode(probe).astype(int) - codes)
         assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+
+
+def test_float_artifacts_from_before_centring_load_uncentred_and_decode_bit_exactly():
+    """``fp8e5m2`` was saved before the float formats were centred: its manifest has no
+    ``center`` option and its state no ``offset_``. It loads with center=False and
+    decodes to the very bits it did (-0.0 included); ``fp4`` was saved centred."""
+    old, new = (
+        load_codec(DATA / "golden_v1_fp8e5m2.codec"),
+        load_codec(DATA / "golden_v1_fp4.codec"),
+    )
+    assert "center" not in read_manifest(DATA / "golden_v1_fp8e5m2.codec")["options"]
+    assert old.options["center"] is False and not old.quantizer.offset_.any()
+    assert new.options["center"] is True and new.quantizer.offset_.any()
+    for name in ("fp8e5m2", "fp4"):
+        codes = np.load(DATA / f"golden_v1_{name}.codes.npy")
+        want = np.load(DATA / f"golden_v1_{name}.decoded.npy")
+        codec = old if name == "fp8e5m2" else new
+        np.testing.assert_array_equal(codec.decode(codes).view(np.uint32), want.view(np.uint32))
+    # re-saved, the old codec keeps its meaning (center=False is now written down)
+    again = codec_from_bytes(codec_to_bytes(old))
+    assert again.options["center"] is False
+    np.testing.assert_array_equal(again.quantizer.offset_, old.quantizer.offset_)
+
+
+def test_a_centred_artifact_without_its_offset_is_refused():
+    codec = make_codec("fp8").fit(np.random.default_rng(0).standard_normal((50, 4)) + 3)
+    arrays = codec.quantizer.state_arrays()
+    del arrays["offset_"]
+    with pytest.raises(ArtifactError, match="missing \\['offset_'\\]"):
+        make_codec("fp8").quantizer.set_state(arrays)
 
 
 @pytest.fixture(scope="module")

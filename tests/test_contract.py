@@ -163,13 +163,18 @@ def test_float_error_bounds(fmt, scale, rng_data):
         np.testing.assert_array_equal(decoded, rng_data)
         return
     scale_ = codec.quantizer.scale_
+    offset = codec.quantizer.offset_.astype(np.float64)
+    assert offset.any() == (scale != "none")  # centred whenever scaled
     # Fitted scales never clip training data; unscaled fp4 (max 6) clips |x| > 6.
     limit = codec.quantizer.format.max * scale_.astype(np.float64)
+    centred = rng_data - offset
     if scale != "none":
-        assert (np.abs(rng_data) <= limit * (1 + 1e-6)).all()
-    reference = np.clip(rng_data, -limit, limit)
-    bound = _float_error_bound(fmt, reference, scale_)
-    assert (np.abs(decoded - reference) <= bound).all()
+        assert (np.abs(centred) <= limit * (1 + 1e-6)).all()
+    clipped = np.clip(centred, -limit, limit)
+    # the format's rounding of the centred value, plus float32's of x - offset and + offset
+    float32_rounding = 2.0**-23 * (np.abs(rng_data) + np.abs(offset))
+    bound = _float_error_bound(fmt, clipped, scale_) + float32_rounding
+    assert (np.abs(decoded - (clipped + offset)) <= bound).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -47,7 +47,7 @@ def ref_float_encode(q: FloatQuantizer, X: np.ndarray) -> np.ndarray:
         return X32.astype("<f4").view(np.uint8)
     inv_scale = (1.0 / q.scale_.astype(np.float64)).astype(np.float32)
     with np.errstate(over="ignore"):
-        y = X32 * inv_scale
+        y = (X32 - q.offset_) * inv_scale
     y = np.clip(y, -fmt.max, fmt.max)
     stored = y.astype(fmt.dtype)
     if fmt.bits == 16:
@@ -66,7 +66,9 @@ def ref_float_decode(q: FloatQuantizer, codes: np.ndarray) -> np.ndarray:
         lut = np.arange(1 << fmt.bits, dtype=np.uint8).view(fmt.dtype).astype(np.float32)
         raw = ref_unpack_nibbles(codes, q.d_) if fmt.bits == 4 else codes
         values = lut[raw]
-    return values * q.scale_
+    if not q.offset_.any():  # uncentred: the product itself (v + 0 would turn -0.0 to +0.0)
+        return values * q.scale_
+    return values * q.scale_ + q.offset_
 
 
 def ref_int_encode(q: IntQuantizer, X: np.ndarray) -> np.ndarray:
@@ -189,7 +191,7 @@ def test_power_of_two_scale_keeps_ties_exact(fmt, small_blocks):
     """A fitted scale of 4 divides exactly, so midpoints stay midpoints after scaling."""
     target = FORMATS[fmt].target
     train = np.array([[target * 4.0, -target * 4.0]], dtype=np.float32).repeat(3, axis=0)
-    q = FloatQuantizer(fmt).fit(train)
+    q = FloatQuantizer(fmt, center=False).fit(train)
     np.testing.assert_array_equal(q.scale_, [4.0, 4.0])
     values = tricky_values(fmt)
     values = values[np.abs(values) < 8e37] * np.float32(4)
@@ -518,19 +520,21 @@ def test_compiled_cast_equals_the_library_cast_on_a_sweep_of_all_float32(fmt):
         with np.errstate(over="ignore"):
             want = np.clip(values, -fmax, fmax).astype(fmt_info.dtype)
         ones = np.ones(values.shape[1], dtype=np.float32)
+        zeros, minus_zeros = np.zeros_like(ones), np.full_like(ones, -0.0)  # change nothing
         got = np.empty(values.shape, dtype=np.uint16 if fmt_info.bits == 16 else np.uint8)
         if fmt == "bf16":
-            assert _kernels.encode_bf16(values, ones, fmax, got)
+            assert _kernels.encode_bf16(values, zeros, ones, fmax, got)
         else:
             params = _kernels.float_format_params(fmt_info.dtype)
-            assert _kernels.encode_float(values, ones, fmax, *params, got)
+            assert _kernels.encode_float(values, zeros, ones, fmax, *params, got)
             if fmt == "fp4":  # encode_float puts the sign at bit 7: fold it to bit 3
                 got = (got & 0x07) | ((got >> 4) & 0x08)
         np.testing.assert_array_equal(got, want.view(got.dtype))
         if fmt_info.bits == 16:
             decode = _kernels.decode_f16 if fmt == "fp16" else _kernels.decode_bf16
             back = np.empty(values.shape, dtype=np.float32)
-            decode(got, ones, back, part % 2 == 1)  # half of them with streaming stores
+            stream = part % 2 == 1  # half of them with streaming stores
+            decode(got, ones, minus_zeros, back, stream)
             assert_same_bits(back, want.astype(np.float32))
 
 
@@ -542,7 +546,8 @@ def test_every_float16_code_decodes_like_numpy():
     want = codes.view(np.float16).astype(np.float32)
     for stream in (False, True):
         got = np.empty(want.shape, dtype=np.float32)
-        _kernels.decode_f16(codes, np.ones(want.shape[1], dtype=np.float32), got, stream)
+        ones = np.ones(want.shape[1], dtype=np.float32)
+        _kernels.decode_f16(codes, ones, np.full_like(ones, -0.0), got, stream)
         finite = np.isfinite(want)
         assert_same_bits(got[finite], want[finite])
         assert np.isnan(got[np.isnan(want)]).all() and np.array_equal(

@@ -2,7 +2,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from embcomp import make_codec
+from embcomp import InputError, make_codec
 from embcomp.quantizers import FloatQuantizer, IntQuantizer, pack_nibbles, unpack_nibbles
 
 
@@ -23,11 +23,14 @@ def test_out_of_range_values_clip_instead_of_nan(fmt):
     huge[1] *= -1
     decoded = q.decode(q.encode(huge))
     assert np.isfinite(decoded).all()
-    assert (decoded[0] >= np.abs(train).max(axis=0) * (1 - 1e-6)).all()
-    assert (decoded[1] <= -np.abs(train).max(axis=0) * (1 - 1e-6)).all()
+    # they saturate at the fitted range's ends (at least: the range is offset +- max|x - offset|)
+    slack = 1e-6 * np.abs(train).max(axis=0)
+    assert (decoded[0] >= train.max(axis=0) - slack).all()
+    assert (decoded[1] <= train.min(axis=0) + slack).all()
     if q.format.bits <= 8:  # the tight formats saturate at the format's max
         fmt_max = float(ml_dtypes.finfo(q.format.dtype).max)
-        np.testing.assert_allclose(decoded[0], fmt_max * q.scale_, rtol=1e-6)
+        np.testing.assert_allclose(decoded[0], fmt_max * q.scale_ + q.offset_, rtol=1e-6)
+        np.testing.assert_allclose(decoded[1], -fmt_max * q.scale_ + q.offset_, rtol=1e-6)
 
 
 def test_unscaled_fp8_loses_small_components_to_subnormals():
@@ -145,3 +148,78 @@ def test_bin_splits_tied_medians_toward_even_halves():
     C = np.full((10, 8), 3.0, dtype=np.float32)
     codec = make_codec("bin").fit(C)
     np.testing.assert_array_equal(codec.decode(codec.encode(C)), C)
+
+
+def _common_component_data(n: int, d: int, shift: float, seed: int = 0) -> np.ndarray:
+    """Unit vectors sharing one component, as anisotropic embedding models' do."""
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal(d) * shift / np.sqrt(d)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.2, 1.0, d) / np.sqrt(d) + common
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8e5m2", "fp4", "bf16"])
+def test_centring_stores_a_shared_component_for_free(fmt):
+    """Random pairs at cosine ~0.75: without centring every value sits far from 0, where a
+    float format's steps are coarse; with it the quantizer spends its steps on what
+    varies. Recall@10 of inner-product search rises (fp8 0.87 -> 0.96 on MiniLM
+    embeddings given such a component)."""
+    X = _common_component_data(3000, 64, shift=2.0)
+    cosines = np.sum(X[:1000] * X[1000:2000], axis=1)
+    assert 0.6 < cosines.mean() < 0.9
+    queries, base = X[:100], X[100:]
+    truth = np.argsort(-(queries @ base.T), axis=1)[:, :10]
+
+    def quality(center: bool) -> tuple[float, float]:
+        codec = make_codec(fmt, center=center).fit(base)
+        decoded = codec.decode(codec.encode(base))
+        found = np.argsort(-(queries @ decoded.T), axis=1)[:, :10]
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)])
+        return float(np.mean((decoded - base) ** 2)), float(recall)
+
+    (mse_off, recall_off), (mse_on, recall_on) = quality(False), quality(True)
+    assert mse_on < mse_off / 3
+    assert recall_on >= recall_off
+    if fmt != "bf16":  # bf16 is near-exact either way
+        assert recall_on > recall_off + 0.03
+
+
+def test_centring_fits_the_mean_and_keeps_a_far_offset_exact_enough():
+    """Mean 100, spread 1: uncentred fp8 spends its range on the offset (relative error
+    ~8); centred, on the spread (~0.06)."""
+    X = (100 + np.random.default_rng(0).standard_normal((2000, 16))).astype(np.float32)
+    errors = {}
+    for center in (False, True):
+        q = FloatQuantizer("fp8", center=center).fit(X)
+        assert q.offset_.dtype == np.float32
+        if center:
+            np.testing.assert_allclose(q.offset_, X.mean(axis=0, dtype=np.float64), rtol=1e-7)
+        else:
+            assert not q.offset_.any()
+        residual = q.decode(q.encode(X)) - X
+        errors[center] = np.linalg.norm(residual) / np.linalg.norm(X - X.mean(axis=0))
+    assert errors[True] < 0.1 < 1.0 < errors[False]
+
+
+def test_centred_constant_dimension_decodes_exactly():
+    X = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    X[:, 2] = 0.37
+    q = FloatQuantizer("fp4").fit(X)
+    np.testing.assert_array_equal(q.decode(q.encode(X))[:, 2], X[:, 2])
+
+
+def test_centring_that_overflows_float32_is_refused_by_name():
+    X = np.zeros((3, 2), dtype=np.float32)
+    X[:, 0] = [3.4e38, -3.4e38, -3.4e38]  # mean -1.1e38: the first value is 4.5e38 above it
+    with pytest.raises(InputError, match="center=False"):
+        FloatQuantizer("fp8").fit(X)
+    q = FloatQuantizer("fp8", center=False).fit(X)
+    assert np.isfinite(q.decode(q.encode(X))).all()
+
+
+def test_plain_cast_and_fp32_are_never_centred():
+    X = (5 + np.random.default_rng(0).standard_normal((100, 8))).astype(np.float32)
+    for q in (FloatQuantizer("fp8", scale="none"), FloatQuantizer("fp32")):
+        q.fit(X)
+        assert not q.offset_.any()
+    np.testing.assert_array_equal(q.decode(q.encode(X)), X)

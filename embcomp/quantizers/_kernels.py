@@ -95,9 +95,9 @@ def f16_bits_to_f32(h):  # type: ignore[no-untyped-def]
 
 # -- float formats ----------------------------------------------------------------------
 @kernel
-def encode_float(X, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out):  # type: ignore[no-untyped-def]
-    """out (n, d) = codes of clip(X * inv_scale, -fmax, fmax) (fp16 into uint16, float8
-    into uint8); returns whether every value of X was finite."""
+def encode_float(X, offset, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out):  # type: ignore[no-untyped-def]
+    """out (n, d) = codes of clip((X - offset) * inv_scale, -fmax, fmax) (fp16 into
+    uint16, float8 into uint8); returns whether every value of X was finite."""
     n, d = X.shape
     sign_shift = _U(8 * out.itemsize - 1)
     finite = True
@@ -105,13 +105,13 @@ def encode_float(X, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out):
         finite &= _row_is_finite(X, i)
         for j in range(d):
             x = X[i, j]
-            y = min(max(x * inv_scale[j], -fmax), fmax)
+            y = min(max((x - offset[j]) * inv_scale[j], -fmax), fmax)
             out[i, j] = float_code(y, shift, rebias, min_normal, sub_scale, sign_shift)
     return finite
 
 
 @kernel
-def encode_float4(X, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out):  # type: ignore[no-untyped-def]
+def encode_float4(X, offset, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out):  # type: ignore[no-untyped-def]
     """4-bit formats: two codes a byte (even dimension low); all finite?"""
     n, d = X.shape
     finite = True
@@ -120,21 +120,22 @@ def encode_float4(X, inv_scale, fmax, shift, rebias, min_normal, sub_scale, out)
         for j in range(d // 2):
             a = X[i, 2 * j]
             b = X[i, 2 * j + 1]
-            ya = min(max(a * inv_scale[2 * j], -fmax), fmax)
-            yb = min(max(b * inv_scale[2 * j + 1], -fmax), fmax)
+            ya = min(max((a - offset[2 * j]) * inv_scale[2 * j], -fmax), fmax)
+            yb = min(max((b - offset[2 * j + 1]) * inv_scale[2 * j + 1], -fmax), fmax)
             lo = float_code(ya, shift, rebias, min_normal, sub_scale, _U(3))
             hi = float_code(yb, shift, rebias, min_normal, sub_scale, _U(3))
             out[i, j] = lo | (hi << _U(4))
         if d % 2:
             a = X[i, d - 1]
-            ya = min(max(a * inv_scale[d - 1], -fmax), fmax)
+            ya = min(max((a - offset[d - 1]) * inv_scale[d - 1], -fmax), fmax)
             out[i, d // 2] = float_code(ya, shift, rebias, min_normal, sub_scale, _U(3))
     return finite
 
 
 @kernel
-def encode_bf16(X, inv_scale, fmax, out):  # type: ignore[no-untyped-def]
-    """out (n, d) uint16 = bfloat16 bits of clip(X * inv_scale, -fmax, fmax); all finite?
+def encode_bf16(X, offset, inv_scale, fmax, out):  # type: ignore[no-untyped-def]
+    """out (n, d) uint16 = bfloat16 bits of clip((X - offset) * inv_scale, -fmax, fmax);
+    all finite?
 
     bfloat16 has float32's exponent range, so rounding the float32 bits at bit 16
     is the whole conversion (subnormals included).
@@ -145,22 +146,22 @@ def encode_bf16(X, inv_scale, fmax, out):  # type: ignore[no-untyped-def]
         finite &= _row_is_finite(X, i)
         for j in range(d):
             x = X[i, j]
-            y = min(max(x * inv_scale[j], -fmax), fmax)
+            y = min(max((x - offset[j]) * inv_scale[j], -fmax), fmax)
             u = np.float32(y).view(np.uint32)
             out[i, j] = np.uint16((u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16))
     return finite
 
 
 @kernel
-def decode_f16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = float16 ``codes`` (n, d) uint16 * scale."""
+def decode_f16(codes, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = float16 ``codes`` (n, d) uint16 * scale + offset."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
     for i in range(n):
         r = 0 if stream else i
         for j in range(d):
-            target[r, base + j] = f16_bits_to_f32(codes[i, j]) * scale[j]
+            target[r, base + j] = f16_bits_to_f32(codes[i, j]) * scale[j] + offset[j]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
@@ -168,15 +169,16 @@ def decode_f16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def decode_bf16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = bfloat16 ``codes`` (n, d) uint16 * scale."""
+def decode_bf16(codes, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = bfloat16 ``codes`` (n, d) uint16 * scale + offset."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
     for i in range(n):
         r = 0 if stream else i
         for j in range(d):
-            target[r, base + j] = _U(_U(codes[i, j]) << _U(16)).view(np.float32) * scale[j]
+            value = _U(_U(codes[i, j]) << _U(16)).view(np.float32)
+            target[r, base + j] = value * scale[j] + offset[j]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
@@ -184,15 +186,15 @@ def decode_bf16(codes, scale, out, stream):  # type: ignore[no-untyped-def]
 
 
 @kernel
-def decode_table(codes, lut, scale, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = lut[codes] * scale (8-bit codes, one a byte)."""
+def decode_table(codes, lut, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = lut[codes] * scale + offset (8-bit codes, one a byte)."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
     for i in range(n):
         r = 0 if stream else i
         for j in range(d):
-            target[r, base + j] = lut[codes[i, j]] * scale[j]
+            target[r, base + j] = lut[codes[i, j]] * scale[j] + offset[j]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
@@ -200,8 +202,8 @@ def decode_table(codes, lut, scale, out, stream):  # type: ignore[no-untyped-def
 
 
 @kernel
-def decode_table4(codes, lut, scale, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = lut[nibble] * scale (4-bit codes, even dimension low)."""
+def decode_table4(codes, lut, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = lut[nibble] * scale + offset (4-bit codes, even dimension low)."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
@@ -209,10 +211,10 @@ def decode_table4(codes, lut, scale, out, stream):  # type: ignore[no-untyped-de
         r = 0 if stream else i
         for j in range(d // 2):
             c = codes[i, j]
-            target[r, base + 2 * j] = lut[c & 15] * scale[2 * j]
-            target[r, base + 2 * j + 1] = lut[c >> 4] * scale[2 * j + 1]
+            target[r, base + 2 * j] = lut[c & 15] * scale[2 * j] + offset[2 * j]
+            target[r, base + 2 * j + 1] = lut[c >> 4] * scale[2 * j + 1] + offset[2 * j + 1]
         if d % 2:
-            target[r, base + d - 1] = lut[codes[i, d // 2] & 15] * scale[d - 1]
+            target[r, base + d - 1] = lut[codes[i, d // 2] & 15] * scale[d - 1] + offset[d - 1]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
