@@ -160,10 +160,11 @@ class FloatQuantizer(Quantizer):
         # change nothing: x - (+0.0) == x and v + (-0.0) == v for every float, -0.0
         # included (v + (+0.0) would turn -0.0 into +0.0). Uncentred codecs decode
         # bit-identically to before centring existed.
-        zero = self.offset_ == 0
+        assert self.offset_ is not None
+        zero = np.equal(self.offset_, 0)
         self._encode_offset = np.where(zero, np.float32(0.0), self.offset_).astype(np.float32)
         self._decode_offset = np.where(zero, np.float32(-0.0), self.offset_).astype(np.float32)
-        self._centred = not bool(zero.all())  # the numpy path skips a zero offset
+        self._centred = not bool(np.all(zero))  # the numpy path skips a zero offset
         self._table = _small_float_table(self.fmt) if fmt.bits <= 8 else None
         # bf16 has float32's exponent range: its kernel needs no format parameters
         self._jit_params: tuple[Any, Any, Any, Any] | None = None
