@@ -7,6 +7,7 @@ pyarrow, h5py and Ray load only when a command needs them.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -94,7 +95,8 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "engine": args.engine,
         "address": args.address,
         "block_rows": args.block_rows,
-        "progress": not args.quiet,
+        # a bar only on a terminal: redrawn lines would litter a log or a pipe
+        "progress": not args.quiet and sys.stderr.isatty(),
         "overwrite": args.overwrite,
     }
 

@@ -366,8 +366,12 @@ def test_decompress_refuses_codes_of_another_codec(tmp_path, X, codec):
         decompress(other, tmp_path / "codes.npy", tmp_path / "back.npy")
 
 
-def test_progress_bar_and_report(tmp_path, X, codec_file, capsys):
+def test_progress_bar_and_report(tmp_path, X, codec_file, capsys, monkeypatch):
     np.save(tmp_path / "x.npy", X)
+    # not a terminal (a log, a pipe): the report alone, no redrawn bar or clearing codes
+    assert run("compress", "-c", codec_file, tmp_path / "x.npy", tmp_path / "p.npy") == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert run("compress", "-c", codec_file, tmp_path / "x.npy", tmp_path / "o.npy") == 0
     captured = capsys.readouterr()
     assert "vec/s" in captured.err  # tqdm: count, rate, ETA

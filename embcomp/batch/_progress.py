@@ -34,6 +34,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self._bar: Any = None
         self._plain = False
+        self._drawn = False  # whether the plain line is on screen (and needs clearing)
         self._start = self._last = time.monotonic()
         if not enabled or total <= 0:
             return
@@ -72,15 +73,17 @@ class Progress:
             f"({100 * self.done / self.total:.0f}%) {rate:,.0f} vec/s ETA {format_duration(eta)}"
         )
         self.stream.flush()
+        self._drawn = True
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self._plain:
-            self.stream.write("\r\033[K")  # clear the line for the report
-            self.stream.flush()
-            self._plain = False
+            if self._drawn:  # clear the line for the report (nothing to clear otherwise)
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            self._plain = self._drawn = False
 
     def __enter__(self) -> Progress:
         return self
