@@ -25,13 +25,22 @@ def prefer_passive_openmp() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _needs(*modules: str) -> None:
+    """Import the optional packages a command needs before it does any work, so that
+    on an install without them it fails at once, naming the extra (``embcomp.cli``),
+    rather than after minutes of runs or with a cache half written."""
+    prefer_passive_openmp()  # before FAISS loads
+    for module in modules:
+        importlib.import_module(module)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
 # -- handlers --------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
+    _needs("faiss", "yaml", "matplotlib")
     from .run import load_sweep, run_sweep
 
     config = load_sweep(args.sweep)
@@ -43,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
+    _needs("faiss", "yaml", "matplotlib")
     from .datasets import load_dataset
     from .run import DEFAULT_SWEEP, load_sweep, run_sweep
 
@@ -86,7 +95,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
+    _needs("faiss")
     from .claims import write_claims
     from .datasets import load_dataset
     from .run import Settings
@@ -105,7 +114,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    prefer_passive_openmp()
+    _needs("faiss")
     from embcomp import save_codec
 
     from .recommend import format_text, load_for_recommend, recommend

@@ -225,6 +225,16 @@ def test_a_command_missing_its_extra_names_it_in_one_line(monkeypatch, capsys):
     assert "pip install 'embcomp[bench]'" in capsys.readouterr().err
 
 
+def test_claims_without_faiss_fails_before_writing_anything(monkeypatch, capsys, tmp_path):
+    """It used to compute and cache the ground truth first, then fail."""
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    out = tmp_path / "claims"
+    assert main(["claims", "--data", "sample-wordnet-minilm-384", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs faiss" in err and "pip install 'embcomp[bench]'" in err
+    assert not out.exists()
+
+
 def test_output_to_a_closed_pipe_exits_quietly(tmp_path):
     """`embcomp inspect x.codec | head -1`: the reader leaves; no 'Broken pipe' error."""
     codec_file = tmp_path / "c.codec"
