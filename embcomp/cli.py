@@ -104,7 +104,8 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.codec)
     codec = load_codec(args.codec)  # verifies every array checksum too
-    summary = {k: manifest[k] for k in ("spec", "d_in", "d_out", "code_size", "options")}
+    summary = {k: manifest[k] for k in ("spec", "d_in", "d_out", "code_size")}
+    summary["options"] = codec.options  # as loaded: with any option older artifacts lack
     summary["id"] = codec_id(codec)  # the service's and the batch records' name for it
     summary["compression_ratio"] = round(4 * manifest["d_in"] / manifest["code_size"], 3)
     summary["format_version"] = manifest["format_version"]

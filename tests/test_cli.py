@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +250,11 @@ def test_output_to_a_closed_pipe_exits_quietly(tmp_path):
     process.stderr.close()
     assert process.wait(timeout=120) == 141
     assert stderr == b""
+
+
+def test_inspect_shows_the_options_a_codec_loads_with(capsys):
+    """An artifact saved before centring existed lacks the option; it loads uncentred."""
+    golden = Path(__file__).parent / "data" / "golden_v1_fp8e5m2.codec"
+    assert main(["inspect", str(golden)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["options"] == {"center": False, "scale": "dim", "seed": 7}
