@@ -70,6 +70,24 @@ def test_float_artifacts_from_before_centring_load_uncentred_and_decode_bit_exac
     np.testing.assert_array_equal(again.quantizer.offset_, old.quantizer.offset_)
 
 
+def test_an_offset_on_a_codec_that_is_not_centred_is_refused():
+    for options in ({"center": False}, {"scale": "none"}):
+        codec = make_codec("fp8", **options).fit(np.eye(4, dtype=np.float32) + 3)
+        arrays = codec.quantizer.state_arrays()
+        arrays["offset_"] = np.full(4, 3.0, dtype=np.float32)
+        with pytest.raises(ArtifactError, match="'offset_' is not zero"):
+            make_codec("fp8", **options).quantizer.set_state(arrays)
+
+
+def test_an_old_artifact_claiming_a_huge_width_is_refused_not_allocated():
+    codec = make_codec("fp8", center=False).fit(np.eye(4, dtype=np.float32))
+    arrays = codec.quantizer.state_arrays()
+    del arrays["offset_"]
+    arrays["d_"] = np.asarray(10**12, dtype=np.int64)
+    with pytest.raises(ArtifactError, match="scale_"):
+        make_codec("fp8", center=False).quantizer.set_state(arrays)
+
+
 def test_a_centred_artifact_without_its_offset_is_refused():
     codec = make_codec("fp8").fit(np.random.default_rng(0).standard_normal((50, 4)) + 3)
     arrays = codec.quantizer.state_arrays()

@@ -66,9 +66,9 @@ def ref_float_decode(q: FloatQuantizer, codes: np.ndarray) -> np.ndarray:
         lut = np.arange(1 << fmt.bits, dtype=np.uint8).view(fmt.dtype).astype(np.float32)
         raw = ref_unpack_nibbles(codes, q.d_) if fmt.bits == 4 else codes
         values = lut[raw]
-    if not q.offset_.any():  # uncentred: the product itself (v + 0 would turn -0.0 to +0.0)
-        return values * q.scale_
-    return values * q.scale_ + q.offset_
+    # an uncentred dimension decodes to the product itself: its zero offset is added as
+    # -0.0, which changes no value (+0.0 would turn -0.0 into +0.0)
+    return values * q.scale_ + np.where(q.offset_ == 0, np.float32(-0.0), q.offset_)
 
 
 def ref_int_encode(q: IntQuantizer, X: np.ndarray) -> np.ndarray:
