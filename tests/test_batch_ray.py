@@ -126,8 +126,8 @@ def test_ray_output_equals_local_output(tmp_path, shards, X, codec, capsys):
     ids, vectors, name = table_rows(back_ray)
     assert name == "emb" and ids == local_ids
     np.testing.assert_array_equal(vectors, table_rows(back_local)[1])
-    # the engines group rows alike (equal above); a whole-array decode groups them otherwise
-    assert_vectors_match(codec, vectors.view(np.float32), codec.decode(codec.encode(X)))
+    # the same codes decoded whole-array: other row groups, so equal up to BLAS rounding
+    assert_vectors_match(codec, vectors.view(np.float32), codec.decode(ray_codes))
 
 
 def test_ray_reads_npy_and_skips_bad_rows_like_local(tmp_path, X, codec):
@@ -149,7 +149,7 @@ def test_ray_reads_npy_and_skips_bad_rows_like_local(tmp_path, X, codec):
     ray_ids, ray_codes, _ = table_rows(tmp_path / "ray")
     local_ids, local_codes, _ = table_rows(tmp_path / "local.parquet")
     assert ray_ids == local_ids and 5 not in ray_ids and 2222 not in ray_ids
-    np.testing.assert_array_equal(ray_codes, local_codes)
+    assert_codes_match(codec, ray_codes, local_codes)  # 700-row units vs one local run
     skipped = (tmp_path / "ray" / "_skipped.tsv").read_text().splitlines()
     assert [line.split("\t")[1] for line in skipped[1:]] == ["5", "2222"]
 
@@ -182,8 +182,11 @@ def test_ray_needs_one_kind_of_id_across_files(tmp_path, shards, X, codec):
     assert decompress(codec, codes, tmp_path / "back", engine="ray", column="v").vectors == 3000
     ids, vectors, _ = table_rows(tmp_path / "back")
     assert ids == list(range(1700)) + list(range(1300))  # b.parquet keeps its stored ids
-    # the engines group rows alike (equal above); a whole-array decode groups them otherwise
-    assert_vectors_match(codec, vectors.view(np.float32), codec.decode(codec.encode(X)))
+    # the same codes decoded whole-array: other row groups, so equal up to BLAS rounding
+    a_codes = np.load(codes / "a.npy")
+    b_codes = np.asarray(table_rows(codes / "b.parquet")[1], dtype=np.uint8)
+    want = codec.decode(np.concatenate([a_codes, b_codes]))
+    assert_vectors_match(codec, vectors.view(np.float32), want)
 
 
 def _npy(tmp_path, rows: np.ndarray):
