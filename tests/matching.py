@@ -21,12 +21,18 @@ from embcomp.quantizers import FloatQuantizer, IntQuantizer
 MAX_CHANGED = 0.01
 
 
-def assert_vectors_match(codec: Codec, got: np.ndarray, want: np.ndarray) -> None:
-    """Float outputs (decoded vectors, projected queries): equal up to float32 rounding."""
-    got, want = np.asarray(got), np.asarray(want)
+def _equal_without_reducer(codec: Codec, got: np.ndarray, want: np.ndarray) -> bool:
+    """Same shape and dtype; for an element-wise codec (no reducer) equal, and True."""
     assert got.shape == want.shape and got.dtype == want.dtype
     if codec.reducer is None:
         np.testing.assert_array_equal(got, want)
+    return codec.reducer is None
+
+
+def assert_vectors_match(codec: Codec, got: np.ndarray, want: np.ndarray) -> None:
+    """Float outputs (decoded vectors, projected queries): equal up to float32 rounding."""
+    got, want = np.asarray(got), np.asarray(want)
+    if _equal_without_reducer(codec, got, want):
         return
     top = float(np.abs(want).max(initial=0.0))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * top)
@@ -35,9 +41,7 @@ def assert_vectors_match(codec: Codec, got: np.ndarray, want: np.ndarray) -> Non
 def assert_codes_match(codec: Codec, got: np.ndarray, want: np.ndarray) -> None:
     """Codes: equal, except that a few values may take a neighbouring level."""
     got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    if codec.reducer is None:
-        np.testing.assert_array_equal(got, want)
+    if _equal_without_reducer(codec, got, want):
         return
     a = codec.decode(got, reduced=True).astype(np.float64)
     b = codec.decode(want, reduced=True).astype(np.float64)
