@@ -483,7 +483,66 @@ def environment() -> dict[str, Any]:
         "faiss": faiss.__version__,
         "embcomp": embcomp.__version__,
         "git_commit": commit,
+        "blas": blas_libraries(),
+        "blas_env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ},
     }
+
+
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def blas_libraries() -> list[dict[str, Any]]:
+    """Every BLAS loaded in this process: whose it is, version, and the kernels it runs.
+
+    The PCA rows time one matrix product on each side, each through its own library's
+    BLAS (numpy's for embcomp, the one bundled in the FAISS wheel for FAISS). An
+    OpenBLAS that does not know the CPU falls back to older kernels (FAISS 1.15's
+    OpenBLAS 0.3.15 picks SSE-era "Barcelona" kernels on a Zen 5, numpy's 0.3.31
+    AVX-512 "SkylakeX" ones), and ``OPENBLAS_CORETYPE`` overrides the choice; either
+    way the comparison is only like for like when both sides run the same kernels.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # the bench extra brings it; without it the record says so
+        return [{"error": "threadpoolctl is not installed: BLAS kernels unknown"}]
+    found = []
+    for info in threadpool_info():
+        if info.get("user_api") != "blas":
+            continue
+        path = str(info.get("filepath", ""))
+        owner = next((name for name in ("faiss", "numpy", "scipy") if name in path.lower()), "")
+        found.append(
+            {
+                "owner": owner or os.path.basename(path),
+                "library": info.get("internal_api"),
+                "version": info.get("version"),
+                "architecture": info.get("architecture"),
+                "threads": info.get("num_threads"),
+            }
+        )
+    return found
+
+
+def blas_sentence(environment: dict[str, Any]) -> str:
+    """One line for the report: each side's BLAS kernels, and a warning if they differ."""
+    libraries = [lib for lib in environment.get("blas", []) if "owner" in lib]
+    if not libraries:
+        return "BLAS kernels were not recorded (needs threadpoolctl). "
+    text = "BLAS: " + "; ".join(
+        f"{lib['owner']}'s {lib['library']} {lib['version']} runs {lib['architecture']} kernels"
+        for lib in libraries
+    )
+    env = environment.get("blas_env") or {}
+    text += " (" + (", ".join(f"{k}={v}" for k, v in env.items()) or "no OPENBLAS_* set") + "). "
+    sides = {lib["owner"]: lib["architecture"] for lib in libraries}
+    if "numpy" in sides and "faiss" in sides and sides["numpy"] != sides["faiss"]:
+        text += (
+            f"**Not like for like:** embcomp's matrix products run numpy's {sides['numpy']} "
+            f"kernels and FAISS's run {sides['faiss']} kernels, so the PCA rows measure the "
+            "two BLAS builds as much as the codecs (set OPENBLAS_CORETYPE to give both the "
+            "same kernels). "
+        )
+    return text
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -495,6 +554,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['environment']['load_average']}); MB/s of float32 input/output, median of "
         f"{record['repeats']} interleaved runs, shuffled each round. "
         "Ratio = embcomp / counterpart.",
+        "",
+        blas_sentence(record["environment"]).rstrip(),
     ]
     jit = record.get("jit", {})
     if jit.get("available") and "import_numba_s" in jit:

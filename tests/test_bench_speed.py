@@ -39,6 +39,10 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     assert shape["fresh_output_floor_share_of_faiss_sq8_decode"] > 0
     assert "faulting in its pages" in out.with_suffix(".md").read_text()
     assert "FAISS SQ8 encode" in capsys.readouterr().out
+    # each side's BLAS and the kernels it runs (the PCA rows are one matrix product each)
+    owners = {lib["owner"]: lib for lib in record["environment"]["blas"]}
+    assert {"numpy", "faiss"} <= set(owners) and owners["faiss"]["architecture"]
+    assert "BLAS: " in out.with_suffix(".md").read_text()
 
     if jit.AVAILABLE:  # the numpy path is timed alongside, and numba's cost is measured
         assert all("numpy_path" in row for spec, row in rows.items() if spec != "fp32")
@@ -49,3 +53,32 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         assert cost["first_use_all_quantizers_cold_s"] > 0
         assert cost["first_use_all_quantizers_cached_s"] >= 0
         assert "numpy path" in out.with_suffix(".md").read_text()
+
+
+def test_the_report_flags_blas_kernels_that_differ_between_the_sides():
+    from bench.speed import blas_sentence
+
+    def env(numpy_arch, faiss_arch, **variables):
+        libs = [
+            {
+                "owner": "numpy",
+                "library": "openblas",
+                "version": "0.3.31",
+                "architecture": numpy_arch,
+            },
+            {
+                "owner": "faiss",
+                "library": "openblas",
+                "version": "0.3.15",
+                "architecture": faiss_arch,
+            },
+        ]
+        return {"blas": libs, "blas_env": variables}
+
+    same = blas_sentence(env("SkylakeX", "SkylakeX", OPENBLAS_CORETYPE="SkylakeX"))
+    assert "numpy's openblas 0.3.31 runs SkylakeX kernels" in same
+    assert "OPENBLAS_CORETYPE=SkylakeX" in same and "Not like for like" not in same
+    differ = blas_sentence(env("SkylakeX", "Barcelona"))
+    assert "Not like for like" in differ and "Barcelona" in differ
+    assert "no OPENBLAS_* set" in differ
+    assert "not recorded" in blas_sentence({"blas": [{"error": "no threadpoolctl"}]})
