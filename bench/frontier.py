@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import embcomp  # noqa: E402
+from bench.speed import blas_environment, blas_sentence  # noqa: E402
 from embcomp._atomic import atomic_output, atomic_write_bytes  # noqa: E402
 from embcomp.evaluation import exact_knn, load_qrels, ndcg_at_k, recall_at_k  # noqa: E402
 from embcomp.search import search_codes, two_stage_search  # noqa: E402
@@ -620,6 +621,8 @@ def markdown(report: dict[str, Any]) -> str:
         + "recall@10 against exact float32 top-10 (ties count); nDCG@10 on the qrels "
         "(wordnet only). Timings come from a shared 2-core machine: compare ratios.",
         "",
+        blas_sentence(report["environment"]).rstrip(),
+        "",
     ]
     for ds in report["datasets"]:
         out += [f"## {ds['name']}", "", ds["note"], ""]
@@ -783,6 +786,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             datasets.append(load_wordnet())
         if not args.skip_synthetic:
             datasets.append(make_powerlaw())
+    import faiss  # noqa: F401 - loaded now, so that blas_environment lists its BLAS
+
     report: dict[str, Any] = {
         "environment": {
             "date": time.strftime("%Y-%m-%d"),
@@ -791,6 +796,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cache": bool(args.cache),
+            **blas_environment(),
         },
         "datasets": [],
     }

@@ -483,12 +483,20 @@ def environment() -> dict[str, Any]:
         "faiss": faiss.__version__,
         "embcomp": embcomp.__version__,
         "git_commit": commit,
-        "blas": blas_libraries(),
-        "blas_env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ},
+        **blas_environment(),
     }
 
 
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def blas_environment() -> dict[str, Any]:
+    """``blas`` (:func:`blas_libraries`) and ``blas_env`` (the OPENBLAS_* variables set)
+    for a benchmark record; FAISS must be imported first, to be listed."""
+    return {
+        "blas": blas_libraries(),
+        "blas_env": {k: os.environ[k] for k in BLAS_ENV if k in os.environ},
+    }
 
 
 def blas_libraries() -> list[dict[str, Any]]:
