@@ -286,6 +286,35 @@ def test_compiled_kernels_give_the_numpy_bytes(spec, options):
         jit.set_enabled(old)
 
 
+def test_crowded_boundaries_in_one_column_give_exact_codes_on_both_paths():
+    """Half of column 0 crowds into a 1e-6-wide interval, so its Lloyd boundaries do
+    too, and the level index's cells there hold up to ~30 boundaries: every column's
+    count then allows that many steps (which made pca,alloc384 10x slower on MiniLM),
+    and the steps stop at the first boundary above the value."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((4000, 8)).astype(np.float32)
+    X[rng.random(4000) < 0.5, 0] *= 1e-6
+    q = AllocQuantizer(8, vq_below=0.0, norm_bits=0).fit(X)
+    index, columns = q._level_index, q._scalar_columns
+    assert index._steps >= 8  # the crowding this test is about
+    thresholds = index._thresholds[:, :-1]
+    # values on the boundaries, just beside them, and the data
+    on = np.empty((500, 8), dtype=np.float32)
+    on[:, columns] = thresholds[np.arange(len(columns)), rng.integers(0, 255, (500, 1))]
+    data = np.concatenate([X, on, np.nextafter(on, -np.inf), np.nextafter(on, np.inf)])
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    want = nearest_level_codes(data[:, columns], thresholds, q.units_[:, 2])  # reference
+    np.testing.assert_array_equal(index.codes(np.ascontiguousarray(data[:, columns])), want)
+    old = jit.set_enabled(False)
+    try:
+        numpy_codes = q.encode(data)
+        if jit.AVAILABLE:
+            jit.set_enabled(True)
+            np.testing.assert_array_equal(q.encode(data), numpy_codes)
+    finally:
+        jit.set_enabled(old)
+
+
 @needs_numba
 def test_compiled_kernels_on_ties_and_overflow():
     # Few distinct points: k-means repeats centroids, so scores tie exactly (the lowest

@@ -423,9 +423,12 @@ def encode_alloc(  # type: ignore[no-untyped-def]
                     p = np.floor((x - lx_start[s]) * lx_inv_width[s])
                     p = min(max(p, _ZERO), lx_top[s])
                     c = np.int64(lx_table[np.int64(np.int32(p)) + lx_offset[s]])
+                    # Boundaries are sorted: the first one above x ends the count. (One
+                    # column whose boundaries crowd into a cell sets lx_steps for all.)
                     for _ in range(lx_steps):
-                        if x >= lx_thresholds[c + lx_row[s]]:
-                            c += 1
+                        if x < lx_thresholds[c + lx_row[s]]:
+                            break
+                        c += 1
                     codes[r, s_field[s]] = c
         # -- k-means units, each over the whole chunk (rows with large values: the
         # careful path, one by one)

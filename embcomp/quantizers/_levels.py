@@ -380,6 +380,9 @@ class LevelIndex:
         index += self._offset
         codes = self._table[index].astype(np.int32)
         flat = self._thresholds.ravel()
-        for _ in range(self._steps):
-            codes += X >= flat[codes + self._row]
+        for _ in range(self._steps):  # the most any cell needs; most need one or none
+            moved = X >= flat[codes + self._row]
+            if not moved.any():  # nothing moved, so nothing would in a later step either
+                break
+            codes += moved
         return codes
