@@ -133,10 +133,25 @@ def greedy_bits(
     return bits
 
 
-def _top10(scores: np.ndarray) -> np.ndarray:
-    """Indices of the (up to) 10 highest scores of each row (unordered)."""
-    k = min(10, scores.shape[1])
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+def _top10(queries: np.ndarray, base: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Indices of the (up to) 10 rows of ``base`` with the highest inner product with
+    each query (unordered), scoring ``chunk`` base rows at a time: memory stays at
+    ``len(queries) x chunk`` scores however large ``base`` is."""
+    k = min(10, base.shape[0])
+    rows = np.arange(queries.shape[0])[:, None]
+    best_scores = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((queries.shape[0], 0), dtype=np.int64)
+    for start in range(0, base.shape[0], chunk):
+        block = queries @ base[start : start + chunk].T
+        scores = np.concatenate([best_scores, block], axis=1)
+        ids = np.concatenate(
+            [best_ids, np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)],
+            axis=1,
+        )
+        kept = min(k, scores.shape[1])  # a first chunk may be narrower than k
+        keep = np.argpartition(-scores, kept - 1, axis=1)[:, :kept]
+        best_scores, best_ids = scores[rows, keep], ids[rows, keep]
+    return best_ids
 
 
 class _Batch:
@@ -406,8 +421,8 @@ class AllocQuantizer(Quantizer):
         """Whether rescaling by the norm code finds the training sample's own nearest
         neighbours about as well as the plain reconstruction or better: False only if
         its recall@10 (by inner product; a fifth of the sample, at most 1,000 rows, as
-        queries against at most 10,000 others) is lower by more than twice the paired
-        standard error.
+        queries against all the others) is lower by more than twice the paired standard
+        error.
 
         The code is meant for search: it raises the squared error a little where the
         reconstruction is rich, yet lifts recall (MiniLM, ``pca,alloc48``: 0.752 against
@@ -418,15 +433,17 @@ class AllocQuantizer(Quantizer):
         m = min(1000, n // 5)
         if m < 1 or n - m < 10:
             return True
-        X, codes, ratios = X[: m + 10_000], codes[: m + 10_000], ratios[: m + 10_000]
         plain = self._decode_units(codes)
         thresholds = 0.5 * (levels[1:] + levels[:-1])
         scale = levels[np.searchsorted(thresholds, ratios)][:, None]
         with np.errstate(over="ignore", invalid="ignore"):
             scaled = (plain - self.mean_) * scale + self.mean_
-        queries, base = X[:m], slice(m, None)  # score matrices of 40 MB at most
-        truth = _top10(queries @ X[base].T)
-        found = [_top10(queries @ r[base].T) for r in (scaled, plain)]
+        # Against every other sample row: with 10,000 of them (scores of 40 MB) the
+        # check rejected a code that lifts recall@10 on 768-d power-law data from 0.904
+        # to 0.951 (pca,alloc56); _top10 scores them in chunks instead.
+        queries, base = X[:m], slice(m, None)
+        truth = _top10(queries, X[base])
+        found = [_top10(queries, r[base]) for r in (scaled, plain)]
         hits = [
             [np.intersect1d(t, f).size for t, f in zip(truth, ids, strict=True)] for ids in found
         ]
