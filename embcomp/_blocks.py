@@ -389,7 +389,7 @@ def map_blocks(
     if threads <= 1:  # all on this thread, in order (the first failure is the earliest)
         scratch = Scratch()
         # BLAS is only held to one thread for work that multiplies matrices: setting and
-        # restoring its thread count costs ~5 us, a tenth of a 1,000-row decode.
+        # restoring its thread count cost 5-12 us, up to a quarter of a 1,000-row decode.
         with blas_single_thread() if uses_blas else contextlib.nullcontext():
             for start in range(0, n, block_rows):
                 work(start, min(start + block_rows, n), scratch)
