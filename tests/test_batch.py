@@ -503,8 +503,8 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
     out = tmp_path / "out"
     out.mkdir()
     command = [sys.executable, "-m", "embcomp", "compress", "-q", "-c", codec_file]
-    proc = subprocess.Popen(  # 600 blocks of 100 rows: seconds of writing to catch
-        [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "100"],
+    proc = subprocess.Popen(  # 6,000 blocks of 10 rows: seconds of writing to catch
+        [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "10"],
         stderr=subprocess.PIPE,
         text=True,
     )
