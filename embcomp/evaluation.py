@@ -73,6 +73,20 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
     if metric not in ("ip", "l2"):
         raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
     check_finite(to_float32(queries, name="queries"), name="queries")
+    return blocked_knn(base, queries, k, metric, checked=True)
+
+
+def blocked_knn(
+    base: Any, queries: Any, k: int, metric: str = "ip", *, checked: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_knn` without its argument checks, for callers that pass valid arrays.
+
+    Scores 256 queries against 65,536 base rows at a time (64 MB of scores) and merges
+    each block's top k into a running top k, so memory does not grow with ``base``.
+    ``checked``: convert each base block to float32, refuse non-finite rows and honour
+    cancellation (:mod:`embcomp._cancel`); without it, base blocks are used as they are
+    and a NaN score never ranks above a number.
+    """
     k = min(k, base.shape[0])
     m = queries.shape[0]
     best_ids = np.empty((m, k), dtype=np.int64)
@@ -82,9 +96,11 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
         run_ids = np.empty((q.shape[0], 0), dtype=np.int64)
         run_scores = np.empty((q.shape[0], 0), dtype=np.float32)
         for b0 in range(0, base.shape[0], _B_BLOCK):
-            checkpoint()  # a caller may stop a long search between blocks (embcomp._cancel)
-            b = to_float32(base[b0 : b0 + _B_BLOCK], name="base", row_offset=b0)
-            check_finite(b, name="base", row_offset=b0)
+            b = base[b0 : b0 + _B_BLOCK]
+            if checked:
+                checkpoint()  # a caller may stop a long search between blocks
+                b = to_float32(b, name="base", row_offset=b0)
+                check_finite(b, name="base", row_offset=b0)
             block_scores = _scores(q, b, metric)
             block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
             ids_k, scores_k = _top_k(block_scores, block_ids, k)

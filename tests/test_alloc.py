@@ -616,16 +616,3 @@ def test_alloc_refuses_dimensions_whose_mean_dwarfs_their_spread():
     constant = np.full((100, 4), 1e4, dtype=np.float32)  # no spread: coded exactly
     codec = make_codec("alloc2").fit(constant)
     np.testing.assert_array_equal(codec.decode(codec.encode(constant)), constant)
-
-
-def test_top10_in_chunks_is_the_top10_of_the_whole():
-    from embcomp.quantizers._alloc import _top10
-
-    rng = np.random.default_rng(8)
-    for n in (1, 9, 10, 11, 500):
-        queries = rng.standard_normal((40, 6)).astype(np.float32)
-        base = rng.standard_normal((n, 6)).astype(np.float32)
-        whole = np.argsort(-(queries @ base.T), axis=1)[:, :10]
-        for chunk in (1, 4, 64, 8192):
-            got = _top10(queries, base, chunk)
-            assert [set(r) for r in got] == [set(r) for r in whole], (n, chunk)

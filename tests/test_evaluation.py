@@ -51,6 +51,26 @@ def test_exact_knn_blocks_agree(monkeypatch, rng_data):
     np.testing.assert_array_equal(full, blocked)
 
 
+def test_blocked_knn_unchecked_is_the_top_k_of_the_whole_and_ranks_nan_last(monkeypatch):
+    """alloc's norm-code check searches reconstructions that may overflow: blocked_knn
+    without checks must still give the whole matrix's top k, whatever the blocks, and
+    never rank a NaN score above a number."""
+    import embcomp.evaluation as ev
+
+    rng = np.random.default_rng(8)
+    for n in (1, 9, 10, 11, 500):
+        queries = rng.standard_normal((40, 6)).astype(np.float32)
+        base = rng.standard_normal((n, 6)).astype(np.float32)
+        base[n // 2] = np.nan
+        scores = np.where(np.isnan(queries @ base.T), -np.inf, queries @ base.T)
+        whole = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        for b_block, q_block in ((1, 1), (4, 7), (64, 256), (65536, 256)):
+            monkeypatch.setattr(ev, "_B_BLOCK", b_block)
+            monkeypatch.setattr(ev, "_Q_BLOCK", q_block)
+            got, _ = ev.blocked_knn(base, queries, 10)
+            assert [set(r) for r in got] == [set(r) for r in whole], (n, b_block)
+
+
 def test_recall_counts_overlap_and_ties():
     base = np.array([[3.0], [2.0], [2.0], [1.0]], dtype=np.float32)
     queries = np.array([[1.0]], dtype=np.float32)

@@ -46,6 +46,7 @@ from .. import _jit
 from .._blocks import Scratch
 from .._cancel import checkpoint
 from .._stage import expect_array
+from ..evaluation import blocked_knn
 from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
 from . import _alloc_kernels
 from ._base import Quantizer
@@ -131,27 +132,6 @@ def greedy_bits(
         if bits[i] < max_bits:
             heapq.heappush(heap, (-float(gain[i, bits[i]]), i))
     return bits
-
-
-def _top10(queries: np.ndarray, base: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Indices of the (up to) 10 rows of ``base`` with the highest inner product with
-    each query (unordered), scoring ``chunk`` base rows at a time: memory stays at
-    ``len(queries) x chunk`` scores however large ``base`` is."""
-    k = min(10, base.shape[0])
-    rows = np.arange(queries.shape[0])[:, None]
-    best_scores = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((queries.shape[0], 0), dtype=np.int64)
-    for start in range(0, base.shape[0], chunk):
-        block = queries @ base[start : start + chunk].T
-        scores = np.concatenate([best_scores, block], axis=1)
-        ids = np.concatenate(
-            [best_ids, np.broadcast_to(np.arange(start, start + block.shape[1]), block.shape)],
-            axis=1,
-        )
-        kept = min(k, scores.shape[1])  # a first chunk may be narrower than k
-        keep = np.argpartition(-scores, kept - 1, axis=1)[:, :kept]
-        best_scores, best_ids = scores[rows, keep], ids[rows, keep]
-    return best_ids
 
 
 class _Batch:
@@ -440,10 +420,10 @@ class AllocQuantizer(Quantizer):
             scaled = (plain - self.mean_) * scale + self.mean_
         # Against every other sample row: with 10,000 of them (scores of 40 MB) the
         # check rejected a code that lifts recall@10 on 768-d power-law data from 0.904
-        # to 0.951 (pca,alloc56); _top10 scores them in chunks instead.
+        # to 0.951 (pca,alloc56); blocked_knn scores them in blocks instead.
         queries, base = X[:m], slice(m, None)
-        truth = _top10(queries, X[base])
-        found = [_top10(queries, r[base]) for r in (scaled, plain)]
+        truth = blocked_knn(X[base], queries, 10)[0]
+        found = [blocked_knn(r[base], queries, 10)[0] for r in (scaled, plain)]
         hits = [
             [np.intersect1d(t, f).size for t, f in zip(truth, ids, strict=True)] for ids in found
         ]
