@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 from .exceptions import InputError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, no clean-up
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("embcomp")
+
+# A temporary file left by a writer that was killed (SIGKILL, power loss: no ``except``
+# ran) is removed by the next write to the same path once it is unlocked and has not
+# changed for this long. Live writers hold a lock on theirs; the wait also covers the
+# instant between creating the file and locking it, and file systems without locks.
+STALE_AFTER_SECONDS = 60.0
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 def _current_umask() -> int:
@@ -23,20 +40,28 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[bytes]]:
+def atomic_output(
+    path: str | os.PathLike[str], mode: str = "wb", *, clean_stale: bool = True
+) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path``; rename it to ``path`` only on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched. The
+    writer holds an advisory lock on its temporary file; with ``clean_stale``, the
+    temporary files of earlier writers of ``path`` that died without cleaning up (see
+    :func:`remove_stale_temporaries`) are removed first.
     """
     final = Path(path)
     directory = final.parent if str(final.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"output directory {str(directory)!r} does not exist; create it first")
+    if clean_stale:
+        remove_stale_temporaries(final)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
     except PermissionError as exc:
         raise InputError(f"cannot write to directory {str(directory)!r}: {exc.strerror}") from exc
     try:
+        _try_lock(fd)  # released when the file is closed
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -50,6 +75,109 @@ def atomic_output(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_output(path) as handle:
+    """Write ``data`` to ``path`` atomically (small files: no search for stale ones)."""
+    with atomic_output(path, clean_stale=False) as handle:
         handle.write(data)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; False if that is not
+    possible (held by another process, or no locks on this file system)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """Remove the temporary files that :func:`atomic_output` writers of ``path`` left
+    behind when they were killed; returns the ``(name, bytes)`` of each one removed.
+
+    A temporary file (``.<name>.<random>.tmp`` beside ``path``) is stale when no process
+    holds its lock and it has not changed for ``STALE_AFTER_SECONDS``. A live writer,
+    on this machine or another one sharing the file system, holds its lock until it
+    renames or removes the file, so its file is never touched. Without advisory locks
+    (Windows, some network file systems) nothing is removed.
+    """
+    final = Path(path)
+    directory = final.parent if str(final.parent) else Path(".")
+    prefix = f".{final.name}."
+    removed: list[tuple[str, int]] = []
+    try:
+        with os.scandir(directory) as scan:
+            entries = [e for e in scan if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        middle = entry.name[len(prefix) : -len(".tmp")]
+        if not entry.name.endswith(".tmp") or len(middle) != 8 or set(middle) - _NAME_CHARS:
+            continue  # not one of mkstemp's names for this path (8 of these characters)
+        with contextlib.suppress(OSError):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            fd = os.open(entry.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                info = os.fstat(fd)
+                if time.time() - info.st_mtime < STALE_AFTER_SECONDS or not _try_lock(fd):
+                    continue
+                # Locked by us now: the file this name still points to is the one we hold
+                # (a writer that just finished renamed it away, and the name is gone).
+                if os.stat(entry.path, follow_symlinks=False).st_ino != info.st_ino:
+                    continue
+                os.unlink(entry.path)
+            finally:
+                os.close(fd)
+            removed.append((entry.name, info.st_size))
+            logger.warning(
+                "removed %s (%d bytes), the temporary file of an interrupted write of %s",
+                entry.path, info.st_size, final,
+            )  # fmt: skip
+    return removed
+
+
+@contextlib.contextmanager
+def guard(directory: Path) -> Iterator[None]:
+    """Hold a lock on ``<directory>.lock`` (created here, removed at the end) while the
+    block writes ``directory``: :func:`remove_stale_directory` then knows it is in use.
+    Create the guard before the directory."""
+    lock = directory.with_name(directory.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+    try:
+        _try_lock(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # before closing, which lets go of the lock
+        os.close(fd)
+
+
+def remove_stale_directory(directory: Path) -> int | None:
+    """Remove ``directory`` and its ``.lock`` if a :func:`guard` made that lock and its
+    holder is gone (no one holds it, and it is older than ``STALE_AFTER_SECONDS``);
+    returns the bytes of files removed, or None if nothing was (no lock file: not ours
+    to judge)."""
+    lock = directory.with_name(directory.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if time.time() - info.st_mtime < STALE_AFTER_SECONDS or not _try_lock(fd):
+            return None
+        if os.stat(lock, follow_symlinks=False).st_ino != info.st_ino:
+            return None
+        size = 0
+        if directory.is_dir() and not directory.is_symlink():
+            size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+            shutil.rmtree(directory, ignore_errors=True)
+        os.unlink(lock)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    logger.warning("removed %s (%d bytes), the scratch of an interrupted run", directory, size)
+    return size

@@ -494,8 +494,9 @@ def test_fit_refuses_mixed_widths_whatever_the_sample(tmp_path, X, capsys):
     assert not (tmp_path / "m.codec").exists()
 
 
-def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
-    import signal
+def _compress_until_writing(tmp_path, X, codec_file):
+    """Start ``embcomp compress`` in a subprocess; return it once it writes its output's
+    temporary file, with the output directory."""
     import subprocess
     import time
 
@@ -508,15 +509,25 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 60
+
+    def writing() -> bool:  # the data's temp file (the record's comes first)
+        return any(".json" not in name for name in leftovers(out))
+
+    while not writing() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # synchronization only: wait until the temp file exists
+    if not writing():
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the run never started writing")
+    return proc, out
+
+
+def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
+    import signal
+
+    proc, out = _compress_until_writing(tmp_path, X, codec_file)
     try:
-        deadline = time.monotonic() + 60
-
-        def writing() -> bool:  # the data's temp file (the record's comes first)
-            return any(".json" not in name for name in leftovers(out))
-
-        while not writing() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # synchronization only: wait until the temp file exists
-        assert writing(), "the run never started writing"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -525,6 +536,27 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
         proc.communicate()
     assert proc.returncode == 143 and "terminated" in err
     assert leftovers(out) == [] and list(out.iterdir()) == []
+
+
+def test_a_rerun_removes_the_temporary_file_of_a_killed_run(tmp_path, X, codec, codec_file, caplog):
+    """SIGKILL runs no clean-up: the partial output stays under its temporary name.
+    The next run writing that output removes it once it is unlocked and old."""
+    import os
+    import time
+
+    proc, out = _compress_until_writing(tmp_path, X, codec_file)
+    proc.kill()
+    proc.communicate()
+    (temporary,) = [out / name for name in leftovers(out) if ".json" not in name]
+    size = temporary.stat().st_size  # what reached the file before the kill
+    old = time.time() - 120  # a killed run's file stops changing
+    os.utime(temporary, (old, old))
+    with caplog.at_level("WARNING", logger="embcomp"):
+        report = compress(codec, tmp_path / "x.npy", out / "codes.npy")
+    assert report.files_done == 1 and not temporary.exists()
+    assert leftovers(out) == []
+    np.testing.assert_array_equal(np.load(out / "codes.npy"), codec.encode(np.tile(X, (20, 1))))
+    assert f"removed {temporary} ({size} bytes)" in caplog.text
 
 
 def test_a_short_first_list_row_is_the_one_blamed(tmp_path, X, capsys):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
 import shutil
 import signal
 import threading
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import guard, remove_stale_directory
 from .._readers import BadRow, Block, Source, block_rows_for, require_pyarrow
 from ..artifacts import codec_from_bytes, codec_to_bytes
 from ..codec import Codec
@@ -257,8 +260,6 @@ def run_ray(
     overwrite: bool,
 ) -> BatchReport:
     """Run a planned job on Ray Data; returns the report (see module doc for the layout)."""
-    import pyarrow.parquet as pq
-
     start = time.monotonic()
     report = BatchReport(job.command, "ray", files=len(job.tasks))
     record = _job_record(job)
@@ -268,14 +269,45 @@ def run_ray(
         return report
     _check_replaceable(job.output, [task.source.path for task in job.tasks], overwrite)
     sources = [task.source for task in job.tasks]
-    outputs = [task.output for task in job.tasks]
     rows = block_rows or block_rows_for(job.codec.d_in or 1)
     units = [
         {"task": i, "start": lo, "stop": hi}
         for i, source in enumerate(sources)
         for lo, hi in source.split(unit_rows or 8 * rows)
     ]
+    _remove_stale_scratch(job.output)
     scratch = job.output.parent / f".{job.output.name}.tmp-{uuid.uuid4().hex[:12]}"
+    with guard(scratch):  # tells a later run that this scratch is in use
+        files, total_bad = _write_through_scratch(
+            job, scratch, record, units, rows, address=address, progress=progress
+        )
+    report.files_done = len(job.tasks)
+    report.rows_read = sum(source.n_rows for source in sources)
+    report.vectors = sum(files.values())
+    report.bad_rows = total_bad
+    report.bytes_in = sum(source.data_bytes for source in sources)
+    report.bytes_out = sum((job.output / name).stat().st_size for name in files)
+    report.outputs = [str(job.output / name) for name in files]
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _write_through_scratch(
+    job: Job,
+    scratch: Path,
+    record: dict[str, Any],
+    units: list[dict[str, int]],
+    rows: int,
+    *,
+    address: str | None,
+    progress: bool,
+) -> tuple[dict[str, int], int]:
+    """Run the Ray Data job into ``scratch`` and move it to the output; returns the
+    rows of each part file and the number of bad rows."""
+    import pyarrow.parquet as pq
+
+    sources = [task.source for task in job.tasks]
+    outputs = [task.output for task in job.tasks]
     try:
         with _ray_session(address, quiet=not progress) as ray:
             log = _skip_log_class(ray).remote()
@@ -331,15 +363,18 @@ def run_ray(
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    report.files_done = len(job.tasks)
-    report.rows_read = sum(source.n_rows for source in sources)
-    report.vectors = sum(files.values())
-    report.bad_rows = total_bad
-    report.bytes_in = sum(source.data_bytes for source in sources)
-    report.bytes_out = sum((job.output / name).stat().st_size for name in files)
-    report.outputs = [str(job.output / name) for name in files]
-    report.seconds = time.monotonic() - start
-    return report
+    return files, total_bad
+
+
+def _remove_stale_scratch(output: Path) -> None:
+    """Remove the scratch directories of earlier runs for ``output`` that were killed
+    (SIGKILL runs no clean-up; see :func:`embcomp._atomic.remove_stale_directory`)."""
+    name = re.compile(rf"\.{re.escape(output.name)}\.tmp-[0-9a-f]{{12}}")
+    candidates: set[str] = set()
+    with contextlib.suppress(OSError), os.scandir(output.parent) as scan:
+        candidates = {entry.name.removesuffix(".lock") for entry in scan}
+    for candidate in sorted(c for c in candidates if name.fullmatch(c)):
+        remove_stale_directory(output.parent / candidate)
 
 
 def _check_replaceable(output: Path, inputs: list[Path], overwrite: bool) -> None:

@@ -1,0 +1,137 @@
+"""Atomic writes: a killed writer's temporary file is removed by the next writer of the
+same path, and only then (live writers hold a lock; other files are never touched)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from embcomp._atomic import atomic_output, remove_stale_temporaries
+from embcomp.io import write_vectors
+
+pytest.importorskip("fcntl")
+
+
+def _age(path, seconds: float = 120) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_only_old_unlocked_temporaries_of_the_same_path_are_removed(tmp_path):
+    final = tmp_path / "codes.npy"
+    stale = tmp_path / ".codes.npy.k3x_9q0a.tmp"
+    young = tmp_path / ".codes.npy.abcdefgh.tmp"
+    not_ours = [
+        tmp_path / ".codes.npy.skipped.tsv.abcdefgh.tmp",  # another output's
+        tmp_path / ".codes.npy.abcdefg.tmp",  # not an 8-character mkstemp name
+        tmp_path / ".codes.npy.ABCDEFGH.tmp",
+        tmp_path / ".codes.npy.abcdefgh.tmp.keep",
+        tmp_path / "codes.npy.abcdefgh.tmp",
+        tmp_path / ".other.npy.abcdefgh.tmp",
+    ]
+    for path in [stale, young, *not_ours]:
+        path.write_bytes(b"partial")
+    for path in [stale, *not_ours]:
+        _age(path)
+    assert remove_stale_temporaries(final) == [(stale.name, 7)]
+    assert not stale.exists() and young.exists()
+    assert all(path.exists() for path in not_ours)
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(path):
+    """A live process holding the lock on ``path`` for the duration of the block."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.communicate("")
+
+
+def test_a_temporary_locked_by_a_live_process_is_kept(tmp_path):
+    """The writer may be another process (or machine): its lock is what protects it."""
+    held = tmp_path / ".codes.npy.abcdefgh.tmp"
+    held.write_bytes(b"partial")
+    _age(held)
+    with _locked_by_another_process(held):
+        assert remove_stale_temporaries(tmp_path / "codes.npy") == []
+        assert held.exists()
+    assert remove_stale_temporaries(tmp_path / "codes.npy") == [(held.name, 7)]
+
+
+def test_a_writer_locks_its_own_temporary_file(tmp_path):
+    final = tmp_path / "x.npy"
+    with atomic_output(final) as handle:
+        handle.write(b"partial")
+        (temporary,) = tmp_path.glob(".x.npy.*.tmp")
+        _age(temporary)  # even old, it is in use
+        assert remove_stale_temporaries(final) == []
+    assert final.read_bytes() == b"partial" and list(tmp_path.glob(".*")) == []
+
+
+def test_writing_an_output_removes_its_stale_temporary(tmp_path, caplog):
+    stale = tmp_path / ".v.npy.abcdefgh.tmp"
+    stale.write_bytes(b"x" * 100)
+    _age(stale)
+    with caplog.at_level("WARNING", logger="embcomp"):
+        write_vectors(tmp_path / "v.npy", np.ones((2, 3), dtype=np.float32))
+    assert not stale.exists() and "interrupted write" in caplog.text
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.ones((2, 3)))
+
+
+def _scratch(parent, name: str, lock: bool = True):
+    scratch = parent / name
+    scratch.mkdir()
+    (scratch / "part-0.parquet").write_bytes(b"p" * 10)
+    if lock:
+        scratch.with_name(name + ".lock").write_bytes(b"")
+        _age(scratch.with_name(name + ".lock"))
+    return scratch
+
+
+def test_a_ray_run_removes_scratch_of_killed_runs_only(tmp_path):
+    from embcomp.batch._ray import _remove_stale_scratch
+
+    output = tmp_path / "codes"
+    killed = _scratch(tmp_path, ".codes.tmp-0123456789ab")
+    live = _scratch(tmp_path, ".codes.tmp-aaaaaaaaaaaa")
+    unguarded = _scratch(tmp_path, ".codes.tmp-bbbbbbbbbbbb", lock=False)  # not ours to judge
+    other = _scratch(tmp_path, ".codes2.tmp-cccccccccccc")
+    lonely_lock = tmp_path / ".codes.tmp-dddddddddddd.lock"  # killed before its directory
+    lonely_lock.write_bytes(b"")
+    _age(lonely_lock)
+    with _locked_by_another_process(live.with_name(live.name + ".lock")):
+        _remove_stale_scratch(output)
+    assert not killed.exists() and not killed.with_name(killed.name + ".lock").exists()
+    assert not lonely_lock.exists()
+    assert live.exists() and unguarded.exists() and other.exists()
+
+
+def test_guard_holds_its_lock_and_removes_it(tmp_path):
+    from embcomp._atomic import guard, remove_stale_directory
+
+    scratch = tmp_path / ".out.tmp-0123456789ab"
+    lock = tmp_path / ".out.tmp-0123456789ab.lock"
+    with guard(scratch):
+        scratch.mkdir()
+        _age(lock)
+        assert remove_stale_directory(scratch) is None and scratch.exists()
+    assert not lock.exists() and scratch.exists()
