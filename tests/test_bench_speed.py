@@ -32,6 +32,8 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         "pca8,fp8 encode >= 1.5x FAISS PCA8,SQ8",
         "int8 decode into a buffer >= 1.0x FAISS SQ8",
     }
+    assert all(t["rounds"]["of"] == 2 for t in shape["targets"])  # each round's own ratio
+    assert " met |" in out.with_suffix(".md").read_text()
     assert rows["int8"]["decode_into_ratio"] > 0 and "decode_into" in rows["int8"]["faiss"]
     assert "| int8 |" in out.with_suffix(".md").read_text()
     # the floor under fresh-output decode: page faults alone, timed in the same rounds
@@ -53,6 +55,15 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         assert cost["first_use_all_quantizers_cold_s"] > 0
         assert cost["first_use_all_quantizers_cached_s"] >= 0
         assert "numpy path" in out.with_suffix(".md").read_text()
+
+
+def test_each_round_is_judged_on_its_own_pair_of_timings():
+    from bench.speed import per_round
+
+    # their seconds over ours, round by round: 0.9, 1.0, 1.1, 1.2
+    rounds = per_round([1.0, 1.0, 2.0, 0.5], [0.9, 1.0, 2.2, 0.6], goal=1.0)
+    assert rounds == {"q1": 0.975, "q3": 1.125, "met": 3, "of": 4}
+    assert per_round([2.0], [1.0], goal=1.0) == {"q1": 0.5, "q3": 0.5, "met": 0, "of": 1}
 
 
 def test_the_report_flags_blas_kernels_that_differ_between_the_sides():
