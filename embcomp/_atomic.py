@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -92,6 +93,30 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _if_stale(path: str | os.PathLike[str]) -> Iterator[os.stat_result | None]:
+    """Yield the status of the file at ``path`` if its writer is gone (no one else holds
+    its lock, and it has not changed for ``STALE_AFTER_SECONDS``), holding its lock for
+    the block; else None. Errors (the file vanished, no permission) also give None."""
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        yield None
+        return
+    try:
+        info = os.fstat(fd)
+        stale = time.time() - info.st_mtime >= STALE_AFTER_SECONDS and _try_lock(fd)
+        # Locked by us: is the name still this file? (A writer that just finished
+        # renamed it away; a new one may have taken the name since.)
+        stale = stale and os.stat(path, follow_symlinks=False).st_ino == info.st_ino
+    except OSError:
+        stale = False
+    try:
+        yield info if stale else None
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """Remove the temporary files that :func:`atomic_output` writers of ``path`` left
     behind when they were killed; returns the ``(name, bytes)`` of each one removed.
@@ -108,32 +133,22 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, in
     removed: list[tuple[str, int]] = []
     try:
         with os.scandir(directory) as scan:
-            entries = [e for e in scan if e.name.startswith(prefix)]
+            names = [e.name for e in scan if e.name.startswith(prefix)]
     except OSError:
         return removed
-    for entry in entries:
-        middle = entry.name[len(prefix) : -len(".tmp")]
-        if not entry.name.endswith(".tmp") or len(middle) != 8 or set(middle) - _NAME_CHARS:
+    for name in names:
+        middle = name[len(prefix) : -len(".tmp")]
+        if not name.endswith(".tmp") or len(middle) != 8 or set(middle) - _NAME_CHARS:
             continue  # not one of mkstemp's names for this path (8 of these characters)
-        with contextlib.suppress(OSError):
-            if not entry.is_file(follow_symlinks=False):
+        temporary = directory / name
+        with _if_stale(temporary) as info, contextlib.suppress(OSError):
+            if info is None or not stat.S_ISREG(info.st_mode):
                 continue
-            fd = os.open(entry.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                info = os.fstat(fd)
-                if time.time() - info.st_mtime < STALE_AFTER_SECONDS or not _try_lock(fd):
-                    continue
-                # Locked by us now: the file this name still points to is the one we hold
-                # (a writer that just finished renamed it away, and the name is gone).
-                if os.stat(entry.path, follow_symlinks=False).st_ino != info.st_ino:
-                    continue
-                os.unlink(entry.path)
-            finally:
-                os.close(fd)
-            removed.append((entry.name, info.st_size))
+            os.unlink(temporary)
+            removed.append((name, info.st_size))
             logger.warning(
                 "removed %s (%d bytes), the temporary file of an interrupted write of %s",
-                entry.path, info.st_size, final,
+                temporary, info.st_size, final,
             )  # fmt: skip
     return removed
 
@@ -156,28 +171,17 @@ def guard(directory: Path) -> Iterator[None]:
 
 def remove_stale_directory(directory: Path) -> int | None:
     """Remove ``directory`` and its ``.lock`` if a :func:`guard` made that lock and its
-    holder is gone (no one holds it, and it is older than ``STALE_AFTER_SECONDS``);
-    returns the bytes of files removed, or None if nothing was (no lock file: not ours
-    to judge)."""
+    holder is gone (see :func:`_if_stale`); returns the bytes of files removed, or None
+    if nothing was (no lock file: not ours to judge)."""
     lock = directory.with_name(directory.name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if time.time() - info.st_mtime < STALE_AFTER_SECONDS or not _try_lock(fd):
-            return None
-        if os.stat(lock, follow_symlinks=False).st_ino != info.st_ino:
+    with _if_stale(lock) as info:
+        if info is None:
             return None
         size = 0
         if directory.is_dir() and not directory.is_symlink():
             size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
             shutil.rmtree(directory, ignore_errors=True)
-        os.unlink(lock)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
     logger.warning("removed %s (%d bytes), the scratch of an interrupted run", directory, size)
     return size
