@@ -18,7 +18,14 @@ from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from . import _jit
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
-from ._validation import check_codes, check_finite, check_matrix, check_output, to_float32
+from ._validation import (
+    check_codes,
+    check_finite,
+    check_matrix,
+    check_output,
+    fresh_array,
+    to_float32,
+)
 from .exceptions import InputError, NotFittedError, SpecError
 from .quantizers import (
     AllocQuantizer,
@@ -240,7 +247,7 @@ class Codec:
         """
         d_in = self._check_fitted()
         X = check_matrix(X, d=d_in, allow_empty=True)
-        out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
+        out = fresh_array((X.shape[0], self.code_size), np.uint8)
         transformed = self.spec.normalize or self.reducer is not None
 
         def work(start: int, stop: int, scratch: Scratch) -> None:

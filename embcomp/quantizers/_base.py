@@ -10,7 +10,14 @@ import numpy as np
 from .. import _jit
 from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
-from .._validation import check_codes, check_finite, check_matrix, check_output, to_float32
+from .._validation import (
+    check_codes,
+    check_finite,
+    check_matrix,
+    check_output,
+    fresh_array,
+    to_float32,
+)
 from ..exceptions import ArtifactError, InputError
 
 # Compiled kernels use no block-sized temporaries: their blocks are this many times larger.
@@ -67,7 +74,7 @@ class Quantizer(FittedStage):
         """Encode ``X`` (n, d_) float -> uint8 codes (n, code_size)."""
         self._check_fitted()
         X = check_matrix(X, d=self.d_, allow_empty=True)
-        out = np.empty((X.shape[0], self.code_size), dtype=np.uint8)
+        out = fresh_array((X.shape[0], self.code_size), np.uint8)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block, owned = float32_block(X, start, stop, scratch)
