@@ -39,11 +39,13 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
         scores_k = np.take_along_axis(scores, part, axis=1)
         ids_k = np.take_along_axis(ids, part, axis=1)
         # Rows where an entry outside the partition ties the k-th score: argpartition
-        # chose among the tied ones arbitrarily, so redo just those rows exactly.
+        # chose among the tied ones arbitrarily, so redo just those rows exactly, sorting
+        # only the entries at or above the k-th score (quantized vectors tie often).
         kth = scores_k.min(axis=1)
-        tied_rows = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
-        for row in tied_rows:
-            order = np.lexsort((ids[row], -scores[row]))[:k]
+        contenders = scores >= kth[:, None]
+        for row in np.flatnonzero(contenders.sum(axis=1) > k):
+            candidates = np.flatnonzero(contenders[row])
+            order = candidates[np.lexsort((ids[row, candidates], -scores[row, candidates]))[:k]]
             scores_k[row], ids_k[row] = scores[row, order], ids[row, order]
     else:
         scores_k, ids_k = scores, ids
