@@ -41,6 +41,23 @@ def test_exact_knn_breaks_ties_by_lower_index():
     assert ids.tolist() == [[0, 2]]
 
 
+def test_exact_knn_orders_many_ties_like_a_full_sort(monkeypatch):
+    """Quantized vectors tie often: with a handful of distinct rows repeated, every
+    query's top k is the full (score desc, id asc) order, whatever the blocks."""
+    import embcomp.evaluation as ev
+
+    rng = np.random.default_rng(5)
+    base = rng.integers(-2, 3, size=(6, 4)).astype(np.float32)[rng.integers(0, 6, size=300)]
+    queries = rng.integers(-2, 3, size=(50, 4)).astype(np.float32)
+    scores = queries @ base.T
+    expected = np.array([np.lexsort((np.arange(300), -row))[:25] for row in scores])
+    for b_block, q_block in ((300, 256), (37, 9), (1, 1)):
+        monkeypatch.setattr(ev, "_B_BLOCK", b_block)
+        monkeypatch.setattr(ev, "_Q_BLOCK", q_block)
+        ids, _ = exact_knn(base, queries, 25)
+        np.testing.assert_array_equal(ids, expected)
+
+
 def test_exact_knn_blocks_agree(monkeypatch, rng_data):
     import embcomp.evaluation as ev
 
