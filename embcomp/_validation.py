@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -161,7 +162,7 @@ def fresh_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     backed by memory. The array is a view (``base`` is the allocation).
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # math.prod: 0.1 us, np.prod: 2.5 us
     if nbytes < FRESH_ALIGN_FROM:
         return np.empty(shape, dtype=dtype)
     raw = np.empty(nbytes + FRESH_SPARE, dtype=np.uint8)

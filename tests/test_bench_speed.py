@@ -38,8 +38,12 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     assert "| int8 |" in out.with_suffix(".md").read_text()
     # the floor under fresh-output decode: page faults alone, timed in the same rounds
     assert len(shape["fresh_output_floor"]["wall_s"]) == 2
-    assert shape["fresh_output_floor_share_of_faiss_sq8_decode"] > 0
-    assert "faulting in its pages" in out.with_suffix(".md").read_text()
+    share = shape["fresh_output_floor_share_of_faiss_sq8_decode"]
+    assert share > 0
+    # at this tiny size the floor can take longer than FAISS's whole decode (timing
+    # noise, or memory the allocator had faulted in already): the report then says so
+    floor_words = "faulting in its pages" if share <= 1 else "without page faults"
+    assert floor_words in out.with_suffix(".md").read_text()
     assert "FAISS SQ8 encode" in capsys.readouterr().out
     # each side's BLAS and the kernels it runs (the PCA rows are one matrix product each)
     owners = {lib["owner"]: lib for lib in record["environment"]["blas"]}
