@@ -18,6 +18,7 @@ import pytest
 import embcomp._blocks as blocks
 import embcomp._jit as jit
 import embcomp.quantizers._base as quantizer_base
+import embcomp.quantizers._kernels as kernels
 from embcomp import make_codec
 from embcomp._validation import FRESH_ALIGN_FROM, FRESH_SPARE, fresh_array
 from embcomp.exceptions import InputError
@@ -211,6 +212,27 @@ def test_every_small_float_code_decodes_like_the_table(fmt, d):
     else:  # all 65536 pairs of codes in adjacent dims
         codes = np.stack([pairs & 0xFF, pairs >> 8], axis=1).astype(np.uint8)
         codes = np.tile(codes, (1, d // 2))
+    assert_same_bits(q.decode(codes), ref_float_decode(q, codes))
+
+
+def test_small_float_formula_fits_the_formats_it_is_used_for():
+    """The compiled decoders compute float8/float4 values instead of looking them up;
+    the parameters exist only where that formula gives ml_dtypes' value for every code.
+    Formats it does not fit (no negative zero: code 0x80 is NaN) get None, and their
+    quantizer would decode through the table."""
+    for fmt in ("fp8", "fp8e5m2", "fp4"):
+        assert kernels.small_float_params(FORMATS[fmt].dtype) is not None
+    for dtype in (ml_dtypes.float6_e2m3fn, ml_dtypes.float6_e3m2fn):
+        assert kernels.small_float_params(np.dtype(dtype)) is not None
+    for dtype in (ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2fnuz):
+        assert kernels.small_float_params(np.dtype(dtype)) is None
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_small_float_decode_falls_back_to_the_table(fmt):
+    q = FloatQuantizer(fmt).fit(np.random.default_rng(0).standard_normal((50, 6)))
+    codes = np.arange(256, dtype=np.uint8).repeat(q.code_size).reshape(256, -1)
+    q._small_params = None  # as for a format the formula does not fit
     assert_same_bits(q.decode(codes), ref_float_decode(q, codes))
 
 

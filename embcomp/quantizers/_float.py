@@ -16,8 +16,9 @@ else 0 (``tests/test_quantizers.py`` has both kinds). ``center=False`` (and ever
 artifact saved before the option existed) stores ``x / scale``, as FAISS's SQfp16 does.
 
 Speed: with numba installed, one compiled pass per block does it all
-(``_kernels.encode_float``: the format's bits computed from the float32 bits). The numpy
-path, bit-identical: ml_dtypes casts float8/float4 one element at a time (~0.4 GB/s), so
+(``_kernels.encode_float``: the format's bits computed from the float32 bits; decoding,
+``_kernels.small_float``: the float32 bits computed from the code's). The numpy path,
+bit-identical: ml_dtypes casts float8/float4 one element at a time (~0.4 GB/s), so
 encoding them is a lookup in a small table indexed by the top bits of the float32
 pattern (:class:`_SmallFloatTable`), bit-identical to clip + cast. Decoding 8- and 4-bit
 formats is a 256-entry table lookup (for fp4, a table of value pairs, one lookup per byte).
@@ -224,6 +225,7 @@ class FloatQuantizer(Quantizer):
         self._jit_params: tuple[Any, Any, Any, Any] | None = None
         if fmt.bits < 16 or self.fmt == "fp16":
             self._jit_params = _kernels.float_format_params(fmt.dtype)
+        self._small_params = _kernels.small_float_params(fmt.dtype) if fmt.bits <= 8 else None
         self._lut: np.ndarray | None = None
         if fmt.bits <= 8:
             n_codes = 1 << fmt.bits
@@ -260,10 +262,11 @@ class FloatQuantizer(Quantizer):
             _kernels.decode_f16(codes.view(np.uint16), *affine, out, stream)
         elif self.fmt == "bf16":
             _kernels.decode_bf16(codes.view(np.uint16), *affine, out, stream)
-        elif fmt.bits == 8:
-            _kernels.decode_table(codes, self._lut, *affine, out, stream)
+        elif self._small_params is None:  # a format the formula does not fit: the table
+            return False
         else:
-            _kernels.decode_table4(codes, self._lut, *affine, out, stream)
+            decode = _kernels.decode_float8 if fmt.bits == 8 else _kernels.decode_float4
+            decode(codes, self._small_params, *affine, out, stream)
         return True
 
     def _scaled(self, X: np.ndarray, scratch: Scratch, *, overwrite: bool) -> np.ndarray:

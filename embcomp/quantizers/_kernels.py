@@ -20,14 +20,20 @@ Bit tricks used here:
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 
 from .._jit import finish_row, finish_stream, kernel, stream_start
 
 _U = np.uint32
+_I = np.int32
 _EXP = np.uint32(0x7F800000)  # exponent bits of float32: all set means inf or NaN
 _ROUNDER = np.float32(2.0**23)
 _TWO_M24 = np.float32(2.0**-24)  # float16 subnormal unit
+_NAN = np.int32(0x7FC00000)  # the NaN ml_dtypes decodes float8 NaN codes to (sign apart)
+_INF = np.int32(0x7F800000)
 
 
 # -- scalar conversions -----------------------------------------------------------------
@@ -81,16 +87,19 @@ def _row_is_finite(X, i):  # type: ignore[no-untyped-def]
 def f16_bits_to_f32(h):  # type: ignore[no-untyped-def]
     """float32 value of float16 bits ``h`` (exact, like numpy's cast).
 
-    All three cases are computed and one selected, so the loop vectorizes.
+    All three cases are computed and one selected, so the loop vectorizes. Every step
+    is cast back to 32 bits (numba computes integers in 64), so it vectorizes 16 lanes
+    wide, not 8: 2.6x faster than the same steps left in 64 bits.
     """
-    h = _U(h)
-    sign = (h & _U(0x8000)) << _U(16)
-    a = h & _U(0x7FFF)
-    special = _EXP | ((a & _U(0x3FF)) << _U(13))  # inf / NaN (payload kept)
-    normal = (a << _U(13)) + _U(0x38000000)  # rebias the exponent 15 -> 127
-    tiny = np.float32(np.float32(a) * _TWO_M24).view(np.uint32)  # zero/subnormal: exact
-    bits = special if a >= _U(0x7C00) else (normal if a >= _U(0x400) else tiny)
-    return _U(sign | bits).view(np.float32)
+    a = _I(_I(h) & _I(0x7FFF))
+    shifted = _I(a * _I(1 << 13))  # exponent and mantissa in float32's fields
+    special = _I(shifted | _I(0x7F800000))  # inf / NaN (payload kept)
+    normal = _I(shifted + _I(0x38000000))  # rebias the exponent 15 -> 127
+    tiny = np.float32(np.float32(a) * _TWO_M24).view(np.int32)  # zero/subnormal: exact
+    bits = normal if a >= _I(0x400) else tiny
+    bits = special if a >= _I(0x7C00) else bits
+    sign = _U(_U(_I(h) & _I(0x8000)) * _U(1 << 16))
+    return _U(_U(bits) | sign).view(np.float32)
 
 
 # -- float formats ----------------------------------------------------------------------
@@ -186,15 +195,84 @@ def decode_bf16(codes, scale, offset, out, stream):  # type: ignore[no-untyped-d
 
 
 @kernel
-def decode_table(codes, lut, scale, offset, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = lut[codes] * scale + offset (8-bit codes, one a byte)."""
+def small_float(c, params):  # type: ignore[no-untyped-def]
+    """float32 value of a float8/float4 code ``c`` (an int32), with the format's
+    :func:`small_float_params`: the same value as ml_dtypes' table, bit for bit.
+
+    The magnitude's bits times ``mul`` land in a float32's exponent and mantissa fields,
+    and ``rebias`` moves the exponent from the format's bias to float32's; zero and
+    subnormals (exponent field 0) are exact integer multiples of the smallest
+    subnormal (a normal float32: no denormal arithmetic). All cases are computed and one
+    selected, in 32-bit lanes, so the loop vectorizes. On one core, 1,000 x 384 codes
+    in cache: fp8 1.6 -> 7.8 G values/s, fp4 2.1 -> 6.1, against looking each code up
+    in the table (a gather, which the compiler left scalar).
+    """
+    sign_bit, sign_mul, mul, rebias, min_normal, sub_unit, nan_from, inf_mag = params
+    mag = _I(c & _I(sign_bit - _I(1)))
+    normal = _I(_I(mag * mul) + rebias)
+    tiny = np.float32(np.float32(mag) * sub_unit).view(np.int32)
+    bits = normal if mag >= min_normal else tiny
+    bits = _NAN if mag >= nan_from else bits
+    bits = _INF if mag == inf_mag else bits
+    sign = _U(_U(c & sign_bit) * sign_mul)  # the sign bit moved to float32's
+    return _U(_U(bits) | sign).view(np.float32)
+
+
+@functools.cache
+def small_float_params(dtype: np.dtype[Any]) -> tuple[Any, ...] | None:
+    """Parameters of :func:`small_float` for a float8/float4 ml_dtypes ``dtype``, or None
+    if that formula does not give exactly the float32 values ml_dtypes gives every code
+    (the caller then decodes through the table).
+
+    ``(sign_bit, sign_mul, mul, rebias, min_normal, sub_unit, nan_from, inf_mag)``:
+    magnitudes from ``nan_from`` up decode to ml_dtypes' NaN, magnitude ``inf_mag`` to
+    infinity (both beyond every magnitude when the format has none).
+    """
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(dtype)
+    bits = int(info.bits)
+    mant, bias = int(info.nmant), 1 - int(info.minexp)
+    with np.errstate(invalid="ignore"):
+        table = np.arange(1 << bits, dtype=np.uint8).view(dtype).astype(np.float32)
+    half = 1 << (bits - 1)
+    mag = np.arange(half, dtype=np.int64)
+    nan = np.flatnonzero(np.isnan(table[:half]))
+    inf = np.flatnonzero(np.isinf(table[:half]))
+    nan_from = int(nan[0]) if nan.size else half
+    inf_mag = int(inf[0]) if inf.size == 1 else half
+    params = (half, 1 << (23 - mant), (127 - bias) << 23, 1 << mant, 2.0 ** (1 - bias - mant))
+    sign_bit, mul, rebias, min_normal, sub_unit = params
+    # the formula, in numpy
+    normal = (mag * mul + rebias).astype(np.uint32)
+    tiny = (mag.astype(np.float32) * np.float32(sub_unit)).view(np.uint32)
+    value = np.where(mag >= min_normal, normal, tiny)
+    value = np.where(mag >= nan_from, np.uint32(_NAN), value)
+    value = np.where(mag == inf_mag, np.uint32(_INF), value).astype(np.uint32)
+    expected = table.view(np.uint32)
+    negative = value | np.uint32(1 << 31)
+    if not (np.array_equal(value, expected[:half]) and np.array_equal(negative, expected[half:])):
+        return None
+    return (
+        np.int32(sign_bit),
+        np.uint32((1 << 31) // sign_bit),
+        *(np.int32(v) for v in (mul, rebias, min_normal)),
+        np.float32(sub_unit),
+        np.int32(nan_from),
+        np.int32(inf_mag),
+    )
+
+
+@kernel
+def decode_float8(codes, params, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = value of the float8 ``codes`` (n, d) * scale + offset."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
     for i in range(n):
         r = 0 if stream else i
         for j in range(d):
-            target[r, base + j] = lut[codes[i, j]] * scale[j] + offset[j]
+            target[r, base + j] = small_float(_I(codes[i, j]), params) * scale[j] + offset[j]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
@@ -202,19 +280,23 @@ def decode_table(codes, lut, scale, offset, out, stream):  # type: ignore[no-unt
 
 
 @kernel
-def decode_table4(codes, lut, scale, offset, out, stream):  # type: ignore[no-untyped-def]
-    """out (n, d) float32 = lut[nibble] * scale + offset (4-bit codes, even dimension low)."""
+def decode_float4(codes, params, scale, offset, out, stream):  # type: ignore[no-untyped-def]
+    """out (n, d) float32 = value of the float4 codes (two a byte, even dimension low)
+    * scale + offset."""
     n, d = out.shape
     target, base, flat, lead = stream_start(out, stream)
     carry = 0
     for i in range(n):
         r = 0 if stream else i
         for j in range(d // 2):
-            c = codes[i, j]
-            target[r, base + 2 * j] = lut[c & 15] * scale[2 * j] + offset[2 * j]
-            target[r, base + 2 * j + 1] = lut[c >> 4] * scale[2 * j + 1] + offset[2 * j + 1]
+            c = _I(codes[i, j])
+            low = small_float(_I(c & _I(15)), params)
+            high = small_float(_I(c >> _I(4)), params)
+            target[r, base + 2 * j] = low * scale[2 * j] + offset[2 * j]
+            target[r, base + 2 * j + 1] = high * scale[2 * j + 1] + offset[2 * j + 1]
         if d % 2:
-            target[r, base + d - 1] = lut[codes[i, d // 2] & 15] * scale[d - 1] + offset[d - 1]
+            last = small_float(_I(_I(codes[i, d // 2]) & _I(15)), params)
+            target[r, base + d - 1] = last * scale[d - 1] + offset[d - 1]
         if stream:
             carry = finish_row(flat, lead, (i + 1) * d, target, carry)
     if stream:
