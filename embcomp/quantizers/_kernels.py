@@ -46,14 +46,18 @@ def float_code(y, shift, rebias, min_normal, sub_scale, sign_shift):  # type: ig
     a normal result (``|y| >= 2**(1-B)``) is ``|y|``'s float32 bits with the exponent
     rebiased from 127 to ``B`` and rounded at bit ``shift = 23 - m``; a subnormal one
     is ``rint(|y| * 2**(B+m-1))`` (an exact scaling by a power of two). Both are
-    computed and one is selected, so the loop vectorizes.
+    computed and one is selected, so the loop vectorizes; every step is cast back to 32
+    bits (numba computes integers in 64), so 16 lanes wide.
     """
+    shift = _U(shift & _U(31))  # (< 32 lets the compiler shift in 32 bits)
     u = np.float32(y).view(np.uint32)
-    a = u & _U(0x7FFFFFFF)
-    normal = (a - rebias + (_U(1) << (shift - _U(1))) - _U(1) + ((a >> shift) & _U(1))) >> shift
-    sub = np.float32(abs(y) * sub_scale + _ROUNDER).view(np.uint32) & _U(0x7FFFFF)
+    a = _U(u & _U(0x7FFFFFFF))
+    half = _U(_U(_U(1) << _U(shift - _U(1))) - _U(1))  # round half to even: + half + odd
+    odd = _U(_U(a >> shift) & _U(1))
+    normal = _U(_U(_U(_U(a - rebias) + half) + odd) >> shift)
+    sub = _U(np.float32(abs(y) * sub_scale + _ROUNDER).view(np.uint32) & _U(0x7FFFFF))
     code = normal if a >= min_normal else sub
-    return code | ((u >> _U(31)) << sign_shift)
+    return _U(code | _U(_U(u >> _U(31)) << _U(sign_shift & _U(31))))
 
 
 def float_format_params(dtype: object) -> tuple[np.uint32, np.uint32, np.uint32, np.float32]:
