@@ -90,7 +90,7 @@ class Quantizer(FittedStage):
         ``out``: a float32 (n, d_) C-contiguous buffer to write into and return. Reusing
         one skips the page faults of fresh memory (over half of a large decode's time),
         and one of 64 MiB or more is written with streaming stores (``embcomp._jit.streams``:
-        1.05-4.0x faster than FAISS's ``sa_decode`` into a buffer).
+        1.04-3.9x faster than FAISS's ``sa_decode`` into a buffer).
         """
         self._check_fitted()
         codes = check_codes(codes, code_size=self.code_size)
