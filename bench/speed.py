@@ -649,7 +649,12 @@ def markdown(record: dict[str, Any]) -> str:
         ]
         lines += [
             "Per round: each round's own ratio (the two sides ran in the same round), its "
-            "middle half and the rounds that reached the target.",
+            "middle half and the rounds that reached the target. Per CPU-second: the "
+            "process's CPU time per call, which Linux brings up to date for threads other "
+            "than the caller only at scheduler ticks and context switches; for calls of a "
+            "few milliseconds or less it shows little more than the calling thread's time "
+            "(FAISS's OpenMP runs 1,000-row calls on both cores, yet shows ~1 CPU-second per "
+            "second there): read wall-clock.",
             "",
             "| target | wall-clock | met | per round | per CPU-second | numpy path (no numba) |",
             "|---|---:|---|---|---:|---:|",
