@@ -265,3 +265,29 @@ def test_the_fits_fast_rounding_is_the_cast(fmt):
     want = y.astype(FloatQuantizer(fmt).format.dtype).astype(np.float32)
     got = FloatQuantizer(fmt)._rounded(y)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "fp8", "fp8e5m2", "fp4", "bin", "alloc4"])
+def test_quantizers_that_calibrate_ranges_need_two_training_vectors(spec):
+    """One vector gives every dimension a range of a single value; the codec would clip
+    every other vector to it, so fitting refuses, as PCA does."""
+    one = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    with pytest.raises(InputError, match="needs at least 2; got 1"):
+        make_codec(spec).fit(one)
+    two = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    make_codec(spec).fit(two)
+
+
+@pytest.mark.parametrize(
+    "q",
+    [
+        FloatQuantizer("fp32"),
+        FloatQuantizer("fp16"),
+        FloatQuantizer("bf16"),
+        FloatQuantizer("fp8", scale="none"),
+    ],
+)
+def test_quantizers_that_learn_no_range_fit_on_one_vector(q):
+    one = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    X = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    assert q.fit(one).decode(q.encode(X)).shape == (5, 8)

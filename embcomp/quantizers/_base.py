@@ -54,6 +54,13 @@ class Quantizer(FittedStage):
     def fit(self, X: Any) -> Quantizer:
         """Fit scales/ranges on training vectors ``X`` (n, d) float; returns ``self``."""
         X = check_matrix(X, name="training vectors")
+        need = self._min_fit_rows()
+        if X.shape[0] < need:
+            raise InputError(
+                f"{type(self).__name__} calibrates its ranges on the training vectors and "
+                f"needs at least {need}; got {X.shape[0]} (from one, every dimension's range "
+                "is a single value, and every other vector would clip to it)"
+            )
         X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
         top = float(np.abs(X32).max(initial=0.0))
@@ -69,6 +76,11 @@ class Quantizer(FittedStage):
             self._contiguous_state()
             self._after_load()
         return self
+
+    def _min_fit_rows(self) -> int:
+        """Training vectors :meth:`fit` needs: two for a quantizer whose ranges come from
+        the data (as PCA needs two), one where a single vector calibrates nothing."""
+        return 2
 
     def encode(self, X: Any) -> np.ndarray:
         """Encode ``X`` (n, d_) float -> uint8 codes (n, code_size)."""

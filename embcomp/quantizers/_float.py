@@ -111,6 +111,11 @@ class FloatQuantizer(Quantizer):
     def bits(self) -> int:  # type: ignore[override]
         return self.format.bits
 
+    def _min_fit_rows(self) -> int:
+        # fp32 and scale="none" learn no range; fp16/bf16 map the fitted max to 1 with
+        # range to spare, so one vector's scales clip nothing
+        return 2 if self.format.bits <= 8 and self.scale != "none" else 1
+
     def _fit(self, X: np.ndarray) -> None:
         if self.scale not in ("dim", "global", "none"):
             raise SpecError(f"scale must be 'dim', 'global' or 'none'; got {self.scale!r}")
