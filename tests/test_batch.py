@@ -494,17 +494,38 @@ def test_fit_refuses_mixed_widths_whatever_the_sample(tmp_path, X, capsys):
     assert not (tmp_path / "m.codec").exists()
 
 
+# ``embcomp compress`` in a subprocess whose output sits on a slow disk: every block
+# written after the first takes 10 ms, so the run is seconds into its output however
+# fast the machine is (timing alone made the window 0.5 s and a loaded CI missed it).
+_SLOW_DISK_COMPRESS = """
+import sys, time
+from embcomp.batch import _sinks
+from embcomp.cli import main
+
+write = _sinks.Sink.write
+
+def slow_write(self, *args):
+    if self.rows:
+        time.sleep(0.01)
+    write(self, *args)
+    self.handle.flush()
+
+_sinks.Sink.write = slow_write
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _compress_until_writing(tmp_path, X, codec_file):
     """Start ``embcomp compress`` in a subprocess; return it once it writes its output's
     temporary file, with the output directory."""
     import subprocess
     import time
 
-    np.save(tmp_path / "x.npy", np.tile(X, (20, 1)))  # 60,000 rows: a few seconds in blocks
+    np.save(tmp_path / "x.npy", np.tile(X, (20, 1)))  # 60,000 rows
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "embcomp", "compress", "-q", "-c", codec_file]
-    proc = subprocess.Popen(  # 6,000 blocks of 10 rows: seconds of writing to catch
+    command = [sys.executable, "-c", _SLOW_DISK_COMPRESS, "compress", "-q", "-c", codec_file]
+    proc = subprocess.Popen(  # 6,000 blocks of 10 rows: a minute of writing to catch
         [*command, str(tmp_path / "x.npy"), str(out / "codes.npy"), "--block-rows", "10"],
         stderr=subprocess.PIPE,
         text=True,
@@ -518,8 +539,8 @@ def _compress_until_writing(tmp_path, X, codec_file):
         time.sleep(0.005)  # synchronization only: wait until the temp file exists
     if not writing():
         proc.kill()
-        proc.communicate()
-        pytest.fail("the run never started writing")
+        _, err = proc.communicate()
+        pytest.fail(f"the run never started writing (exit {proc.returncode}): {err}")
     return proc, out
 
 
