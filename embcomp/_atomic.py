@@ -9,7 +9,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -75,9 +75,13 @@ def atomic_output(
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (small files: no search for stale ones)."""
-    with atomic_output(path, clean_stale=False) as handle:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, clean_stale: bool = False
+) -> None:
+    """Write ``data`` to ``path`` atomically. Small files skip the search for stale
+    temporaries by default: their writers sweep the directory once instead (see
+    :func:`remove_stale_temporaries_in`)."""
+    with atomic_output(path, clean_stale=clean_stale) as handle:
         handle.write(data)
 
 
@@ -129,17 +133,29 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, in
     """
     final = Path(path)
     directory = final.parent if str(final.parent) else Path(".")
-    prefix = f".{final.name}."
+    return _remove_stale(directory, lambda name: name == final.name)
+
+
+def remove_stale_temporaries_in(directory: str | os.PathLike[str]) -> list[tuple[str, int]]:
+    """:func:`remove_stale_temporaries` for every file of ``directory`` at once: one
+    scan, for a writer of many files there (a store, a batch job's outputs) whose
+    small writes skip the search."""
+    return _remove_stale(Path(directory), lambda name: True)
+
+
+def _remove_stale(directory: Path, wanted: Callable[[str], bool]) -> list[tuple[str, int]]:
+    """Remove the stale temporary files in ``directory`` of the final names ``wanted``."""
     removed: list[tuple[str, int]] = []
     try:
         with os.scandir(directory) as scan:
-            names = [e.name for e in scan if e.name.startswith(prefix)]
+            names = [e.name for e in scan if e.name.startswith(".") and e.name.endswith(".tmp")]
     except OSError:
         return removed
     for name in names:
-        middle = name[len(prefix) : -len(".tmp")]
-        if not name.endswith(".tmp") or len(middle) != 8 or set(middle) - _NAME_CHARS:
-            continue  # not one of mkstemp's names for this path (8 of these characters)
+        # mkstemp's names: ".<final name>." + 8 of _NAME_CHARS + ".tmp"
+        final, middle = name[1:-13], name[-12:-4]
+        if len(name) < 15 or name[-13] != "." or set(middle) - _NAME_CHARS or not wanted(final):
+            continue
         temporary = directory / name
         with _if_stale(temporary) as info, contextlib.suppress(OSError):
             if info is None or not stat.S_ISREG(info.st_mode):
@@ -148,7 +164,7 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, in
             removed.append((name, info.st_size))
             logger.warning(
                 "removed %s (%d bytes), the temporary file of an interrupted write of %s",
-                temporary, info.st_size, final,
+                temporary, info.st_size, directory / final,
             )  # fmt: skip
     return removed
 

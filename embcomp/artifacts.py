@@ -240,7 +240,7 @@ def codec_from_bytes(blob: bytes, *, source: str = "<bytes>") -> Codec:
 
 def save_codec(codec: Codec, path: str | os.PathLike[str]) -> Path:
     """Write a fitted codec to ``path`` atomically (temp file + rename)."""
-    atomic_write_bytes(path, codec_to_bytes(codec))
+    atomic_write_bytes(path, codec_to_bytes(codec), clean_stale=True)
     return Path(path)
 
 

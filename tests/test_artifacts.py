@@ -197,6 +197,18 @@ def test_save_is_atomic(tmp_path, rng_data, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.codec"]
 
 
+def test_saving_removes_a_killed_save_s_temporary_file(tmp_path, rng_data):
+    import os
+    import time
+
+    stale = tmp_path / ".c.codec.abcdefgh.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"partial")
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    embcomp.save_codec(make_codec("int8").fit(rng_data), tmp_path / "c.codec")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.codec"]
+
+
 def test_no_pickle_anywhere():
     root = Path(embcomp.__file__).parent
     for source in root.rglob("*.py"):

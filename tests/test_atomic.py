@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from embcomp._atomic import atomic_output, remove_stale_temporaries
+from embcomp._atomic import atomic_output, remove_stale_temporaries, remove_stale_temporaries_in
 from embcomp.io import write_vectors
 
 pytest.importorskip("fcntl")
@@ -42,6 +42,37 @@ def test_only_old_unlocked_temporaries_of_the_same_path_are_removed(tmp_path):
     assert remove_stale_temporaries(final) == [(stale.name, 7)]
     assert not stale.exists() and young.exists()
     assert all(path.exists() for path in not_ours)
+
+
+def test_a_directory_sweep_removes_every_path_s_stale_temporaries_and_nothing_else(tmp_path):
+    """One scan for a writer of many small files (a store, a batch job's records)."""
+    stale = [
+        tmp_path / ".codes.npy.k3x_9q0a.tmp",
+        tmp_path / ".codes.npy.json.abcdefgh.tmp",
+        tmp_path / ".codes.npy.skipped.tsv.abcdefgh.tmp",
+        tmp_path / ".x.abcdefgh.tmp",
+    ]
+    young = tmp_path / ".other.npy.abcdefgh.tmp"
+    not_ours = [
+        tmp_path / ".codes.npy.abcdefg.tmp",  # not an 8-character mkstemp name
+        tmp_path / ".codes.npy.ABCDEFGH.tmp",
+        tmp_path / "codes.npy.abcdefgh.tmp",  # not hidden
+        tmp_path / "..abcdefgh.tmp",  # no final name
+        tmp_path / ".x.tmp",
+        tmp_path / ".codes.npy_abcdefgh.tmp",
+    ]
+    for path in [*stale, young, *not_ours]:
+        path.write_bytes(b"partial")
+    for path in [*stale, *not_ours]:
+        _age(path)
+    (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # a directory is never a writer's file
+    _age(tmp_path / ".dir.abcdefgh.tmp")
+    removed = remove_stale_temporaries_in(tmp_path)
+    assert sorted(removed) == sorted((path.name, 7) for path in stale)
+    assert not any(path.exists() for path in stale)
+    assert young.exists() and all(path.exists() for path in not_ours)
+    assert (tmp_path / ".dir.abcdefgh.tmp").is_dir()
+    assert remove_stale_temporaries_in(tmp_path / "missing") == []
 
 
 @contextlib.contextmanager

@@ -580,6 +580,22 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_run(tmp_path, X, codec, 
     assert f"removed {temporary} ({size} bytes)" in caplog.text
 
 
+def test_a_rerun_removes_the_killed_run_s_record_temporaries_too(tmp_path, X, codec):
+    """A kill while the record or the skipped-rows list was being written leaves their
+    temporary files; the next run sweeps the output directory once."""
+    import os
+
+    np.save(tmp_path / "x.npy", X[:100])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".codes.npy.json.abcdefgh.tmp", out / ".codes.npy.skipped.tsv.k3x_9q0a.tmp"]
+    for path in stale:
+        path.write_bytes(b"{")
+        os.utime(path, (0, 0))
+    assert compress(codec, tmp_path / "x.npy", out / "codes.npy").files_done == 1
+    assert leftovers(out) == []
+
+
 def test_a_short_first_list_row_is_the_one_blamed(tmp_path, X, capsys):
     """A list<float> column states no width: the rows' common length does, not row 0's."""
     rows = [list(x) for x in X[:100]]

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._atomic import remove_stale_temporaries_in
 from .._readers import DEFAULT_CODE_COLUMN, Source, block_rows_for, open_sources, vector_format
 from .._validation import check_not_an_input
 from ..artifacts import codec_id
@@ -418,6 +419,10 @@ def run_local(job: Job, *, block_rows: int | None, progress: bool, overwrite: bo
         else:
             todo.append(task)
     total = sum(task.source.n_rows for task in todo)
+    # Temporary files that killed runs left (SIGKILL runs no clean-up): one scan per
+    # output directory, not one per file written.
+    for directory in sorted({task.output.path.parent for task in todo}):
+        remove_stale_temporaries_in(directory)
     try:
         _run_tasks(job, todo, report, block_rows, Progress(total, job.command, enabled=progress))
     except BaseException:

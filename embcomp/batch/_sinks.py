@@ -165,7 +165,7 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
 @contextlib.contextmanager
 def _sink_file(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
     """The data file of :func:`open_sink`, renamed into place on a clean exit."""
-    with atomic_output(spec.path) as handle:
+    with atomic_output(spec.path, clean_stale=False) as handle:  # the job swept the directory
         sink = Sink(spec, handle)
         if spec.fmt == "npy":
             reserved = len(_npy_header(spec.dtype, (max_rows, spec.width)))

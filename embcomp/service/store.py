@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write_bytes
+from .._atomic import atomic_write_bytes, remove_stale_temporaries_in
 from ..artifacts import codec_from_bytes, codec_to_bytes
 from ..codec import Codec
 from ..exceptions import ArtifactError, InputError
@@ -154,6 +154,7 @@ class CodecStore:
             probe.unlink()
         except (OSError, InputError) as exc:
             raise InputError(f"cannot use {str(self.root)!r} as the codec store: {exc}") from exc
+        remove_stale_temporaries_in(self.root)  # of writes a killed server left half done
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Codec] = OrderedDict()
         self._cache_lock = threading.Lock()

@@ -47,6 +47,19 @@ def test_put_is_content_addressed_and_idempotent(tmp_path, codecs):
     assert store.ids() == [first.id] and first.id in store and len(store) == 1
 
 
+def test_opening_the_store_removes_what_a_killed_server_half_wrote(tmp_path, codecs):
+    first = CodecStore(tmp_path).put(codecs[0])
+    stale = [tmp_path / f".{first.id}.codec.abcdefgh.tmp", tmp_path / ".x.json.k3x_9q0a.tmp"]
+    young = tmp_path / ".y.codec.abcdefgh.tmp"  # maybe another process writing right now
+    for path in [*stale, young]:
+        path.write_bytes(b"partial")
+    for path in stale:
+        os.utime(path, (0, 0))
+    store = CodecStore(tmp_path)
+    assert not any(path.exists() for path in stale) and young.exists()
+    assert store.ids() == [first.id]
+
+
 def test_load_verifies_the_file_against_its_id(tmp_path, codecs):
     store = CodecStore(tmp_path)
     a, b = store.put(codecs[0]), store.put(codecs[1])
