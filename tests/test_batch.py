@@ -532,15 +532,20 @@ def _compress_until_writing(tmp_path, X, codec_file):
     )
     deadline = time.monotonic() + 60
 
-    def writing() -> bool:  # the data's temp file (the record's comes first)
-        return any(".json" not in name for name in leftovers(out))
+    seen: list[list[str]] = []
+
+    def writing() -> bool:  # the data's temp file (the record's comes first; the
+        names = leftovers(out)  # writability probe flashes by before both)
+        if not seen or seen[-1] != names:
+            seen.append(names)
+        return any(name.startswith(".codes.npy.") and ".json" not in name for name in names)
 
     while not writing() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)  # synchronization only: wait until the temp file exists
     if not writing():
         proc.kill()
         _, err = proc.communicate()
-        pytest.fail(f"the run never started writing (exit {proc.returncode}): {err}")
+        pytest.fail(f"the run never started writing (exit {proc.returncode}, {seen}): {err}")
     return proc, out
 
 
@@ -568,7 +573,8 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_run(tmp_path, X, codec, 
     proc, out = _compress_until_writing(tmp_path, X, codec_file)
     proc.kill()
     proc.communicate()
-    (temporary,) = [out / name for name in leftovers(out) if ".json" not in name]
+    names = [name for name in leftovers(out) if name.startswith(".codes.npy.")]
+    (temporary,) = [out / name for name in names if ".json" not in name]
     size = temporary.stat().st_size  # what reached the file before the kill
     old = time.time() - 120  # a killed run's file stops changing
     os.utime(temporary, (old, old))
@@ -581,14 +587,18 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_run(tmp_path, X, codec, 
 
 
 def test_a_rerun_removes_the_killed_run_s_record_temporaries_too(tmp_path, X, codec):
-    """A kill while the record or the skipped-rows list was being written leaves their
-    temporary files; the next run sweeps the output directory once."""
+    """A kill while the record, the skipped-rows list or the writability probe was being
+    written leaves their temporary files; the next run sweeps the output directory once."""
     import os
 
     np.save(tmp_path / "x.npy", X[:100])
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / ".codes.npy.json.abcdefgh.tmp", out / ".codes.npy.skipped.tsv.k3x_9q0a.tmp"]
+    stale = [
+        out / ".codes.npy.json.abcdefgh.tmp",
+        out / ".codes.npy.skipped.tsv.k3x_9q0a.tmp",
+        out / ".embcomp-probe.abcdefgh.tmp",  # the check that the directory is writable
+    ]
     for path in stale:
         path.write_bytes(b"{")
         os.utime(path, (0, 0))

@@ -133,7 +133,9 @@ def check_writable(directory: Path, *, create: bool = True) -> bool:
         if create and not directory.exists():
             directory.mkdir(parents=True)
             created = True
-        fd, probe = tempfile.mkstemp(prefix=".embcomp-probe-", dir=directory)
+        # named like atomic_output's temporaries, so that the sweep of a later run
+        # removes one that a kill left behind
+        fd, probe = tempfile.mkstemp(prefix=".embcomp-probe.", suffix=".tmp", dir=directory)
         os.close(fd)
         os.unlink(probe)
         return created
