@@ -11,13 +11,13 @@ import sys
 from collections.abc import Sequence
 
 # Commands whose module parses its own arguments: name -> module with main(argv) -> int.
-DELEGATED = {"speed": "bench.speed"}
+DELEGATED = {"speed": ".speed"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        return int(importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]))
+        return int(importlib.import_module(DELEGATED[argv[0]], __package__).main(argv[1:]))
     from embcomp.exceptions import EmbcompError
 
     from .cli import build_parser

@@ -240,9 +240,9 @@ def register(sub: Any) -> None:
     add_recommend(sub)
     add_claims(sub)
     try:
-        speed = importlib.import_module("bench.speed")
+        speed = importlib.import_module(f"{__package__}.speed")
     except ImportError as exc:
-        if exc.name != "bench.speed":
+        if exc.name != f"{__package__}.speed":
             raise
         return
     if hasattr(speed, "register"):

@@ -29,8 +29,10 @@ from .exceptions import EmbcompError, InputError
 from .io import read_vectors, write_vectors
 from .spec import STAGES
 
-# Modules that add subcommands; each defines register(subparsers).
-_EXTENSIONS = ("embcomp.service.cli", "embcomp.batch_cli", "bench.cli")
+# Modules that add subcommands; each defines register(subparsers). Alternatives are
+# tried in order: the benchmark harness is `embcomp_bench` in a wheel and `bench` in the
+# repository (which editable installs put on the path).
+_EXTENSIONS = (("embcomp.service.cli",), ("embcomp.batch_cli",), ("embcomp_bench.cli", "bench.cli"))
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -231,14 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--spec", action="append", help="spec to try (repeatable)")
     demo.set_defaults(func=_cmd_demo)
 
-    for module_name in _EXTENSIONS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue  # that part of the package is not present in this install
-            raise
-        module.register(sub)
+    for alternatives in _EXTENSIONS:
+        for module_name in alternatives:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                if exc.name and module_name.startswith(exc.name):
+                    continue  # that part of the package is not present in this install
+                raise
+            module.register(sub)
+            break
     return parser
 
 

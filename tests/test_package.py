@@ -1,5 +1,7 @@
 """Package-level promises: light imports, the README example runs."""
 
+import ast
+import os
 import re
 import subprocess
 import sys
@@ -37,3 +39,44 @@ def test_readme_names_the_two_commands():
     assert "make run" in readme and "make test" in readme
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_the_wheel_ships_the_harness_as_embcomp_bench_and_it_runs(tmp_path):
+    """Installing embcomp must not add a top-level ``bench`` (any project may have one):
+    the wheel ships the harness as ``embcomp_bench``, without the committed results and
+    the repository's study scripts, and the CLI finds it there."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + ["--no-index", "-w", str(tmp_path / "dist"), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("embcomp-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path / "site")
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"embcomp", "embcomp_bench"}
+    assert "embcomp_bench/sweeps/smoke.yaml" in names and "embcomp_bench/speed.py" in names
+    assert not [n for n in names if "/results/" in n or "frontier" in n or "service_load" in n]
+    code = (
+        "import sys, embcomp, embcomp.cli\n"
+        "actions = [a for a in embcomp.cli.build_parser()._actions if a.choices]\n"
+        "print(embcomp.__file__)\n"
+        "print(sorted(actions[0].choices))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('bench', 'embcomp_bench')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        cwd=tmp_path,  # not the repository, whose bench/ an editable install also exposes
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith(str(tmp_path / "site"))
+    assert {"sweep", "recommend", "claims", "bench-speed"} <= set(ast.literal_eval(out[1]))
+    modules = ast.literal_eval(out[2])
+    assert modules and all(m.startswith("embcomp_bench") for m in modules)
