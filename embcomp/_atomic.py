@@ -136,11 +136,14 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, in
     return _remove_stale(directory, lambda name: name == final.name)
 
 
-def remove_stale_temporaries_in(directory: str | os.PathLike[str]) -> list[tuple[str, int]]:
-    """:func:`remove_stale_temporaries` for every file of ``directory`` at once: one
-    scan, for a writer of many files there (a store, a batch job's outputs) whose
-    small writes skip the search."""
-    return _remove_stale(Path(directory), lambda name: True)
+def remove_stale_temporaries_in(
+    directory: str | os.PathLike[str], ours: Callable[[str], bool]
+) -> list[tuple[str, int]]:
+    """:func:`remove_stale_temporaries` for every file name in ``directory`` that
+    ``ours(name)`` accepts, in one scan: for a writer of many files there (a store, a
+    batch job's outputs) whose small writes skip the search. Only names the caller
+    writes: another program's temporary files in a shared directory are its own."""
+    return _remove_stale(Path(directory), ours)
 
 
 def _remove_stale(directory: Path, wanted: Callable[[str], bool]) -> list[tuple[str, int]]:

@@ -44,8 +44,9 @@ def test_only_old_unlocked_temporaries_of_the_same_path_are_removed(tmp_path):
     assert all(path.exists() for path in not_ours)
 
 
-def test_a_directory_sweep_removes_every_path_s_stale_temporaries_and_nothing_else(tmp_path):
-    """One scan for a writer of many small files (a store, a batch job's records)."""
+def test_a_directory_sweep_removes_the_stale_temporaries_of_the_names_given(tmp_path):
+    """One scan for a writer of many small files (a store, a batch job's records), and
+    only of the names it writes."""
     stale = [
         tmp_path / ".codes.npy.k3x_9q0a.tmp",
         tmp_path / ".codes.npy.json.abcdefgh.tmp",
@@ -67,12 +68,16 @@ def test_a_directory_sweep_removes_every_path_s_stale_temporaries_and_nothing_el
         _age(path)
     (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # a directory is never a writer's file
     _age(tmp_path / ".dir.abcdefgh.tmp")
-    removed = remove_stale_temporaries_in(tmp_path)
+    others = tmp_path / ".notes.txt.abcdefgh.tmp"  # another program's, in a shared directory
+    others.write_bytes(b"partial")
+    _age(others)
+    ours = {"codes.npy", "codes.npy.json", "codes.npy.skipped.tsv", "x", "other.npy", "dir"}
+    removed = remove_stale_temporaries_in(tmp_path, ours.__contains__)
     assert sorted(removed) == sorted((path.name, 7) for path in stale)
     assert not any(path.exists() for path in stale)
-    assert young.exists() and all(path.exists() for path in not_ours)
+    assert young.exists() and others.exists() and all(path.exists() for path in not_ours)
     assert (tmp_path / ".dir.abcdefgh.tmp").is_dir()
-    assert remove_stale_temporaries_in(tmp_path / "missing") == []
+    assert remove_stale_temporaries_in(tmp_path / "missing", ours.__contains__) == []
 
 
 @contextlib.contextmanager

@@ -599,11 +599,12 @@ def test_a_rerun_removes_the_killed_run_s_record_temporaries_too(tmp_path, X, co
         out / ".codes.npy.skipped.tsv.k3x_9q0a.tmp",
         out / ".embcomp-probe.abcdefgh.tmp",  # the check that the directory is writable
     ]
-    for path in stale:
+    others = out / ".notes.txt.abcdefgh.tmp"  # another program's: left alone
+    for path in [*stale, others]:
         path.write_bytes(b"{")
         os.utime(path, (0, 0))
     assert compress(codec, tmp_path / "x.npy", out / "codes.npy").files_done == 1
-    assert leftovers(out) == []
+    assert leftovers(out) == [others.name]
 
 
 def test_a_short_first_list_row_is_the_one_blamed(tmp_path, X, capsys):

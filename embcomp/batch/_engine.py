@@ -126,6 +126,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise InputError(f"{name} must be one of {list(choices)}; got {value!r}")
 
 
+PROBE_NAME = "embcomp-probe"  # check_writable's file (".embcomp-probe.<random>.tmp")
+
+
 def check_writable(directory: Path, *, create: bool = True) -> bool:
     """Prove a file can be written in ``directory``; returns True if it had to create it."""
     created = False
@@ -135,7 +138,7 @@ def check_writable(directory: Path, *, create: bool = True) -> bool:
             created = True
         # named like atomic_output's temporaries, so that the sweep of a later run
         # removes one that a kill left behind
-        fd, probe = tempfile.mkstemp(prefix=".embcomp-probe.", suffix=".tmp", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=f".{PROBE_NAME}.", suffix=".tmp", dir=directory)
         os.close(fd)
         os.unlink(probe)
         return created
@@ -422,9 +425,14 @@ def run_local(job: Job, *, block_rows: int | None, progress: bool, overwrite: bo
             todo.append(task)
     total = sum(task.source.n_rows for task in todo)
     # Temporary files that killed runs left (SIGKILL runs no clean-up): one scan per
-    # output directory, not one per file written.
-    for directory in sorted({task.output.path.parent for task in todo}):
-        remove_stale_temporaries_in(directory)
+    # output directory, not one per file written, for the names this job writes.
+    ours: dict[Path, set[str]] = {}
+    for task in todo:
+        spec = task.output
+        names = {spec.path.name, spec.sidecar.name, spec.skipped_list.name, PROBE_NAME}
+        ours.setdefault(spec.path.parent, set()).update(names)
+    for directory, names in sorted(ours.items()):
+        remove_stale_temporaries_in(directory, names.__contains__)
     try:
         _run_tasks(job, todo, report, block_rows, Progress(total, job.command, enabled=progress))
     except BaseException:

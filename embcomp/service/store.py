@@ -41,6 +41,12 @@ _ID = re.compile(rf"^[0-9a-f]{{{ID_HEX_DIGITS}}}$")
 _SIDECAR_FORMAT = "embcomp-store-entry"
 
 
+def _stored_name(name: str) -> bool:
+    """Whether a file name is one the store writes (a codec, its sidecar, the probe)."""
+    stem, _, suffix = name.rpartition(".")
+    return name == ".write-probe" or (suffix in ("codec", "json") and bool(_ID.match(stem)))
+
+
 def check_codec_id(codec_id: str) -> str:
     """Return ``codec_id`` if it is well formed; raise ``InputError`` otherwise.
 
@@ -154,7 +160,7 @@ class CodecStore:
             probe.unlink()
         except (OSError, InputError) as exc:
             raise InputError(f"cannot use {str(self.root)!r} as the codec store: {exc}") from exc
-        remove_stale_temporaries_in(self.root)  # of writes a killed server left half done
+        remove_stale_temporaries_in(self.root, _stored_name)  # a killed server's half writes
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Codec] = OrderedDict()
         self._cache_lock = threading.Lock()

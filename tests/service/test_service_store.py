@@ -49,14 +49,20 @@ def test_put_is_content_addressed_and_idempotent(tmp_path, codecs):
 
 def test_opening_the_store_removes_what_a_killed_server_half_wrote(tmp_path, codecs):
     first = CodecStore(tmp_path).put(codecs[0])
-    stale = [tmp_path / f".{first.id}.codec.abcdefgh.tmp", tmp_path / ".x.json.k3x_9q0a.tmp"]
-    young = tmp_path / ".y.codec.abcdefgh.tmp"  # maybe another process writing right now
-    for path in [*stale, young]:
+    other_id = "0" * len(first.id)
+    stale = [
+        tmp_path / f".{first.id}.codec.abcdefgh.tmp",
+        tmp_path / f".{other_id}.json.k3x_9q0a.tmp",
+        tmp_path / "..write-probe.abcdefgh.tmp",  # the probe is ".write-probe"
+    ]
+    young = tmp_path / f".{'1' * len(first.id)}.codec.abcdefgh.tmp"  # another process, now
+    others = tmp_path / ".x.json.abcdefgh.tmp"  # not a store name: not the store's to remove
+    for path in [*stale, young, others]:
         path.write_bytes(b"partial")
-    for path in stale:
+    for path in [*stale, others]:
         os.utime(path, (0, 0))
     store = CodecStore(tmp_path)
-    assert not any(path.exists() for path in stale) and young.exists()
+    assert not any(path.exists() for path in stale) and young.exists() and others.exists()
     assert store.ids() == [first.id]
 
 
