@@ -133,7 +133,7 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[tuple[str, in
     """
     final = Path(path)
     directory = final.parent if str(final.parent) else Path(".")
-    return _remove_stale(directory, lambda name: name == final.name)
+    return remove_stale_temporaries_in(directory, lambda name: name == final.name)
 
 
 def remove_stale_temporaries_in(
@@ -143,23 +143,19 @@ def remove_stale_temporaries_in(
     ``ours(name)`` accepts, in one scan: for a writer of many files there (a store, a
     batch job's outputs) whose small writes skip the search. Only names the caller
     writes: another program's temporary files in a shared directory are its own."""
-    return _remove_stale(Path(directory), ours)
-
-
-def _remove_stale(directory: Path, wanted: Callable[[str], bool]) -> list[tuple[str, int]]:
-    """Remove the stale temporary files in ``directory`` of the final names ``wanted``."""
+    folder = Path(directory)
     removed: list[tuple[str, int]] = []
     try:
-        with os.scandir(directory) as scan:
+        with os.scandir(folder) as scan:
             names = [e.name for e in scan if e.name.startswith(".") and e.name.endswith(".tmp")]
     except OSError:
         return removed
     for name in names:
         # mkstemp's names: ".<final name>." + 8 of _NAME_CHARS + ".tmp"
         final, middle = name[1:-13], name[-12:-4]
-        if len(name) < 15 or name[-13] != "." or set(middle) - _NAME_CHARS or not wanted(final):
+        if len(name) < 15 or name[-13] != "." or set(middle) - _NAME_CHARS or not ours(final):
             continue
-        temporary = directory / name
+        temporary = folder / name
         with _if_stale(temporary) as info, contextlib.suppress(OSError):
             if info is None or not stat.S_ISREG(info.st_mode):
                 continue
@@ -167,7 +163,7 @@ def _remove_stale(directory: Path, wanted: Callable[[str], bool]) -> list[tuple[
             removed.append((name, info.st_size))
             logger.warning(
                 "removed %s (%d bytes), the temporary file of an interrupted write of %s",
-                temporary, info.st_size, directory / final,
+                temporary, info.st_size, folder / final,
             )  # fmt: skip
     return removed
 
