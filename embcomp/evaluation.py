@@ -133,7 +133,12 @@ def recall_at_k(
     found_ids : (m, >=k) int, results of the search under test, best first.
     true_ids : (m, >=k) int, exact neighbours, best first.
     base, queries : the float32 vectors; when given, a found id whose exact score is
-        within ``eps`` of the true k-th score also counts as a hit (ties are not misses).
+        within ``eps * scale`` of the true k-th score also counts as a hit (ties are not
+        misses). ``scale`` is what float32 rounding errors of the scores grow with:
+        ``|q| * |x|`` for inner products, ``|q|^2 + |x|^2`` for squared distances (``x``
+        the larger of the two base vectors compared). For unit vectors and ``ip`` the
+        tolerance is ``eps`` itself; an absolute one would make every id a tie for
+        embeddings of norm 1e-6 and no near-tie one for embeddings of norm 1e4.
 
     Returns
     -------
@@ -163,12 +168,21 @@ def recall_at_k(
         q = np.asarray(queries, dtype=np.float32)
         valid = found >= 0
         safe = np.where(valid, found, 0)
-        found_scores = np.einsum("mkd,md->mk", base[safe].astype(np.float32), q)
-        kth_scores = np.einsum("md,md->m", base[true[:, -1]].astype(np.float32), q)
+        found_vectors = base[safe].astype(np.float32)  # (m, k, d)
+        kth_vectors = base[true[:, -1]].astype(np.float32)  # (m, d)
+        q_norm = np.linalg.norm(q, axis=1)[:, None]
+        x_norm = np.maximum(
+            np.linalg.norm(found_vectors, axis=2), np.linalg.norm(kth_vectors, axis=1)[:, None]
+        )
         if metric == "l2":
-            found_scores = -((base[safe] - q[:, None, :]) ** 2).sum(axis=2)
-            kth_scores = -((base[true[:, -1]] - q) ** 2).sum(axis=1)
-        hits |= valid & (found_scores >= kth_scores[:, None] - eps)
+            found_scores = -((found_vectors - q[:, None, :]) ** 2).sum(axis=2)
+            kth_scores = -((kth_vectors - q) ** 2).sum(axis=1)
+            scale = q_norm**2 + x_norm**2
+        else:
+            found_scores = np.einsum("mkd,md->mk", found_vectors, q)
+            kth_scores = np.einsum("md,md->m", kth_vectors, q)
+            scale = q_norm * x_norm
+        hits |= valid & (found_scores >= kth_scores[:, None] - eps * scale)
     # Duplicate ids in a result list must not count twice.
     unique_hits = [len(set(row[mask].tolist())) for row, mask in zip(found, hits, strict=True)]
     return float(np.mean(np.minimum(unique_hits, k)) / k) if len(unique_hits) else 0.0

@@ -101,6 +101,31 @@ def test_recall_counts_overlap_and_ties():
     assert recall_at_k(np.array([[0, 0]]), true, 2, base=base, queries=queries) == 0.5
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_recall_tie_tolerance_follows_the_scale_of_the_vectors(metric):
+    """Ties are judged relative to the vectors' size: with an absolute tolerance, at
+    norm 1e-6 every random id 'tied' (recall 0.9995 for random results), and at norm
+    1e4 a score one float32 rounding below the k-th missed."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((2000, 64)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    Q = X[:50] + 0.1 * rng.standard_normal((50, 64)).astype(np.float32)
+    random_ids = rng.integers(0, 2000, size=(50, 10))
+    for factor in (1e-6, 1.0, 1e4):
+        base, queries = X * np.float32(factor), Q * np.float32(factor)
+        true, _ = exact_knn(base, queries, 10, metric=metric)
+        at = recall_at_k(random_ids, true, 10, base=base, queries=queries, metric=metric)
+        assert at < 0.05, (factor, at)
+        assert recall_at_k(true, true, 10, base=base, queries=queries, metric=metric) == 1.0
+    # a copy of the k-th neighbour whose float32 score is a rounding lower still ties
+    base = np.vstack([X, X[:1]]).astype(np.float32) * np.float32(1e4)
+    q = base[:1] * np.float32(1.0001)
+    true, _ = exact_knn(base[:-1], q, 2, metric=metric)
+    kth = base[true[0, -1]]
+    base[-1] = np.nextafter(kth, np.float32(0))  # every value one ulp towards 0
+    found = np.array([[true[0, 0], len(base) - 1]])
+    assert recall_at_k(found, true, 2, base=base, queries=q, metric=metric) == 1.0
+
 def test_recall_matches_brute_force_reference(rng_data):
     rng = np.random.default_rng(0)
     true = brute_force(rng_data[:300], rng_data[300:340], 10, "ip")
