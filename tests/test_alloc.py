@@ -12,7 +12,7 @@ import embcomp
 import embcomp._jit as jit
 from embcomp import DimensionMismatchError, InputError, SpecError, codec_to_bytes, make_codec
 from embcomp._blocks import Scratch
-from embcomp.evaluation import recall_at_k
+from embcomp.evaluation import exact_knn, recall_at_k
 from embcomp.quantizers import AllocQuantizer, _alloc_kernels
 from embcomp.quantizers._alloc import _Batch, greedy_bits, water_fill
 from embcomp.quantizers._alloc_kernels import row_sums
@@ -105,7 +105,7 @@ def test_code_size_is_exactly_the_budget(d, path):
         codes = codec.encode(X)
         assert codec.code_size == budget == codes.shape[1] == codec.spec.code_size(d)
         q = codec.quantizer
-        assert int(q.units_[:, 2].sum()) + q.norm_bits == 8 * budget
+        assert int(q.units_[:, 2].sum()) + q.norm_bits_ == 8 * budget
         assert np.isfinite(codec.decode(codes)).all()
 
 
@@ -151,7 +151,7 @@ def test_scalar_only_and_vector_only_extremes(path):
     assert (scalar.units_[:, 1] == 1).all()
     vector = make_codec("pca,alloc16", vq_below=9.0, kmeans_iters=4).fit(X).quantizer
     assert (vector.units_[:, 1] > 1).any()
-    assert vector.units_[:, 2].sum() + vector.norm_bits == 128
+    assert vector.units_[:, 2].sum() + vector.norm_bits_ == 128
 
 
 def test_reduced_pca_then_alloc(path):
@@ -616,3 +616,31 @@ def test_alloc_refuses_dimensions_whose_mean_dwarfs_their_spread():
     constant = np.full((100, 4), 1e4, dtype=np.float32)  # no spread: coded exactly
     codec = make_codec("alloc2").fit(constant)
     np.testing.assert_array_equal(codec.decode(codec.encode(constant)), constant)
+
+
+def test_a_norm_code_left_out_gives_its_bits_to_the_components(tmp_path):
+    """alloc1 on 200 distinct 8-d vectors: the norm code took 4 of the 8 bits and left a
+    16-centroid codebook (recall@10 0.08); with all 8 bits the codebook holds every
+    vector. The fit compares the two on the training sample where the code costs 1/32
+    of the budget or more, and a codec without it is exactly the ``norm_bits=0`` one."""
+    rng = np.random.default_rng(11)
+    distinct = rng.standard_normal((200, 8)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    X = distinct[rng.integers(0, 200, 4000)]
+    codec = make_codec("alloc1").fit(X)
+    q = codec.quantizer
+    assert q.norm_bits_ == 0 and q.norm_levels_.shape == (1,)
+    assert int(q.units_[:, 2].sum()) == 8 and q.describe()["norm_bits"] == 0
+    codes = codec.encode(X)
+    assert np.array_equal(codes, make_codec("alloc1", norm_bits=0).fit(X).encode(X))
+    true, _ = exact_knn(X, distinct[:50], 10)
+    found, _ = exact_knn(codec.decode(codes), distinct[:50], 10)
+    assert recall_at_k(found, true, 10, base=X, queries=distinct[:50]) > 0.9
+    loaded = embcomp.load_codec(embcomp.save_codec(codec, tmp_path / "c.codec"))
+    assert np.array_equal(loaded.encode(X), codes)
+    assert np.array_equal(loaded.decode(codes), codec.decode(codes))
+    # where the code helps, it stays: 4 of 64 bits on power-law data
+    Y = _gaussian(4000, 64, seed=12, decay=0.93)
+    kept = make_codec("pca,alloc8").fit(Y).quantizer
+    assert kept.norm_bits_ == 4 and kept.norm_levels_.shape == (16,)
+    assert int(kept.units_[:, 2].sum()) + 4 == 64

@@ -26,7 +26,9 @@ bits per vector where the variance is (reverse water-filling):
    (centred) norm to the norm of its reconstruction, fitted by Lloyd-Max on the
    training ratios. Decoding rescales the reconstruction by it: coarse codes shrink
    vectors towards the mean by an amount that varies from vector to vector, and that
-   variation, not the shrinkage itself, is what reorders search results.
+   variation, not the shrinkage itself, is what reorders search results. Where the
+   code would lower the training sample's own recall (tiny budgets), the fit leaves it
+   out and plans again with its bits given to the components.
 
 The unit codes and the norm code are bit-packed (``_bitpack``) so ``code_size`` is
 exactly the budget: 8-bit fields first, then 4-bit ones, then the rest, each group in
@@ -132,6 +134,27 @@ def greedy_bits(
         if bits[i] < max_bits:
             heapq.heappush(heap, (-float(gain[i, bits[i]]), i))
     return bits
+
+
+class _SampleRecall:
+    """The training sample's own nearest neighbours, to compare reconstructions of it:
+    a fifth of the rows (at most 1,000) as queries against all the others, by inner
+    product (``blocked_knn`` scores them in blocks: with 10,000 rows the scores alone
+    would be 40 MB). ``usable`` is False for samples too small to say anything."""
+
+    def __init__(self, X: np.ndarray) -> None:
+        n = X.shape[0]
+        self.m = min(1000, n // 5)
+        self.usable = self.m >= 1 and n - self.m >= 10
+        self.queries = X[: self.m]
+        self.truth = blocked_knn(X[self.m :], self.queries, 10)[0] if self.usable else None
+
+    def hits(self, reconstruction: np.ndarray) -> np.ndarray:
+        """True top-10 neighbours found in the reconstruction's top 10, per query."""
+        assert self.truth is not None
+        found = blocked_knn(reconstruction[self.m :], self.queries, 10)[0]
+        pairs = zip(self.truth, found, strict=True)
+        return np.array([np.intersect1d(t, f).size for t, f in pairs], dtype=np.float64)
 
 
 class _Batch:
@@ -268,7 +291,8 @@ class AllocQuantizer(Quantizer):
         ``order_``, number of components, bits. Size 1 is a scalar quantizer.
     codebooks_ : ndarray float32, the ``2**bits x size`` codebooks (levels for
         scalar units) of all units, flattened and concatenated in unit order.
-    norm_levels_ : ndarray (2**norm_bits,) float32, decoded norm ratios.
+    norm_levels_ : ndarray (2**norm_bits,) float32, decoded norm ratios; a single 1.0
+        when the fit left the norm code out (see :attr:`norm_bits_`).
     """
 
     bits = 0  # not a fixed-rate quantizer: code_size is the budget
@@ -308,6 +332,14 @@ class AllocQuantizer(Quantizer):
         """Bytes per encoded vector: exactly the budget."""
         self._check_fitted()
         return int(self.budget)
+
+    @property
+    def norm_bits_(self) -> int:
+        """Bits the fitted code spends on the norm code: ``norm_bits``, or 0 when the fit
+        found that it lowers recall and gave its bits to the components."""
+        self._check_fitted()
+        assert self.norm_levels_ is not None
+        return int(self.norm_levels_.size).bit_length() - 1
 
     # -- fitting ------------------------------------------------------------------------
     def _check_params(self, d: int) -> None:
@@ -360,9 +392,83 @@ class AllocQuantizer(Quantizer):
         variance = X.var(axis=0, dtype=np.float64)
         weighted = variance * np.power(variance, float(self.weight))
         order = np.argsort(-weighted, kind="stable")
+        self.order_ = order.astype(np.int64)
+        self.mean_ = mean.astype(np.float32)
+        self.variance_ = variance.astype(np.float32)
         Z = np.ascontiguousarray(sample[:, order], dtype=np.float32)
-        units, tables = self._plan(Z, weighted[order], np.power(variance[order], self.weight))
-        self._check_offsets(mean, variance, [order[f : f + g] for f, g, _ in units if g > 1])
+        norm_bits = int(self.norm_bits)
+        self._fit_units(Z, weighted[order], variance, 8 * int(self.budget) - norm_bits)
+        self.norm_levels_ = np.ones(1 << norm_bits, dtype=np.float32)
+        self._after_load()
+        if not norm_bits:
+            return
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        self._fit_norm_code(sample, Z, weighted[order], variance)
+        self._after_load()
+
+    def _fit_norm_code(
+        self, sample: np.ndarray, Z: np.ndarray, weighted: np.ndarray, variance: np.ndarray
+    ) -> None:
+        """Fit the norm code's levels, or leave the code out and give its bits to the
+        components (``_fit_units`` again), by recall@10 on the training sample itself
+        (see :class:`_SampleRecall`).
+
+        The code is meant for search: it raises the squared error a little where the
+        reconstruction is rich, yet lifts recall (MiniLM, ``pca,alloc48``: 0.752 against
+        0.722). Where the reconstruction spans only a few components (tiny budgets), the
+        ratios reach hundreds and rescaling wrecks both. So the code is left out if its
+        recall is lower than the plain reconstruction's by more than twice the paired
+        standard error; and where its bits are 1/32 of the budget or more (up to
+        ``alloc16`` with 4 bits), also if the components do better with those bits than
+        the code does (alloc1 on 200 distinct 8-d vectors: recall 0.08 with the code, 1.0
+        with its 4 bits as 4 more bits of codebook). Larger budgets skip that second fit:
+        there the code's few bits change the components little.
+        """
+        assert self.mean_ is not None
+        norm_bits = int(self.norm_bits)
+        codes = self._encode_units(sample, Scratch())
+        ratios = self._norm_ratios(sample, codes)
+        levels = fit_levels(SortedColumns(ratios[:, None]), norm_bits, "lloyd")[0]
+        levels = levels.astype(np.float32)
+        judge = _SampleRecall(sample)
+        if not judge.usable:
+            self.norm_levels_ = levels
+            return
+        plain = self._decode_units(codes)
+        thresholds = 0.5 * (levels[1:] + levels[:-1])
+        scale = levels[np.searchsorted(thresholds, ratios)][:, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = (plain - self.mean_) * scale + self.mean_
+        with_code = judge.hits(scaled)
+        gaps = with_code - judge.hits(plain)
+        helps = bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(gaps.size))
+        if helps and 32 * norm_bits < 8 * int(self.budget):
+            self.norm_levels_ = levels
+            return
+        kept = (self.units_, self.codebooks_)
+        self._fit_units(Z, weighted, variance, 8 * int(self.budget))
+        self.norm_levels_ = np.ones(1, dtype=np.float32)
+        if helps:
+            self._after_load()
+            without = judge.hits(self._decode_units(self._encode_units(sample, Scratch())))
+            if without.mean() < with_code.mean():
+                self.units_, self.codebooks_ = kept
+                self.norm_levels_ = levels
+
+    def _fit_units(
+        self, Z: np.ndarray, weighted: np.ndarray, variance: np.ndarray, component_bits: int
+    ) -> None:
+        """Plan the units for ``component_bits`` bits and fit their levels and codebooks
+        (``units_``, ``codebooks_``) on ``Z``, the sample in variance order."""
+        assert self.order_ is not None and self.mean_ is not None
+        order = self.order_
+        weights = np.power(variance[order], self.weight)
+        units, tables = self._plan(Z, weighted, weights, component_bits)
+        self._check_offsets(
+            self.mean_.astype(np.float64),
+            variance,
+            [order[f : f + g] for f, g, _ in units if g > 1],
+        )
         codebooks = []
         for index, (first, size, bits) in enumerate(units):
             checkpoint()
@@ -379,56 +485,8 @@ class AllocQuantizer(Quantizer):
                     seed=[int(self.seed), 2, index],
                 )
                 codebooks.append(centroids.ravel())
-        self.order_ = order.astype(np.int64)
-        self.mean_ = mean.astype(np.float32)
-        self.variance_ = variance.astype(np.float32)
         self.units_ = np.asarray(units, dtype=np.int64).reshape(-1, 3)
         self.codebooks_ = np.concatenate(codebooks) if codebooks else np.zeros(0, dtype=np.float32)
-        self.norm_levels_ = np.ones(1 << int(self.norm_bits), dtype=np.float32)
-        self._after_load()
-        if int(self.norm_bits):
-            fitted = np.ascontiguousarray(sample, dtype=np.float32)
-            codes = self._encode_units(fitted, Scratch())
-            ratios = self._norm_ratios(fitted, codes)
-            levels = fit_levels(SortedColumns(ratios[:, None]), int(self.norm_bits), "lloyd")
-            if self._norm_code_helps(fitted, codes, ratios, levels[0].astype(np.float32)):
-                self.norm_levels_ = levels[0].astype(np.float32)
-                self._after_load()
-
-    def _norm_code_helps(
-        self, X: np.ndarray, codes: np.ndarray, ratios: np.ndarray, levels: np.ndarray
-    ) -> bool:
-        """Whether rescaling by the norm code finds the training sample's own nearest
-        neighbours about as well as the plain reconstruction or better: False only if
-        its recall@10 (by inner product; a fifth of the sample, at most 1,000 rows, as
-        queries against all the others) is lower by more than twice the paired standard
-        error.
-
-        The code is meant for search: it raises the squared error a little where the
-        reconstruction is rich, yet lifts recall (MiniLM, ``pca,alloc48``: 0.752 against
-        0.722). Where the reconstruction spans only a few components (tiny budgets),
-        the ratios reach hundreds and rescaling wrecks both: then it is left at 1.
-        """
-        n = X.shape[0]
-        m = min(1000, n // 5)
-        if m < 1 or n - m < 10:
-            return True
-        plain = self._decode_units(codes)
-        thresholds = 0.5 * (levels[1:] + levels[:-1])
-        scale = levels[np.searchsorted(thresholds, ratios)][:, None]
-        with np.errstate(over="ignore", invalid="ignore"):
-            scaled = (plain - self.mean_) * scale + self.mean_
-        # Against every other sample row: with 10,000 of them (scores of 40 MB) the
-        # check rejected a code that lifts recall@10 on 768-d power-law data from 0.904
-        # to 0.951 (pca,alloc56); blocked_knn scores them in blocks instead.
-        queries, base = X[:m], slice(m, None)
-        truth = blocked_knn(X[base], queries, 10)[0]
-        found = [blocked_knn(r[base], queries, 10)[0] for r in (scaled, plain)]
-        hits = [
-            [np.intersect1d(t, f).size for t, f in zip(truth, ids, strict=True)] for ids in found
-        ]
-        gaps = np.subtract(hits[0], hits[1], dtype=np.float64)
-        return bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(m))
 
     def _check_offsets(
         self, mean: np.ndarray, variance: np.ndarray, groups: list[np.ndarray]
@@ -454,11 +512,10 @@ class AllocQuantizer(Quantizer):
                 )
 
     def _plan(
-        self, Z: np.ndarray, weighted: np.ndarray, weights: np.ndarray
+        self, Z: np.ndarray, weighted: np.ndarray, weights: np.ndarray, component_bits: int
     ) -> tuple[list[tuple[int, int, int]], dict[tuple[int, int], np.ndarray]]:
         """Units (first, size, bits) in variance order, and the levels of scalar units."""
         d = Z.shape[1]
-        component_bits = 8 * int(self.budget) - int(self.norm_bits)
         vq_bits = int(self.vq_bits)
         rates = water_fill(weighted, component_bits)
         n_scalar = int(np.count_nonzero(rates >= float(self.vq_below)))
@@ -538,7 +595,10 @@ class AllocQuantizer(Quantizer):
         expect_array(self.codebooks_, "codebooks_", (int((size << bits).sum()),))  # type: ignore[arg-type]
         if not 0 <= int(self.norm_bits) <= MAX_BITS:
             raise ArtifactError(f"norm_bits must be in 0..{MAX_BITS}; got {self.norm_bits!r}")
-        expect_array(self.norm_levels_, "norm_levels_", (1 << int(self.norm_bits),))  # type: ignore[arg-type]
+        assert self.norm_levels_ is not None
+        # 2**norm_bits levels, or a single 1.0 where the fit left the code out
+        levels = 1 if self.norm_levels_.size == 1 else 1 << int(self.norm_bits)
+        expect_array(self.norm_levels_, "norm_levels_", (levels,))
         # The kernels square these in float32: values beyond what a fit can produce (the
         # training range is capped at 2**56) would overflow into NaN scores, and a NaN
         # score picks no valid centroid.
@@ -552,7 +612,7 @@ class AllocQuantizer(Quantizer):
         # Units are planned in variance order; encoding and decoding address the input
         # columns directly (order_ maps one to the other), so no block is permuted.
         order = self.order_
-        widths = np.append(units[:, 2], int(self.norm_bits))
+        widths = np.append(units[:, 2], self.norm_bits_)
         # Field order in the code: 8-bit fields first, then 4-bit ones, then the rest,
         # each in unit order (the norm code last among its width): byte and nibble
         # runs pack without the per-bit path.
@@ -699,7 +759,7 @@ class AllocQuantizer(Quantizer):
             flat(deviation, f32),
             np.asarray(dev, i64),
             np.asarray(batch_start, i64),
-            int(self.norm_bits),
+            self.norm_bits_,
             np.ascontiguousarray(self.mean_, f32),
             np.ascontiguousarray(self._scalar_sq, f32),
             np.ascontiguousarray(self._norm_thresholds, f32),
@@ -713,7 +773,7 @@ class AllocQuantizer(Quantizer):
             *vector[:4],
             flat(centroids, f32),
             np.asarray(centroid, i64),
-            int(self.norm_bits),
+            self.norm_bits_,
             np.ascontiguousarray(self.mean_, f32),
             np.ascontiguousarray(self.norm_levels_, f32),
             *pack,
@@ -803,7 +863,7 @@ class AllocQuantizer(Quantizer):
         # clipped to the last level, NaN scores settle as in the compiled kernel.
         with np.errstate(over="ignore", invalid="ignore"):
             codes = self._encode_units(X, scratch)
-            if int(self.norm_bits):
+            if self.norm_bits_:
                 ratios = self._norm_ratios(X, codes)
                 codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
         out[...] = self._layout.pack(codes[:, self._field_order])
@@ -818,7 +878,7 @@ class AllocQuantizer(Quantizer):
         fields = np.empty((codes.shape[0], self._field_order.size), dtype=np.uint16)
         fields[:, self._field_order] = self._layout.unpack(codes)
         out = self._decode_units(fields)
-        if int(self.norm_bits):
+        if self.norm_bits_:
             assert self.norm_levels_ is not None
             out -= self.mean_
             out *= self.norm_levels_[fields[:, -1]][:, None]
@@ -834,7 +894,7 @@ class AllocQuantizer(Quantizer):
         groups = self.units_[self.units_[:, 1] > 1]
         return {
             "budget_bits": 8 * int(self.budget),
-            "norm_bits": int(self.norm_bits),
+            "norm_bits": self.norm_bits_,
             "scalar_components": int(scalar.shape[0]),
             "scalar_bits_histogram": np.bincount(scalar[:, 2], minlength=MAX_BITS + 1).tolist(),
             "vq_groups": int(groups.shape[0]),
