@@ -23,7 +23,7 @@ import numpy as np
 from . import __version__
 from ._validation import check_finite, check_matrix, check_not_an_input, to_float32
 from .artifacts import codec_id, load_codec, read_manifest, save_codec
-from .codec import make_codec
+from .codec import _l2_normalize, make_codec
 from .evaluation import exact_knn, recall_at_k
 from .exceptions import EmbcompError, InputError
 from .io import read_vectors, write_vectors
@@ -124,13 +124,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     queries = to_float32(check_matrix(read_vectors(args.queries), name="queries"), name="queries")
     check_finite(base, name="base")
     check_finite(queries, name="queries")
-    true_ids, _ = exact_knn(base, queries, args.k, metric=args.metric)
+    # A codec that normalizes is for cosine search: judge it by cosine unless told.
+    metric = args.metric or ("cos" if codec.spec.normalize else "ip")
     decoded = codec.decode(codec.encode(base))
-    found_ids, _ = exact_knn(decoded, queries, args.k, metric=args.metric)
-    recall = recall_at_k(
-        found_ids, true_ids, args.k, base=base, queries=queries, metric=args.metric
-    )
+    search = "ip" if metric == "cos" else metric
+    if metric == "cos":  # cosine = inner product of unit vectors (zero rows stay zero)
+        base, queries, decoded = (_l2_normalize(a.copy()) for a in (base, queries, decoded))
+    true_ids, _ = exact_knn(base, queries, args.k, metric=search)
+    found_ids, _ = exact_knn(decoded, queries, args.k, metric=search)
+    recall = recall_at_k(found_ids, true_ids, args.k, base=base, queries=queries, metric=search)
     print(f"spec               {codec.spec}")
+    print(f"metric             {metric}")
     print(f"bytes/vector       {codec.code_size}")
     print(f"compression ratio  {codec.compression_ratio:.2f}x")
     print(f"recall@{args.k:<11d} {recall:.4f}")
@@ -226,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", required=True)
     ev.add_argument("--queries", required=True)
     ev.add_argument("--k", type=int, default=10)
-    ev.add_argument("--metric", choices=("ip", "l2"), default="ip")
+    ev.add_argument(
+        "--metric",
+        choices=("ip", "l2", "cos"),
+        help="similarity of the exact and the decoded search (default: cos for a codec "
+        "that starts with l2norm, else ip)",
+    )
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="fit and evaluate codecs on the bundled sample")

@@ -73,6 +73,29 @@ def test_fit_encode_decode_inspect_eval(files, rng_data, capsys):
     out = capsys.readouterr().out
     assert "bytes/vector       16" in out and "recall@5" in out
 
+def test_eval_judges_a_normalizing_codec_by_cosine(tmp_path, capsys):
+    """Vectors with norms 10-100: an l2norm codec keeps directions, so by inner product
+    (which the norms dominate) its recall looks poor; eval uses cosine for it unless
+    told, and says which metric it used."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 32)).astype(np.float32)
+    X *= rng.uniform(10, 100, (600, 1)).astype(np.float32) / np.linalg.norm(X, axis=1)[:, None]
+    np.save(tmp_path / "x.npy", X)
+    codec = tmp_path / "c.codec"
+    fit = ["fit", "--spec", "l2norm,fp16", "--train", str(tmp_path / "x.npy")]
+    assert main([*fit, "-o", str(codec)]) == 0
+
+    def recall(*extra: str) -> tuple[str, float]:
+        capsys.readouterr()
+        argv = ["eval", "-c", str(codec), "--base", str(tmp_path / "x.npy")]
+        assert main([*argv, "--queries", str(tmp_path / "x.npy"), *extra]) == 0
+        lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+        return lines["metric"].strip(), float(lines["recall@10"])
+
+    assert recall() == ("cos", 1.0)
+    metric, by_ip = recall("--metric", "ip")
+    assert metric == "ip" and by_ip < 0.5
+
 
 def test_fvecs_input(files, rng_data, tmp_path):
     path = tmp_path / "x.fvecs"
