@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,8 @@ logger = logging.getLogger("embcomp")
 # changed for this long. Live writers hold a lock on theirs; the wait also covers the
 # instant between creating the file and locking it, and file systems without locks.
 STALE_AFTER_SECONDS = 60.0
-_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+_NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile.mkstemp's, too
+_NAME_CHARS = set(_NAME_ALPHABET)
 
 
 def _current_umask() -> int:
@@ -36,8 +38,52 @@ def _current_umask() -> int:
     return mask
 
 
-# mkstemp creates files 0600; outputs should get the permissions a plain open() would.
+# Outputs get the permissions a plain open() would give them.
 _FILE_MODE = 0o666 & ~_current_umask()
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_exclusive(path: Path) -> int:
+    """Create ``path``, which must not exist; returns its descriptor."""
+    return os.open(path, _CREATE_FLAGS, _FILE_MODE)
+
+
+def _random_name() -> str:
+    return "".join(secrets.choice(_NAME_ALPHABET) for _ in range(8))
+
+
+class Temporary:
+    """A temporary file ``.<final name>.<8 random characters>.tmp`` in ``directory``
+    (the names :func:`remove_stale_temporaries_in` knows), which :meth:`remove` removes
+    whenever an exception stopped its writer, however early.
+
+    ``tempfile.mkstemp`` names its file only once it exists: a signal landing between
+    the two (a SIGTERM turned into an exception) left the file behind, unnamed. Here
+    ``path`` is set before the file is created, so :meth:`remove` finds it whether or
+    not the creation finished, and cleared if the name turns out to be taken (another
+    writer's file, never ours to remove).
+    """
+
+    def __init__(self, directory: Path, final_name: str) -> None:
+        self.directory = directory
+        self.final_name = final_name
+        self.path: Path | None = None
+
+    def create(self) -> int:
+        """Create the file; returns its descriptor (open for reading and writing)."""
+        for _ in range(100):
+            self.path = self.directory / f".{self.final_name}.{_random_name()}.tmp"
+            try:
+                return _create_exclusive(self.path)
+            except FileExistsError:
+                self.path = None
+        raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(self.directory))
+
+    def remove(self) -> None:
+        """Remove the file if it was (or may have been) created; errors are ignored."""
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 @contextlib.contextmanager
@@ -57,21 +103,22 @@ def atomic_output(
         raise InputError(f"output directory {str(directory)!r} does not exist; create it first")
     if clean_stale:
         remove_stale_temporaries(final)
+    temporary = Temporary(directory, final.name)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    except PermissionError as exc:
-        raise InputError(f"cannot write to directory {str(directory)!r}: {exc.strerror}") from exc
-    try:
+        try:
+            fd = temporary.create()
+        except PermissionError as exc:
+            where = str(directory)
+            raise InputError(f"cannot write to directory {where!r}: {exc.strerror}") from exc
         _try_lock(fd)  # released when the file is closed
-        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, final)
+        assert temporary.path is not None
+        os.replace(temporary.path, final)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        temporary.remove()
         raise
 
 

@@ -171,3 +171,48 @@ def test_guard_holds_its_lock_and_removes_it(tmp_path):
         _age(lock)
         assert remove_stale_directory(scratch) is None and scratch.exists()
     assert not lock.exists() and scratch.exists()
+
+
+class _Signal(BaseException):
+    """Stands for the exception a SIGTERM handler raises."""
+
+
+def test_a_signal_just_after_the_temporary_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """tempfile.mkstemp names its file only once it exists: a SIGTERM landing in
+    between (seen under load) left the temporary behind, so a terminated run was not
+    clean. The name is now known before the file exists; name collisions retry and
+    never remove the other writer's file."""
+    import embcomp._atomic as atomic
+    from embcomp.batch._engine import check_writable
+
+    real = atomic._create_exclusive
+    created = []
+
+    def create_then_signal(path):
+        fd = real(path)
+        created.append(path)
+        os.close(fd)
+        raise _Signal
+
+    monkeypatch.setattr(atomic, "_create_exclusive", create_then_signal)
+    with pytest.raises(_Signal), atomic_output(tmp_path / "codes.npy") as handle:
+        handle.write(b"never")
+    with pytest.raises(_Signal):
+        check_writable(tmp_path)
+    assert len(created) == 2 and list(tmp_path.iterdir()) == []
+
+    # A taken name is skipped and the other writer's file left alone, also when the
+    # signal lands while the next name is being created.
+    other = tmp_path / ".codes.npy.taken___.tmp"
+    other.write_bytes(b"another writer's")
+    monkeypatch.setattr(atomic, "_create_exclusive", real)
+    monkeypatch.setattr(atomic, "_random_name", iter(["taken___", "free____"]).__next__)
+    with atomic_output(tmp_path / "codes.npy") as handle:
+        handle.write(b"kept")
+    monkeypatch.setattr(atomic, "_create_exclusive", create_then_signal)
+    monkeypatch.setattr(atomic, "_random_name", iter(["taken___", "next____"]).__next__)
+    with pytest.raises(_Signal), atomic_output(tmp_path / "codes.npy") as handle:
+        handle.write(b"never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "codes.npy"]
+    assert other.read_bytes() == b"another writer's"
+    assert (tmp_path / "codes.npy").read_bytes() == b"kept"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import remove_stale_temporaries_in
+from .._atomic import Temporary, remove_stale_temporaries_in
 from .._readers import DEFAULT_CODE_COLUMN, Source, block_rows_for, open_sources, vector_format
 from .._validation import check_not_an_input
 from ..artifacts import codec_id
@@ -138,9 +137,11 @@ def check_writable(directory: Path, *, create: bool = True) -> bool:
             created = True
         # named like atomic_output's temporaries, so that the sweep of a later run
         # removes one that a kill left behind
-        fd, probe = tempfile.mkstemp(prefix=f".{PROBE_NAME}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
+        probe = Temporary(directory, PROBE_NAME)
+        try:
+            os.close(probe.create())
+        finally:
+            probe.remove()
         return created
     except (PermissionError, FileExistsError, NotADirectoryError, OSError) as exc:
         reason = exc.strerror or type(exc).__name__
