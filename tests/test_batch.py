@@ -561,7 +561,8 @@ def test_sigterm_removes_the_temporary_file(tmp_path, X, codec_file):
             proc.kill()
         proc.communicate()
     assert proc.returncode == 143 and "terminated" in err
-    assert leftovers(out) == [] and list(out.iterdir()) == []
+    left = sorted(p.name for p in out.rglob("*"))
+    assert left == [], f"left behind: {left}; stderr: {err}"
 
 
 def test_a_rerun_removes_the_temporary_file_of_a_killed_run(tmp_path, X, codec, codec_file, caplog):
