@@ -422,6 +422,9 @@ class CompressionClient:
         """recall@k of the codec on a sample: decoded ``base`` vs exact float32 search."""
         if metric not in _METRICS:
             raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < 2**32:
+            # (on the wire 0 means "the default, 10": a k=0 would quietly become 10)
+            raise InputError(f"k must be an integer >= 1; got {k!r}")
         request = pb.EvaluateCodecRequest(codec_id=codec_id, k=k, metric=_METRICS[metric])
         array_to_matrix(base, name="base", out=request.base)
         array_to_matrix(queries, name="queries", out=request.queries)

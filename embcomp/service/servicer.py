@@ -198,9 +198,16 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             _check_active(context, "the upload")
             declared = first.header.rows
             if declared and train.shape[0] != declared:
-                raise CallEndedError(
-                    f"the header declared {declared} training rows but {train.shape[0]} "
-                    "arrived: the upload was cut short (deadline or cancel); nothing stored"
+                arrived = train.shape[0]
+                message = f"the header declared {declared} training rows but {arrived} arrived"
+                # gRPC may end a stream cut by its deadline as if it were complete; a
+                # client still waiting, within its deadline, sent the wrong rows
+                remaining = context.time_remaining()
+                if not context.is_active() or (remaining is not None and remaining <= 0):
+                    raise CallEndedError(f"{message}: the upload was cut short; nothing stored")
+                raise InputError(
+                    f"{message}; send exactly the rows it declares (or rows=0 for any "
+                    "number); nothing stored"
                 )
             self._take_fit_slot()  # a stalled upload holds no slot: taken now
             try:

@@ -121,6 +121,9 @@ def test_evaluate_matches_library_recall(fitted, client, sample):
     assert result.compression_ratio == pytest.approx(12.0)
     lossless = client.evaluate(fitted["fp16"][0].id, base, queries, k=5, metric="l2")
     assert lossless.recall_at_k == pytest.approx(1.0)
+    for k in (0, -1, 2.5, True):  # k=0 on the wire means 10: refused before sending
+        with pytest.raises(embcomp.InputError, match="k must be an integer >= 1"):
+            client.evaluate(info.id, base, queries, k=k)
 
 
 def test_get_list_delete(client, sample):

@@ -165,7 +165,7 @@ def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
         assert not [p for p in store.iterdir() if p.suffix == ".codec"]
 
 
-def test_a_stream_shorter_than_its_header_declares_stores_nothing(tmp_path, sample):
+def test_a_stream_shorter_than_its_header_declares_is_refused_and_stores_nothing(tmp_path, sample):
     base = sample[0]
     store = tmp_path / "s"
     with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
@@ -173,7 +173,8 @@ def test_a_stream_shorter_than_its_header_declares_stores_nothing(tmp_path, samp
         messages = iter([header, pb.FitCodecRequest(chunk=array_to_matrix(base[:200]))])
         with pytest.raises(ServiceError) as caught:
             client._call(client._stub.FitCodec, messages)
-        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        # the client ended its stream cleanly, within its deadline: its rows are wrong
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "declared 1000 training rows but 200 arrived" in caught.value.details()
         assert not [p for p in store.iterdir() if p.suffix == ".codec"]
 
