@@ -243,6 +243,16 @@ def test_too_many_components(rng_data):
         make_codec("mpad64,int8").fit(rng_data)
 
 
+def test_too_few_training_vectors(rng_data):
+    """Two vectors give one pair, and the axes all lean towards it (ill-conditioned);
+    from three on the fit is exact on its training rows."""
+    with pytest.raises(embcomp.InputError, match="needs at least 3; got 2"):
+        make_codec("mpad48,fp32").fit(rng_data[:2])
+    codec = make_codec("mpad48,fp32").fit(rng_data[:3])
+    decoded = codec.decode(codec.encode(rng_data[:3]))
+    np.testing.assert_allclose(decoded, rng_data[:3], atol=1e-4)
+
+
 def test_cli_fit_with_mpad_options(tmp_path, rng_data, capsys):
     train = tmp_path / "train.npy"
     np.save(train, rng_data)
