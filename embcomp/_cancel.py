@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
-__all__ = ["cancel_when", "checkpoint"]
+__all__ = ["cancel_when", "checkpoint", "current_check"]
 
 _check: ContextVar[Callable[[], None] | None] = ContextVar("embcomp_cancel_check", default=None)
 
@@ -39,3 +39,9 @@ def checkpoint() -> None:
     check = _check.get()
     if check is not None:
         check()
+
+
+def current_check() -> Callable[[], None] | None:
+    """This thread's installed check, for worker threads doing part of its work to
+    install with :func:`cancel_when` (a context variable does not follow a thread)."""
+    return _check.get()

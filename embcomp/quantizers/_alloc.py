@@ -39,14 +39,15 @@ variance).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from typing import Any
 
 import numpy as np
 
 from .. import _jit
-from .._blocks import Scratch
-from .._cancel import checkpoint
+from .._blocks import Scratch, map_blocks
+from .._cancel import cancel_when, checkpoint, current_check
 from .._stage import expect_array
 from ..evaluation import blocked_knn
 from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
@@ -469,22 +470,34 @@ class AllocQuantizer(Quantizer):
             variance,
             [order[f : f + g] for f, g, _ in units if g > 1],
         )
-        codebooks = []
+        codebooks: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(units)
+        groups = []
         for index, (first, size, bits) in enumerate(units):
             checkpoint()
-            if size == 1:
-                if (first, bits) not in tables:  # a one-component k-means group
-                    column = SortedColumns(Z[:, first : first + 1])
-                    tables[(first, bits)] = fit_levels(column, bits, "lloyd")[0]
-                codebooks.append(tables[(first, bits)].astype(np.float32).ravel())
-            else:
-                centroids = kmeans(
-                    Z[:, first : first + size],
-                    1 << bits,
-                    iters=int(self.kmeans_iters),
-                    seed=[int(self.seed), 2, index],
-                )
-                codebooks.append(centroids.ravel())
+            if size > 1:
+                groups.append(index)
+                continue
+            if (first, bits) not in tables:  # a one-component k-means group
+                column = SortedColumns(Z[:, first : first + 1])
+                tables[(first, bits)] = fit_levels(column, bits, "lloyd")[0]
+            codebooks[index] = tables[(first, bits)].astype(np.float32).ravel()
+        check = current_check()  # the caller's cancellation, in every worker too
+
+        def fit_groups(start: int, stop: int, _scratch: Scratch) -> None:
+            with cancel_when(check) if check is not None else contextlib.nullcontext():
+                for index in groups[start:stop]:
+                    first, size, bits = units[index]
+                    centroids = kmeans(
+                        Z[:, first : first + size],
+                        1 << bits,
+                        iters=int(self.kmeans_iters),
+                        seed=[int(self.seed), 2, index],
+                    )
+                    codebooks[index] = centroids.ravel()
+
+        # The groups' k-means on every core (1.5x on two): each is seeded by its own
+        # index, so what a codebook is does not depend on which thread fits it.
+        map_blocks(len(groups), 1, fit_groups, uses_blas=True)
         self.units_ = np.asarray(units, dtype=np.int64).reshape(-1, 3)
         self.codebooks_ = np.concatenate(codebooks) if codebooks else np.zeros(0, dtype=np.float32)
 
