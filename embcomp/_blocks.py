@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ._cancel import cancel_when, current_check
 from ._validation import check_float32_range, env_int
 
 __all__ = [
@@ -265,6 +266,9 @@ class _Run:
         self.block_rows = block_rows
         self.divisible = divisible
         self.work = work
+        # The caller's cancellation check (a context variable: it does not follow the
+        # work into the pool's threads by itself), so every worker's checkpoints see it.
+        self.check = current_check()
         if divisible:
             cuts = [s * n // threads for s in range(threads + 1)]
         else:
@@ -337,7 +341,8 @@ class _Run:
             self.active += 1
         try:
             scratch = Scratch()
-            with blas_single_thread():
+            cancel = cancel_when(self.check) if self.check else contextlib.nullcontext()
+            with blas_single_thread(), cancel:
                 while (chunk := self._take(mine)) is not None:
                     try:
                         self.work(*chunk, scratch)

@@ -218,3 +218,32 @@ def test_threads_cover_every_row_once(monkeypatch, threads):
         seen[:] = 0
         blocks.map_blocks(seen.size, 257, work, divisible=divisible)
         np.testing.assert_array_equal(seen, 1)
+
+
+def test_workers_see_the_callers_cancellation_check():
+    """The check lives in a context variable, which does not follow work into the
+    pool's threads: map_blocks installs it in each worker, and a raise stops the call."""
+    from embcomp._cancel import cancel_when, checkpoint
+
+    seen = []
+
+    def work(start, stop, _scratch):
+        checkpoint()
+        time.sleep(0.002)  # synchronization only: let the other thread take blocks too
+
+    def check():
+        seen.append(threading.current_thread().name)
+
+    with cancel_when(check):
+        blocks.map_blocks(64, 1, work)
+    assert len(seen) == 64 and len(set(seen)) == min(2, blocks.default_threads())
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    with pytest.raises(Stop), cancel_when(stop):
+        blocks.map_blocks(64, 1, work)
+    blocks.map_blocks(64, 1, work)  # no check outside the block

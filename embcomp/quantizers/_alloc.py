@@ -39,7 +39,6 @@ variance).
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 from typing import Any
 
@@ -47,7 +46,7 @@ import numpy as np
 
 from .. import _jit
 from .._blocks import Scratch, map_blocks
-from .._cancel import cancel_when, checkpoint, current_check
+from .._cancel import checkpoint
 from .._stage import expect_array
 from ..evaluation import blocked_knn
 from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
@@ -398,17 +397,22 @@ class AllocQuantizer(Quantizer):
         self.variance_ = variance.astype(np.float32)
         Z = np.ascontiguousarray(sample[:, order], dtype=np.float32)
         norm_bits = int(self.norm_bits)
-        self._fit_units(Z, weighted[order], variance, 8 * int(self.budget) - norm_bits)
+        self._fit_units(Z, weighted[order], variance, mean, 8 * int(self.budget) - norm_bits)
         self.norm_levels_ = np.ones(1 << norm_bits, dtype=np.float32)
         self._after_load()
         if not norm_bits:
             return
         sample = np.ascontiguousarray(sample, dtype=np.float32)
-        self._fit_norm_code(sample, Z, weighted[order], variance)
+        self._fit_norm_code(sample, Z, weighted[order], variance, mean)
         self._after_load()
 
     def _fit_norm_code(
-        self, sample: np.ndarray, Z: np.ndarray, weighted: np.ndarray, variance: np.ndarray
+        self,
+        sample: np.ndarray,
+        Z: np.ndarray,
+        weighted: np.ndarray,
+        variance: np.ndarray,
+        mean: np.ndarray,
     ) -> None:
         """Fit the norm code's levels, or leave the code out and give its bits to the
         components (``_fit_units`` again), by recall@10 on the training sample itself
@@ -447,7 +451,7 @@ class AllocQuantizer(Quantizer):
             self.norm_levels_ = levels
             return
         kept = (self.units_, self.codebooks_)
-        self._fit_units(Z, weighted, variance, 8 * int(self.budget))
+        self._fit_units(Z, weighted, variance, mean, 8 * int(self.budget))
         self.norm_levels_ = np.ones(1, dtype=np.float32)
         if helps:
             self._after_load()
@@ -457,19 +461,21 @@ class AllocQuantizer(Quantizer):
                 self.norm_levels_ = levels
 
     def _fit_units(
-        self, Z: np.ndarray, weighted: np.ndarray, variance: np.ndarray, component_bits: int
+        self,
+        Z: np.ndarray,
+        weighted: np.ndarray,
+        variance: np.ndarray,
+        mean: np.ndarray,
+        component_bits: int,
     ) -> None:
         """Plan the units for ``component_bits`` bits and fit their levels and codebooks
-        (``units_``, ``codebooks_``) on ``Z``, the sample in variance order."""
-        assert self.order_ is not None and self.mean_ is not None
+        (``units_``, ``codebooks_``) on ``Z``, the sample in variance order (``weighted``
+        in that order too; ``variance`` and ``mean``, float64, in input order)."""
+        assert self.order_ is not None
         order = self.order_
         weights = np.power(variance[order], self.weight)
         units, tables = self._plan(Z, weighted, weights, component_bits)
-        self._check_offsets(
-            self.mean_.astype(np.float64),
-            variance,
-            [order[f : f + g] for f, g, _ in units if g > 1],
-        )
+        self._check_offsets(mean, variance, [order[f : f + g] for f, g, _ in units if g > 1])
         codebooks: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(units)
         groups = []
         for index, (first, size, bits) in enumerate(units):
@@ -481,19 +487,17 @@ class AllocQuantizer(Quantizer):
                 column = SortedColumns(Z[:, first : first + 1])
                 tables[(first, bits)] = fit_levels(column, bits, "lloyd")[0]
             codebooks[index] = tables[(first, bits)].astype(np.float32).ravel()
-        check = current_check()  # the caller's cancellation, in every worker too
 
         def fit_groups(start: int, stop: int, _scratch: Scratch) -> None:
-            with cancel_when(check) if check is not None else contextlib.nullcontext():
-                for index in groups[start:stop]:
-                    first, size, bits = units[index]
-                    centroids = kmeans(
-                        Z[:, first : first + size],
-                        1 << bits,
-                        iters=int(self.kmeans_iters),
-                        seed=[int(self.seed), 2, index],
-                    )
-                    codebooks[index] = centroids.ravel()
+            for index in groups[start:stop]:
+                first, size, bits = units[index]
+                centroids = kmeans(
+                    Z[:, first : first + size],
+                    1 << bits,
+                    iters=int(self.kmeans_iters),
+                    seed=[int(self.seed), 2, index],
+                )
+                codebooks[index] = centroids.ravel()
 
         # The groups' k-means on every core (1.5x on two): each is seeded by its own
         # index, so what a codebook is does not depend on which thread fits it.
@@ -625,7 +629,8 @@ class AllocQuantizer(Quantizer):
         # Units are planned in variance order; encoding and decoding address the input
         # columns directly (order_ maps one to the other), so no block is permuted.
         order = self.order_
-        widths = np.append(units[:, 2], self.norm_bits_)
+        self._norm_field = self.norm_bits_  # read per block by encode and decode
+        widths = np.append(units[:, 2], self._norm_field)
         # Field order in the code: 8-bit fields first, then 4-bit ones, then the rest,
         # each in unit order (the norm code last among its width): byte and nibble
         # runs pack without the per-bit path.
@@ -772,7 +777,7 @@ class AllocQuantizer(Quantizer):
             flat(deviation, f32),
             np.asarray(dev, i64),
             np.asarray(batch_start, i64),
-            self.norm_bits_,
+            self._norm_field,
             np.ascontiguousarray(self.mean_, f32),
             np.ascontiguousarray(self._scalar_sq, f32),
             np.ascontiguousarray(self._norm_thresholds, f32),
@@ -786,7 +791,7 @@ class AllocQuantizer(Quantizer):
             *vector[:4],
             flat(centroids, f32),
             np.asarray(centroid, i64),
-            self.norm_bits_,
+            self._norm_field,
             np.ascontiguousarray(self.mean_, f32),
             np.ascontiguousarray(self.norm_levels_, f32),
             *pack,
@@ -876,7 +881,7 @@ class AllocQuantizer(Quantizer):
         # clipped to the last level, NaN scores settle as in the compiled kernel.
         with np.errstate(over="ignore", invalid="ignore"):
             codes = self._encode_units(X, scratch)
-            if self.norm_bits_:
+            if self._norm_field:
                 ratios = self._norm_ratios(X, codes)
                 codes[:, -1] = np.searchsorted(self._norm_thresholds, ratios)
         out[...] = self._layout.pack(codes[:, self._field_order])
@@ -891,7 +896,7 @@ class AllocQuantizer(Quantizer):
         fields = np.empty((codes.shape[0], self._field_order.size), dtype=np.uint16)
         fields[:, self._field_order] = self._layout.unpack(codes)
         out = self._decode_units(fields)
-        if self.norm_bits_:
+        if self._norm_field:
             assert self.norm_levels_ is not None
             out -= self.mean_
             out *= self.norm_levels_[fields[:, -1]][:, None]
