@@ -197,3 +197,32 @@ def check_is_fitted(obj: object, attribute: str) -> None:
         raise NotFittedError(
             f"this {type(obj).__name__} is not fitted yet; call fit(X) with training vectors first"
         )
+
+
+# A float32 sum of squares at least this large has lost nothing to underflow: squares
+# that underflow (below 2**-126 each) add up to under d * 2**-126, a relative error of
+# d * 2**-66, far below float32's 2**-24 for any d.
+_SAFE_SQUARES = 2.0**-60
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def normalize_rows(X: np.ndarray) -> np.ndarray:
+    """Scale rows of a writable float32 array to unit norm in place (zero rows stay zero).
+
+    Rows whose float32 sum of squares underflowed (values below ~1e-19) or overflowed
+    (norms beyond ~1.8e19) are scaled in float64 instead, so every finite nonzero row
+    comes out with unit norm, whatever its scale. (A NaN or inf row stays non-finite.)
+    """
+    squares = np.einsum("ij,ij->i", X, X)
+    exact = (squares >= _SAFE_SQUARES) & (squares <= _FLOAT32_MAX)
+    norms = np.sqrt(squares)
+    norms[squares == 0] = 1.0
+    if exact.all():
+        X /= norms[:, None]
+        return X
+    X[exact] /= norms[exact, None]
+    rows = X[~exact].astype(np.float64)
+    wide = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    wide[wide == 0] = 1.0
+    X[~exact] = rows / wide[:, None]
+    return X

@@ -47,6 +47,8 @@ __all__ = ["CodecInfo", "CompressionClient", "Evaluation", "ServiceError"]
 
 MiB = 1 << 20
 _METRICS = {"ip": types_pb2.METRIC_INNER_PRODUCT, "l2": types_pb2.METRIC_L2}
+_EVALUATION_METRICS = {**_METRICS, "cos": types_pb2.METRIC_COSINE}
+_METRIC_NAMES = {value: name for name, value in _EVALUATION_METRICS.items()}
 
 
 class ServiceError(EmbcompError, grpc.RpcError):
@@ -122,6 +124,8 @@ class Evaluation:
     compression_ratio: float
     base_rows: int
     query_rows: int
+    # "ip", "l2" or "cos": the metric the server used (None from a server too old to say)
+    metric: str | None = None
 
 
 def _channel_credentials(tls: Any) -> grpc.ChannelCredentials:
@@ -417,15 +421,24 @@ class CompressionClient:
         return _assemble(parts, codes.shape[0], np.float32)
 
     def evaluate(
-        self, codec_id: str, base: Any, queries: Any, *, k: int = 10, metric: str = "ip"
+        self, codec_id: str, base: Any, queries: Any, *, k: int = 10, metric: str | None = None
     ) -> Evaluation:
-        """recall@k of the codec on a sample: decoded ``base`` vs exact float32 search."""
-        if metric not in _METRICS:
-            raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+        """recall@k of the codec on a sample: decoded ``base`` vs exact float32 search.
+
+        ``metric``: ``"ip"``, ``"l2"`` or ``"cos"``; by default the server picks cosine
+        for a codec whose spec starts with l2norm and inner product otherwise (as
+        ``embcomp eval``), and says which in the result.
+        """
+        if metric is not None and metric not in _EVALUATION_METRICS:
+            raise InputError(f"metric must be 'ip', 'l2' or 'cos'; got {metric!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < 2**32:
             # (on the wire 0 means "the default, 10": a k=0 would quietly become 10)
             raise InputError(f"k must be an integer >= 1; got {k!r}")
-        request = pb.EvaluateCodecRequest(codec_id=codec_id, k=k, metric=_METRICS[metric])
+        request = pb.EvaluateCodecRequest(
+            codec_id=codec_id,
+            k=k,
+            metric=types_pb2.METRIC_UNSPECIFIED if metric is None else _EVALUATION_METRICS[metric],
+        )
         array_to_matrix(base, name="base", out=request.base)
         array_to_matrix(queries, name="queries", out=request.queries)
         reply = self._call(self._stub.EvaluateCodec, request)
@@ -436,6 +449,7 @@ class CompressionClient:
             compression_ratio=reply.compression_ratio,
             base_rows=reply.base_rows,
             query_rows=reply.query_rows,
+            metric=_METRIC_NAMES.get(reply.metric),
         )
 
 

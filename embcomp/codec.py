@@ -24,6 +24,7 @@ from ._validation import (
     check_matrix,
     check_output,
     fresh_array,
+    normalize_rows,
     to_float32,
 )
 from .exceptions import InputError, NotFittedError, SpecError
@@ -202,7 +203,7 @@ class Codec:
         X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
         if self.spec.normalize:
-            X32 = _l2_normalize(X32.copy())
+            X32 = normalize_rows(X32.copy())
         if self.reducer is not None:
             self.reducer.fit(X32)
             with np.errstate(over="ignore", invalid="ignore"):  # named just below
@@ -227,7 +228,7 @@ class Codec:
                 copy = scratch.get("input", block.shape, np.float32)
                 np.copyto(copy, block)
                 block = copy
-            block = _l2_normalize(block)
+            block = normalize_rows(block)
         if self.reducer is None:
             return block
         reducer = self.reducer
@@ -356,35 +357,6 @@ class Codec:
 
 def _first_nonfinite_row(block: np.ndarray) -> int:
     return int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-
-
-# A float32 sum of squares at least this large has lost nothing to underflow: squares
-# that underflow (below 2**-126 each) add up to under d * 2**-126, a relative error of
-# d * 2**-66, far below float32's 2**-24 for any d.
-_SAFE_SQUARES = 2.0**-60
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Scale rows of a writable float32 array to unit norm in place (zero rows stay zero).
-
-    Rows whose float32 sum of squares underflowed (values below ~1e-19) or overflowed
-    (norms beyond ~1.8e19) are scaled in float64 instead, so every finite nonzero row
-    comes out with unit norm, whatever its scale. (A NaN or inf row stays non-finite.)
-    """
-    squares = np.einsum("ij,ij->i", X, X)
-    exact = (squares >= _SAFE_SQUARES) & (squares <= _FLOAT32_MAX)
-    norms = np.sqrt(squares)
-    norms[squares == 0] = 1.0
-    if exact.all():
-        X /= norms[:, None]
-        return X
-    X[exact] /= norms[exact, None]
-    rows = X[~exact].astype(np.float64)
-    wide = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    wide[wide == 0] = 1.0
-    X[~exact] = rows / wide[:, None]
-    return X
 
 
 def make_codec(spec: str | CodecSpec, **options: Any) -> Codec:

@@ -10,25 +10,37 @@ from typing import Any
 import numpy as np
 
 from ._cancel import checkpoint
-from ._validation import check_finite, check_matrix, to_float32
+from ._validation import check_finite, check_matrix, normalize_rows, to_float32
 from .exceptions import InputError
 
 __all__ = ["exact_knn", "load_qrels", "ndcg_at_k", "recall_at_k", "relevance_recall_at_k"]
 
 _Q_BLOCK = 256
 _B_BLOCK = 65536
+METRICS = ("ip", "l2", "cos")
+
+
+def check_metric(metric: Any) -> str:
+    """``metric`` if it is one of :data:`METRICS`, else a clear error."""
+    if metric not in METRICS:
+        raise InputError(f"metric must be 'ip', 'l2' or 'cos'; got {metric!r}")
+    return str(metric)
+
+
+def _unit_rows(X: Any) -> np.ndarray:
+    """A float32 copy of ``X`` with every nonzero row scaled to unit norm."""
+    return normalize_rows(np.array(X, dtype=np.float32, copy=True))
 
 
 def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
-    """Larger is better: inner product, or minus the squared L2 distance."""
+    """Larger is better: inner product (cosine for unit rows), or minus the squared L2
+    distance."""
     ip = queries @ base.T
-    if metric == "ip":
+    if metric != "l2":
         return ip
-    if metric == "l2":
-        base_sq = np.einsum("ij,ij->i", base, base)
-        query_sq = np.einsum("ij,ij->i", queries, queries)
-        return 2 * ip - base_sq[None, :] - query_sq[:, None]
-    raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    base_sq = np.einsum("ij,ij->i", base, base)
+    query_sq = np.einsum("ij,ij->i", queries, queries)
+    return 2 * ip - base_sq[None, :] - query_sq[:, None]
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,19 +73,21 @@ def exact_knn(base: Any, queries: Any, k: int, metric: str = "ip") -> tuple[np.n
     base : (n, d) float array; may be a memory map.
     queries : (m, d) float array.
     k : neighbours per query (capped at n).
-    metric : ``"ip"`` (inner product, larger is nearer) or ``"l2"``.
+    metric : ``"ip"`` (inner product, larger is nearer), ``"l2"`` or ``"cos"`` (cosine
+        similarity: the inner product of the rows scaled to unit norm; a zero row
+        scores 0 against everything).
 
     Returns
     -------
     ids : (m, k) int64, nearest first; ties broken by lower index.
-    scores : (m, k) float32: inner products, or squared L2 distances for ``"l2"``.
+    scores : (m, k) float32: inner products (cosines for ``"cos"``), or squared L2
+        distances for ``"l2"``.
     """
     base = check_matrix(base, name="base")
     queries = check_matrix(queries, name="queries", d=base.shape[1], allow_empty=True)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1; got {k!r}")
-    if metric not in ("ip", "l2"):
-        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    check_metric(metric)
     check_finite(to_float32(queries, name="queries"), name="queries")
     return blocked_knn(base, queries, k, metric, checked=True)
 
@@ -87,10 +101,13 @@ def blocked_knn(
     each block's top k into a running top k, so memory does not grow with ``base``.
     ``checked``: convert each base block to float32, refuse non-finite rows and honour
     cancellation (:mod:`embcomp._cancel`); without it, base blocks are used as they are
-    and a NaN score never ranks above a number.
+    and a NaN score never ranks above a number. ``"cos"`` scales the queries and each
+    base block to unit rows (copies: memory still does not grow with ``base``).
     """
     k = min(k, base.shape[0])
     m = queries.shape[0]
+    if metric == "cos":
+        queries = _unit_rows(queries)
     best_ids = np.empty((m, k), dtype=np.int64)
     best_scores = np.empty((m, k), dtype=np.float32)
     for q0 in range(0, m, _Q_BLOCK):
@@ -103,6 +120,8 @@ def blocked_knn(
                 checkpoint()  # a caller may stop a long search between blocks
                 b = to_float32(b, name="base", row_offset=b0)
                 check_finite(b, name="base", row_offset=b0)
+            if metric == "cos":
+                b = _unit_rows(b)
             block_scores = _scores(q, b, metric)
             block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
             ids_k, scores_k = _top_k(block_scores, block_ids, k)
@@ -112,7 +131,7 @@ def blocked_knn(
                 k,
             )
         best_ids[q0 : q0 + q.shape[0]] = run_ids
-        best_scores[q0 : q0 + q.shape[0]] = run_scores if metric == "ip" else -run_scores
+        best_scores[q0 : q0 + q.shape[0]] = -run_scores if metric == "l2" else run_scores
     return best_ids, best_scores
 
 
@@ -139,6 +158,8 @@ def recall_at_k(
         the larger of the two base vectors compared). For unit vectors and ``ip`` the
         tolerance is ``eps`` itself; an absolute one would make every id a tie for
         embeddings of norm 1e-6 and no near-tie one for embeddings of norm 1e4.
+    metric : ``"ip"``, ``"l2"`` or ``"cos"``, as the search that gave the ids (only
+        used to score ties).
 
     Returns
     -------
@@ -146,8 +167,7 @@ def recall_at_k(
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1; got {k!r}")
-    if metric not in ("ip", "l2"):
-        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    check_metric(metric)
     found, true = np.asarray(found_ids), np.asarray(true_ids)
     if any(a.ndim != 2 or a.dtype.kind not in "iu" for a in (found, true)):
         raise InputError(
@@ -170,6 +190,11 @@ def recall_at_k(
         safe = np.where(valid, found, 0)
         found_vectors = base[safe].astype(np.float32)  # (m, k, d)
         kth_vectors = base[true[:, -1]].astype(np.float32)  # (m, d)
+        if metric == "cos":  # cosines are inner products of unit rows
+            q, kth_vectors = _unit_rows(q), _unit_rows(kth_vectors)
+            found_vectors = _unit_rows(found_vectors.reshape(-1, q.shape[1])).reshape(
+                found_vectors.shape
+            )
         q_norm = np.linalg.norm(q, axis=1)[:, None]
         x_norm = np.maximum(
             np.linalg.norm(found_vectors, axis=2), np.linalg.norm(kth_vectors, axis=1)[:, None]

@@ -13,7 +13,15 @@ from embcomp.evaluation import (
 )
 
 
+def unit(X):
+    X = X.astype(np.float64)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms == 0, 1.0, norms)
+
+
 def brute_force(base, queries, k, metric):
+    if metric == "cos":
+        base, queries, metric = unit(base), unit(queries), "ip"
     if metric == "ip":
         scores = queries.astype(np.float64) @ base.T.astype(np.float64)
     else:
@@ -22,17 +30,26 @@ def brute_force(base, queries, k, metric):
     return order[:, :k]
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
 def test_exact_knn_matches_brute_force(metric, rng_data):
     base, queries = rng_data[:500], rng_data[500:]
+    # norms from 0.1 to 10 (and a zero row): cosine and inner product rank differently
+    scale = np.random.default_rng(1).uniform(0.1, 10.0, size=(500, 1)).astype(np.float32)
+    base = base * scale
+    base[17] = 0.0
     ids, scores = exact_knn(base, queries, 7, metric=metric)
     np.testing.assert_array_equal(ids, brute_force(base, queries, 7, metric))
-    expected = np.take_along_axis(
-        queries @ base.T if metric == "ip" else ((queries[:, None] - base[None]) ** 2).sum(-1),
-        ids,
-        axis=1,
-    )
+    if metric == "l2":
+        all_scores = ((queries[:, None] - base[None]) ** 2).sum(-1)
+    else:
+        all_scores = unit(queries) @ unit(base).T if metric == "cos" else queries @ base.T
+    expected = np.take_along_axis(all_scores, ids, axis=1)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    if metric == "cos":  # not the inner-product ranking: the norms are ignored
+        assert (ids != exact_knn(base, queries, 7)[0]).any()
+        every_id, every_score = exact_knn(base, queries[:1], 500, metric="cos")
+        assert every_score[every_id == 17].tolist() == [0.0]  # the zero row scores 0
+        assert np.abs(every_score).max() <= 1.0 + 1e-6
 
 
 def test_exact_knn_breaks_ties_by_lower_index():
@@ -101,7 +118,7 @@ def test_recall_counts_overlap_and_ties():
     assert recall_at_k(np.array([[0, 0]]), true, 2, base=base, queries=queries) == 0.5
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
 def test_recall_tie_tolerance_follows_the_scale_of_the_vectors(metric):
     """Ties are judged relative to the vectors' size: with an absolute tolerance, at
     norm 1e-6 every random id 'tied' (recall 0.9995 for random results), and at norm
@@ -155,12 +172,12 @@ def test_search_and_scoring_arguments_are_checked():
     ids = np.tile(np.arange(5), (3, 1))
     cases = [
         (lambda: exact_knn(X, X, 2.5), "k must be an integer >= 1"),
-        (lambda: exact_knn(X, X[:0], 3, metric="cos"), "metric must be 'ip' or 'l2'"),
+        (lambda: exact_knn(X, X[:0], 3, metric="cosine"), "metric must be 'ip', 'l2' or 'cos'"),
         (lambda: exact_knn(X, bad, 3), "queries row 7 contains NaN"),
         (lambda: exact_knn(bad, X, 3), "base row 7 contains NaN"),
         (lambda: recall_at_k(ids, ids, 0), "k must be an integer >= 1"),
         (lambda: recall_at_k(ids[0], ids[0], 3), "2-D integer arrays"),
-        (lambda: recall_at_k(ids, ids, 3, metric="cos"), "metric must be"),
+        (lambda: recall_at_k(ids, ids, 3, metric="IP"), "metric must be"),
         (lambda: recall_at_k(ids + 100, ids, 3, base=X, queries=X[:3]), "beyond the 50 base"),
     ]
     for call, message in cases:

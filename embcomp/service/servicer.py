@@ -35,10 +35,11 @@ from .store import CodecStore, StoredCodec, check_codec_id
 __all__ = ["CompressionServicer", "codec_info_message", "parse_options"]
 
 _METRICS: dict[int, str] = {
-    types_pb2.METRIC_UNSPECIFIED: "ip",
     types_pb2.METRIC_INNER_PRODUCT: "ip",
     types_pb2.METRIC_L2: "l2",
+    types_pb2.METRIC_COSINE: "cos",
 }
+_METRIC_ENUMS = {name: types_pb2.Metric.Name(value) for value, name in _METRICS.items()}
 _DEFAULT_PAGE, _MAX_PAGE = 100, 1000
 # Room for the message framing around a response's payload bytes.
 _ENVELOPE_BYTES = 1024
@@ -121,12 +122,16 @@ class _UploadBytes:
             self.used -= n
 
 
-def _metric(value: int) -> str:
+def _metric(value: int, *, unset: str = "ip") -> str:
+    """The library's name of a Metric enum value; ``unset`` for METRIC_UNSPECIFIED."""
+    if value == types_pb2.METRIC_UNSPECIFIED:
+        return unset
     try:
         return _METRICS[value]
     except KeyError:
         raise InputError(
-            f"metric must be METRIC_INNER_PRODUCT or METRIC_L2; got enum value {value}"
+            f"metric must be METRIC_INNER_PRODUCT, METRIC_L2 or METRIC_COSINE; got enum "
+            f"value {value}"
         ) from None
 
 
@@ -297,6 +302,12 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         codec = self.store.get(check_codec_id(request.codec_id))
         queries = self._vectors_for(codec, request.queries, "queries")
         metric = _metric(request.metric)
+        if metric == "cos":
+            raise InputError(
+                "ProjectQueries maps queries for METRIC_INNER_PRODUCT or METRIC_L2 search, "
+                "not METRIC_COSINE: for cosine, normalize the queries and search a codec "
+                "whose spec starts with l2norm by inner product"
+            )
         self._check_response_size(queries.shape[0], 4 * codec.d_out)
         response = pb.ProjectQueriesResponse()
         with _named("queries"):
@@ -412,7 +423,8 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         codec = self.store.get(check_codec_id(request.codec_id))
         base = self._vectors(request.base, "base")
         queries = self._vectors(request.queries, "queries")
-        metric = _metric(request.metric)
+        # A codec that normalizes is for cosine search: judged by cosine unless told.
+        metric = _metric(request.metric, unset="cos" if codec.spec.normalize else "ip")
         k = min(request.k or 10, base.shape[0])
         pairs = base.shape[0] * queries.shape[0]
         if pairs > self.config.max_eval_pairs:
@@ -438,4 +450,5 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             compression_ratio=codec.compression_ratio,
             base_rows=base.shape[0],
             query_rows=queries.shape[0],
+            metric=_METRIC_ENUMS[metric],
         )

@@ -197,17 +197,19 @@ class EvaluateCodecRequest(_message.Message):
     def __init__(self, codec_id: _Optional[str] = ..., base: _Optional[_Union[_types_pb2.Matrix, _Mapping]] = ..., queries: _Optional[_Union[_types_pb2.Matrix, _Mapping]] = ..., k: _Optional[int] = ..., metric: _Optional[_Union[_types_pb2.Metric, str]] = ...) -> None: ...
 
 class EvaluateCodecResponse(_message.Message):
-    __slots__ = ("recall_at_k", "k", "bytes_per_vector", "compression_ratio", "base_rows", "query_rows")
+    __slots__ = ("recall_at_k", "k", "bytes_per_vector", "compression_ratio", "base_rows", "query_rows", "metric")
     RECALL_AT_K_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_VECTOR_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
     BASE_ROWS_FIELD_NUMBER: _ClassVar[int]
     QUERY_ROWS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
     recall_at_k: float
     k: int
     bytes_per_vector: int
     compression_ratio: float
     base_rows: int
     query_rows: int
-    def __init__(self, recall_at_k: _Optional[float] = ..., k: _Optional[int] = ..., bytes_per_vector: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., base_rows: _Optional[int] = ..., query_rows: _Optional[int] = ...) -> None: ...
+    metric: _types_pb2.Metric
+    def __init__(self, recall_at_k: _Optional[float] = ..., k: _Optional[int] = ..., bytes_per_vector: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., base_rows: _Optional[int] = ..., query_rows: _Optional[int] = ..., metric: _Optional[_Union[_types_pb2.Metric, str]] = ...) -> None: ...

@@ -21,12 +21,14 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_UNSPECIFIED: _ClassVar[Metric]
     METRIC_INNER_PRODUCT: _ClassVar[Metric]
     METRIC_L2: _ClassVar[Metric]
+    METRIC_COSINE: _ClassVar[Metric]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 METRIC_UNSPECIFIED: Metric
 METRIC_INNER_PRODUCT: Metric
 METRIC_L2: Metric
+METRIC_COSINE: Metric
 
 class Matrix(_message.Message):
     __slots__ = ("rows", "cols", "dtype", "data")

@@ -227,6 +227,10 @@ def test_project_queries_bad_input(stub, codec_id, rows):
     expect(INVALID, stub.ProjectQueries, wrong, match="10 dims")
     metric = pb.ProjectQueriesRequest(codec_id=codec_id, queries=matrix(rows), metric=9)
     expect(INVALID, stub.ProjectQueries, metric, match="metric")
+    cosine = pb.ProjectQueriesRequest(
+        codec_id=codec_id, queries=matrix(rows), metric=types_pb2.METRIC_COSINE
+    )
+    expect(INVALID, stub.ProjectQueries, cosine, match="not METRIC_COSINE: for cosine, normalize")
     rows[0, 0] = np.nan
     nan = pb.ProjectQueriesRequest(codec_id=codec_id, queries=matrix(rows))
     expect(INVALID, stub.ProjectQueries, nan, match="NaN")

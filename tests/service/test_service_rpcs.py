@@ -126,6 +126,39 @@ def test_evaluate_matches_library_recall(fitted, client, sample):
             client.evaluate(info.id, base, queries, k=k)
 
 
+def test_evaluate_metrics(fitted, client, sample):
+    """Cosine, and the default metric: cosine for a codec that normalizes (as `embcomp
+    eval`), inner product otherwise; the reply says which it used."""
+    base, queries = sample
+    norms = np.random.default_rng(4).uniform(0.5, 20.0, size=(base.shape[0], 1))
+    scaled = (base * norms).astype(np.float32)  # cosine and inner product now disagree
+
+    def library(codec, metric):
+        true_ids, _ = embcomp.evaluation.exact_knn(scaled, queries, 10, metric=metric)
+        decoded = codec.decode(codec.encode(scaled))
+        found_ids, _ = embcomp.evaluation.exact_knn(decoded, queries, 10, metric=metric)
+        return embcomp.evaluation.recall_at_k(
+            found_ids, true_ids, 10, base=scaled, queries=queries, metric=metric
+        )
+
+    info, codec = fitted["l2norm,pca64,bin"]
+    by_default = client.evaluate(info.id, scaled, queries)
+    assert by_default.metric == "cos"
+    assert by_default.recall_at_k == pytest.approx(library(codec, "cos"), abs=1e-12)
+    by_ip = client.evaluate(info.id, scaled, queries, metric="ip")
+    assert by_ip.metric == "ip" and by_ip.recall_at_k == pytest.approx(library(codec, "ip"))
+    assert by_ip.recall_at_k < by_default.recall_at_k - 0.1  # the norms it drops dominate ip
+    info, codec = fitted["pca128,int8"]
+    assert client.evaluate(info.id, scaled, queries).metric == "ip"
+    cosine = client.evaluate(info.id, scaled, queries, metric="cos")
+    assert cosine.metric == "cos"
+    assert cosine.recall_at_k == pytest.approx(library(codec, "cos"), abs=1e-12)
+    with pytest.raises(embcomp.InputError, match="metric must be 'ip', 'l2' or 'cos'"):
+        client.evaluate(info.id, scaled, queries, metric="cosine")
+    with pytest.raises(embcomp.InputError, match="metric must be 'ip' or 'l2'"):
+        client.project_queries(info.id, queries, metric="cos")
+
+
 def test_get_list_delete(client, sample):
     base, _ = sample
     info = client.fit("int4", base[:300])
