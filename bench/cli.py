@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from embcomp.evaluation import METRICS
+
 
 def prefer_passive_openmp() -> None:
     """Make idle OpenMP threads sleep instead of spin (before FAISS loads).
@@ -129,6 +131,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.json and not args.no_progress,
         log=(lambda _m: None) if args.json else _log,
+        metric=args.metric,
     )
     result = rec.as_dict()
     if args.output:
@@ -183,6 +186,12 @@ def add_recommend(sub: Any) -> None:
         "--queries", help="query vectors (default: hold out min(1000, n/10) rows of --data)"
     )
     p.add_argument("--qrels", help="optional query<TAB>doc relevance labels (adds nDCG@10)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        help="the search the codec is for (default: the data's own; ip for a matrix). "
+        "cos measures over unit-norm rows and keeps to codecs that start with l2norm",
+    )
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--budget-bytes", type=int, help="max bytes per stored vector")
     goal.add_argument("--min-recall", type=float, help="min recall@10 vs exact float32")

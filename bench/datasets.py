@@ -23,14 +23,14 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embcomp._atomic import atomic_output
-from embcomp.evaluation import exact_knn, load_qrels
+from embcomp.evaluation import check_metric, exact_knn, load_qrels
 from embcomp.exceptions import InputError
 from embcomp.io import read_vectors
 
@@ -325,6 +325,31 @@ def _load_hdf5(path: Path) -> Dataset:
         )
     name = f"hdf5-{_slug(path.stem)}-{base.shape[1]}"
     return Dataset(name, base, queries, metric, gt, None, str(path))
+
+
+def with_metric(dataset: Dataset, metric: str) -> Dataset:
+    """``dataset`` to be searched by ``metric``: ``"ip"``, ``"l2"`` or ``"cos"``.
+
+    Cosine is the inner product of rows scaled to unit norm (copies), as ann-benchmarks'
+    angular datasets are loaded. Stored neighbours found by another metric are dropped
+    (the benchmark then computes them exactly); the name says the metric.
+    """
+    check_metric(metric)
+    if metric == "cos":
+        base, queries, search = _unit(dataset.base), _unit(dataset.queries), "ip"
+    elif metric == dataset.metric:
+        return dataset
+    else:
+        base, queries, search = dataset.base, dataset.queries, metric
+    return replace(
+        dataset,
+        name=f"{dataset.name}-{metric}",
+        base=base,
+        queries=queries,
+        metric=search,
+        gt=None,
+        _fingerprint=None,
+    )
 
 
 def _unit(X: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 
 from embcomp.exceptions import EmbcompError, InputError
 
-from .datasets import Dataset, load_dataset, train_rows
+from .datasets import Dataset, load_dataset, train_rows, with_metric
 from .methods import (
     EmbcompMethod,
     _validate,
@@ -52,9 +52,14 @@ _RATIOS_WITHOUT_BUDGET = (4, 8, 16, 32, 64)
 
 
 def candidate_specs(
-    d: int, budget_bytes: int | None = None, fractions: Sequence[float] = FRACTIONS
+    d: int,
+    budget_bytes: int | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+    *,
+    normalize: bool = False,
 ) -> list[str]:
-    """Canonical specs of every candidate codec for width ``d`` (within the budget)."""
+    """Canonical specs of every candidate codec for width ``d`` (within the budget);
+    ``normalize``: each starts with ``l2norm`` (for cosine search)."""
     quantizers = fixed_rate_quantizers(include_fp32=True)
     reducers = numbered_reducers()
     specs: list[str] = []
@@ -75,6 +80,7 @@ def candidate_specs(
             specs += [f"{qb}{b}", f"rot,{qb}{b}"] + [f"{r},{qb}{b}" for r in reducers]
     valid: list[str] = []
     for spec in specs:
+        spec = f"l2norm,{spec}" if normalize else spec
         try:
             canonical = _validate("embcomp", spec, d)
         except EmbcompError:
@@ -130,10 +136,12 @@ class Recommendation:
     train_size: int
     constraint: dict[str, Any]
     note: str | None = None  # why the best is not the top recall, if it is not
+    metric: str = "ip"  # what recall was measured by: "ip", "l2" or "cos"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.best.summary(),
+            "metric": self.metric,
             "runner_up": self.runner_up.summary() if self.runner_up else None,
             "note": self.note,
             "constraint": self.constraint,
@@ -273,8 +281,13 @@ def recommend(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    metric: str | None = None,
 ) -> Recommendation:
     """Measure the candidates on ``dataset`` and choose under exactly one constraint.
+
+    ``metric`` (default: the dataset's own): the search the codec is for, ``"ip"``,
+    ``"l2"`` or ``"cos"``. For cosine, recall is measured over unit-norm rows and every
+    candidate starts with ``l2norm``, so the chosen codec normalizes what it encodes.
 
     Two stages keep the cost bounded: first every candidate whose reducer (if any) is
     PCA; then the reducers that are slow to fit (MPAD, any other registered one) at
@@ -299,13 +312,19 @@ def recommend(
         )
     from embcomp.spec import parse_spec
 
+    if metric is not None:
+        dataset = with_metric(dataset, metric)
+    cosine = metric == "cos"
+
     def primary(spec: str) -> bool:
         reducer = parse_spec(spec).reducer
         return reducer is None or reducer.arg is None or reducer.name == PRIMARY_REDUCER
 
     specs = [
         s
-        for s in candidate_specs(dataset.d, budget_bytes, QUICK_FRACTIONS if quick else FRACTIONS)
+        for s in candidate_specs(
+            dataset.d, budget_bytes, QUICK_FRACTIONS if quick else FRACTIONS, normalize=cosine
+        )
         if primary(s)
     ]
     if not specs:
@@ -362,6 +381,7 @@ def recommend(
         int(train.shape[0]),
         constraint,
         note,
+        "cos" if cosine else dataset.metric,
     )
 
 
@@ -389,6 +409,9 @@ def _measure(
     return measured
 
 
+_METRIC_WORDS = {"ip": "inner product", "l2": "L2 distance", "cos": "cosine"}
+
+
 def format_text(rec: Recommendation) -> str:
     """Human-readable recommendation."""
     info = rec.dataset
@@ -410,7 +433,7 @@ def format_text(rec: Recommendation) -> str:
         want = f"recall@10 >= {rec.constraint['min_recall_at_10']}, fewest bytes"
     out = [
         f"data: {info.name} ({info.n_base} x {info.d}, {info.n_queries} queries; "
-        f"fitted on {rec.train_size})",
+        f"fitted on {rec.train_size}; searched by {_METRIC_WORDS[rec.metric]})",
         f"constraint: {want}; {len(rec.candidates)} codecs measured",
         line("best", rec.best),
     ]

@@ -285,6 +285,35 @@ def test_recommend_smallest_codec_meeting_a_recall(user_file, capsys):
     assert "runner-up" in out
 
 
+def test_recommend_for_cosine_search_keeps_to_normalizing_codecs(tmp_path, capsys):
+    """--metric cos: recall over unit rows, every candidate starts with l2norm, and the
+    saved codec scores the same recall by cosine on the raw (unnormalized) vectors."""
+    from embcomp.evaluation import exact_knn, recall_at_k
+
+    rng = np.random.default_rng(12)
+    raw = unit_rows(1300, 32, 11) * rng.uniform(0.2, 5.0, size=(1300, 1)).astype(np.float32)
+    base, queries = raw[:1200], raw[1200:]
+    np.save(tmp_path / "raw.npy", base)
+    np.save(tmp_path / "q.npy", queries)
+    codec_path = tmp_path / "best.codec"
+    argv = ["recommend", "--data", str(tmp_path / "raw.npy"), "--queries", str(tmp_path / "q.npy")]
+    argv += ["--budget-bytes", "16", "--quick", "--metric", "cos", "--json", "-o", str(codec_path)]
+    assert embcomp_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "cos" and result["spec"].startswith("l2norm,")
+    assert result["runner_up"]["spec"].startswith("l2norm,")
+    codec = load_codec(codec_path)
+    true, _ = exact_knn(base, queries, 10, metric="cos")
+    found, _ = exact_knn(codec.decode(codec.encode(base)), queries, 10, metric="cos")
+    by_cosine = recall_at_k(found, true, 10, base=base, queries=queries, metric="cos")
+    assert by_cosine == pytest.approx(result["recall_at_10"], abs=0.02)
+    argv[argv.index("cos")] = "l2"
+    assert embcomp_main(argv) == 0
+    by_l2 = json.loads(capsys.readouterr().out)
+    assert by_l2["metric"] == "l2" and by_l2["data"]["metric"] == "l2"
+    assert not by_l2["spec"].startswith("l2norm")  # only cosine search may drop the norms
+
+
 def test_recommend_errors(user_file, capsys):
     assert embcomp_main(["recommend", "--data", str(user_file), "--min-recall", "1.5"]) == 2
     assert "--min-recall must be in (0, 1]" in capsys.readouterr().err
