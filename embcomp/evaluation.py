@@ -13,7 +13,15 @@ from ._cancel import checkpoint
 from ._validation import check_finite, check_matrix, normalize_rows, to_float32
 from .exceptions import InputError
 
-__all__ = ["exact_knn", "load_qrels", "ndcg_at_k", "recall_at_k", "relevance_recall_at_k"]
+__all__ = [
+    "METRICS",
+    "check_metric",
+    "exact_knn",
+    "load_qrels",
+    "ndcg_at_k",
+    "recall_at_k",
+    "relevance_recall_at_k",
+]
 
 _Q_BLOCK = 256
 _B_BLOCK = 65536
