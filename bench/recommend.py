@@ -151,6 +151,17 @@ class Recommendation:
 
 
 PRIMARY_REDUCER = "pca"
+# Norms this unequal (largest/smallest) are not unit vectors rounded: the data may be
+# meant for cosine search, which inner product then misjudges.
+_UNEQUAL_NORMS = 1.01
+
+
+def norm_spread(X: np.ndarray, rows: int = 4096) -> float:
+    """Largest over smallest nonzero row norm among up to ``rows`` evenly spaced rows."""
+    picked = X[np.unique(np.linspace(0, len(X) - 1, min(rows, len(X))).astype(np.int64))]
+    norms = np.linalg.norm(np.asarray(picked, dtype=np.float64), axis=1)
+    norms = norms[norms > 0]
+    return float(norms.max() / norms.min()) if norms.size else 1.0
 _SECOND_STAGE_SEEDS = 3
 # Two-sided 95%: a recall gap under this many standard errors is within the noise.
 _NOISE_Z = 1.96
@@ -314,6 +325,14 @@ def recommend(
 
     if metric is not None:
         dataset = with_metric(dataset, metric)
+    elif dataset.metric == "ip":
+        spread = norm_spread(dataset.base)
+        if spread > _UNEQUAL_NORMS:
+            log(
+                f"recommend: the vectors' norms differ (largest/smallest of a sample: "
+                f"{spread:.3g}), and inner product ranks by them; if you search by cosine, "
+                "pass --metric cos"
+            )
     cosine = metric == "cos"
 
     def primary(spec: str) -> bool:

@@ -309,9 +309,24 @@ def test_recommend_for_cosine_search_keeps_to_normalizing_codecs(tmp_path, capsy
     assert by_cosine == pytest.approx(result["recall_at_10"], abs=0.02)
     argv[argv.index("cos")] = "l2"
     assert embcomp_main(argv) == 0
-    by_l2 = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    by_l2 = json.loads(captured.out)
     assert by_l2["metric"] == "l2" and by_l2["data"]["metric"] == "l2"
     assert not by_l2["spec"].startswith("l2norm")  # only cosine search may drop the norms
+
+
+def test_recommend_points_out_unequal_norms_when_no_metric_is_given(tmp_path, capsys):
+    from bench.recommend import norm_spread
+
+    unit = unit_rows(600, 16, 3)
+    assert norm_spread(unit) < 1.0001
+    scaled = unit * np.linspace(1.0, 3.0, 600, dtype=np.float32)[:, None]
+    assert norm_spread(scaled) == pytest.approx(3.0, rel=1e-6)
+    for data, hinted in ((unit, False), (scaled, True)):
+        np.save(tmp_path / "x.npy", data)
+        argv = ["recommend", "--data", str(tmp_path / "x.npy"), "--budget-bytes", "8"]
+        assert embcomp_main([*argv, "--quick", "--no-progress"]) == 0
+        assert ("pass --metric cos" in capsys.readouterr().err) == hinted
 
 
 def test_recommend_errors(user_file, capsys):
