@@ -154,6 +154,11 @@ PRIMARY_REDUCER = "pca"
 # Norms this unequal (largest/smallest) are not unit vectors rounded: the data may be
 # meant for cosine search, which inner product then misjudges.
 _UNEQUAL_NORMS = 1.01
+_SECOND_STAGE_SEEDS = 3
+# Two-sided 95%: a recall gap under this many standard errors is within the noise.
+_NOISE_Z = 1.96
+# Fit times closer than this ratio are not told apart (they vary by machine and run).
+_FASTER_FIT = 2.0
 
 
 def norm_spread(X: np.ndarray, rows: int = 4096) -> float:
@@ -162,11 +167,6 @@ def norm_spread(X: np.ndarray, rows: int = 4096) -> float:
     norms = np.linalg.norm(np.asarray(picked, dtype=np.float64), axis=1)
     norms = norms[norms > 0]
     return float(norms.max() / norms.min()) if norms.size else 1.0
-_SECOND_STAGE_SEEDS = 3
-# Two-sided 95%: a recall gap under this many standard errors is within the noise.
-_NOISE_Z = 1.96
-# Fit times closer than this ratio are not told apart (they vary by machine and run).
-_FASTER_FIT = 2.0
 
 
 def paired_gap(a: Candidate, b: Candidate) -> tuple[float, float]:
