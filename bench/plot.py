@@ -1,6 +1,6 @@
 """Trade-off plots (PNG + SVG), made from records alone.
 
-    python -m bench plot RESULTS_DIR
+    python -m bench plot RESULTS_DIR     # from RESULTS_DIR/records, else its summary.csv
 
 Per dataset, under ``RESULTS_DIR/plots/<dataset>/``:
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .results import FAMILY_ORDER, load_records, summary_rows
+from .results import FAMILY_ORDER, load_records, read_summary_csv, summary_rows
 
 __all__ = ["plot_results"]
 
@@ -64,7 +64,10 @@ def _label(method: str) -> str:
 
 def _scatter_with_frontier(
     ax: Any, rows: list[dict[str, Any]], x_key: str, y_key: str, frontier_low_x: bool
-) -> None:
+) -> list[Any]:
+    """Every run as a faint point, each family's frontier as a line; returns the
+    frontier points' labels (matplotlib annotations)."""
+    labels = []
     for family in FAMILY_ORDER:
         pts = [r for r in rows if r["family"] == family and r[y_key] is not None]
         if not pts:
@@ -91,14 +94,39 @@ def _scatter_with_frontier(
             label=f"{style['label']} (frontier)",
         )
         for r in front:
-            ax.annotate(
-                _label(r["method"]),
-                (r[x_key], r[y_key]),
-                textcoords="offset points",
-                xytext=(4, -9 if family == "faiss" else 4),
-                fontsize=6.5,
-                color=style["color"],
+            labels.append(
+                ax.annotate(
+                    _label(r["method"]),
+                    (r[x_key], r[y_key]),
+                    textcoords="offset points",
+                    xytext=(4, -9 if family == "faiss" else 4),
+                    fontsize=6.5,
+                    color=style["color"],
+                )
             )
+    return labels
+
+
+def _declutter(ax: Any, labels: list[Any], step: float = 7.0, tries: int = 16) -> None:
+    """Move each label that overlaps one placed before it up or down (nearest first,
+    ``step`` points at a time, staying inside the axes) to where it overlaps none, so
+    no name hides another; one with no such place within ``tries`` stays put. Call once
+    the axes' scales and limits are final."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for label in labels:
+        x, y = label.xyann
+        for attempt in range(tries + 1):
+            shift = 0.0 if attempt == 0 else ((attempt + 1) // 2) * step * (-1) ** attempt
+            label.xyann = (x, y + shift)
+            box = label.get_window_extent(renderer)
+            inside = frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (inside or attempt == 0) and not any(box.overlaps(p) for p in placed):
+                break
+        else:
+            label.xyann = (x, y)
+        placed.append(label.get_window_extent(renderer))
 
 
 def _front(pts: list[dict[str, Any]], x_key: str, y_key: str, low_x: bool) -> list[dict]:
@@ -134,7 +162,9 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
     written: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    _scatter_with_frontier(ax, rows, "bytes_per_vector", "recall_at_10", frontier_low_x=True)
+    labels = _scatter_with_frontier(
+        ax, rows, "bytes_per_vector", "recall_at_10", frontier_low_x=True
+    )
     ax.set_xscale("log", base=2)
     _ratio_ticks(ax, rows, "bytes")
     ax.set_xlabel("bytes per vector (log scale; compression vs float32 below)")
@@ -142,12 +172,13 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
     ax.set_title(f"{title}: recall@10 vs storage")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="lower right", fontsize=8)
+    _declutter(ax, labels)
     written += _save(fig, folder, "recall_vs_bytes")
     plt.close(fig)
 
     if any(r["ndcg_retention"] is not None for r in rows):
         fig, ax = plt.subplots(figsize=(8.5, 5.5))
-        _scatter_with_frontier(
+        labels = _scatter_with_frontier(
             ax, rows, "compression_ratio", "ndcg_retention", frontier_low_x=False
         )
         ax.set_xscale("log", base=2)
@@ -158,6 +189,7 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
         ax.set_title(f"{title}: nDCG@10 retention vs compression")
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(loc="lower left", fontsize=8)
+        _declutter(ax, labels)
         written += _save(fig, folder, "ndcg_retention_vs_ratio")
         plt.close(fig)
 
@@ -192,9 +224,13 @@ def plot_dataset(rows: list[dict[str, Any]], folder: Path, title: str) -> list[P
 def plot_results(
     out: str | os.PathLike[str], records: Sequence[dict[str, Any]] | None = None
 ) -> list[Path]:
-    """Plot every dataset found in the records under ``out`` (or ``records``)."""
+    """Plot every dataset found in the records under ``out`` (or ``records``); without
+    records (they are not committed), from ``out/summary.csv``."""
     out = Path(out)
-    rows = summary_rows(load_records(out) if records is None else records)
+    if records is None and not (out / "records").is_dir() and (out / "summary.csv").is_file():
+        rows = read_summary_csv(out / "summary.csv")
+    else:
+        rows = summary_rows(load_records(out) if records is None else records)
     written: list[Path] = []
     for dataset in sorted({r["dataset"] for r in rows}):
         mine = [r for r in rows if r["dataset"] == dataset]

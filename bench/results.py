@@ -24,7 +24,14 @@ from embcomp.exceptions import InputError
 
 from .ann import pareto_front
 
-__all__ = ["COLUMNS", "frontier_table", "load_records", "summary_rows", "write_summary"]
+__all__ = [
+    "COLUMNS",
+    "frontier_table",
+    "load_records",
+    "read_summary_csv",
+    "summary_rows",
+    "write_summary",
+]
 
 COLUMNS = (
     "dataset",
@@ -190,6 +197,43 @@ def _csv_cell(value: Any) -> Any:
         # measured numbers: 6 significant digits are plenty; no exponents for rates
         return f"{value:.0f}" if abs(value) >= 1e5 else f"{value:.6g}"
     return value
+
+
+_TEXT_COLUMNS = ("dataset", "method", "family")
+
+
+def read_summary_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a ``summary.csv`` as :func:`summary_rows` made them (numbers as
+    floats, empty cells as None, ``pareto`` as a bool): the committed results keep
+    no records, so plots are remade from this file."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            table = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise InputError(f"cannot read {os.fspath(path)!r}: {exc.strerror}") from exc
+    rows = []
+    for line, raw in enumerate(table, 2):
+        missing = [c for c in COLUMNS if c not in raw]
+        if missing:
+            raise InputError(f"{os.fspath(path)!r} lacks the columns {missing}")
+        row: dict[str, Any] = {}
+        for column in COLUMNS:
+            text = raw[column]
+            if column in _TEXT_COLUMNS:
+                row[column] = text
+            elif column == "pareto":
+                row[column] = text == "True"
+            elif text == "":
+                row[column] = None
+            else:
+                try:
+                    row[column] = float(text)
+                except ValueError:
+                    raise InputError(
+                        f"{os.fspath(path)!r} line {line}: {column} is {text!r}, not a number"
+                    ) from None
+        rows.append(row)
+    return rows
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:

@@ -191,6 +191,51 @@ def test_plot_and_summary_commands_only_read_records(smoke, tmp_path):
     assert (copy / "plots" / "dir-toy-32" / "recall_vs_bytes.svg").is_file()
 
 
+def test_plots_are_remade_from_summary_csv_alone(smoke, tmp_path):
+    """Committed results keep summary.csv but no records: plot falls back to it, and
+    reading it back gives the rows summary_rows made (to the CSV's 6 digits)."""
+    from bench.results import load_records, read_summary_csv, summary_rows
+
+    _, _, out = smoke
+    made = summary_rows(load_records(out))
+    read = read_summary_csv(out / "summary.csv")
+    assert [(r["method"], r["family"], r["pareto"]) for r in read] == [
+        (r["method"], r["family"], r["pareto"]) for r in made
+    ]
+    for got, want in zip(read, made, strict=True):
+        for column in ("bytes_per_vector", "recall_at_10", "ndcg_retention", "fit_s"):
+            assert (got[column] is None) == (want[column] is None)
+            if want[column] is not None:
+                assert got[column] == pytest.approx(want[column], rel=1e-5)
+    copy = tmp_path / "committed"
+    copy.mkdir()
+    (copy / "summary.csv").write_bytes((out / "summary.csv").read_bytes())
+    assert bench_main(["plot", str(copy)]) == 0
+    assert (copy / "plots" / "dir-toy-32" / "recall_vs_bytes.png").is_file()
+    (copy / "summary.csv").write_text("dataset,method\nx,y\n")
+    with pytest.raises(InputError, match="lacks the columns"):
+        read_summary_csv(copy / "summary.csv")
+
+
+def test_frontier_labels_do_not_overlap():
+    from bench.plot import _declutter, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 1)
+    labels = [
+        ax.annotate(name, (5.0, 0.5), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
+        for name in ("OPQ192,PQ192", "RaBitQ4", "PQ192", "SQ6")
+    ]
+    _declutter(ax, labels)
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert labels[0].xyann == (4, 4)  # the first stays where it was put
+    plt.close(fig)
+
+
 def test_claims_report(smoke):
     _, _, out = smoke
     md = (out / "claims-dir-toy-32.md").read_text()
