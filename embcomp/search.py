@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_codes, check_finite, check_matrix, to_float32
+from ._validation import check_codes, check_finite, check_matrix, normalize_rows, to_float32
 from .codec import Codec
-from .evaluation import _top_k
+from .evaluation import _scores, _top_k, check_metric
 from .exceptions import InputError, NotFittedError
 
 __all__ = ["search_codes", "two_stage_search"]
@@ -38,30 +38,22 @@ def _check(codec: Codec, codes: Any, name: str) -> np.ndarray:
     return check_codes(codes, code_size=codec.code_size, name=f"{name} codes")
 
 
-def _scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
-    """(m, n) larger-is-better scores: inner products or minus squared L2 distances."""
-    ip = queries @ vectors.T
-    if metric == "ip":
-        return ip
-    vector_sq = np.einsum("ij,ij->i", vectors, vectors)
-    query_sq = np.einsum("ij,ij->i", queries, queries)
-    return 2.0 * ip - vector_sq[None, :] - query_sq[:, None]
-
-
 def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
-    if metric not in ("ip", "l2"):
-        raise InputError(f"metric must be 'ip' or 'l2'; got {metric!r}")
+    """Checked float32 queries (unit rows, a copy, for ``"cos"``)."""
+    check_metric(metric)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be an integer >= 1; got {k!r}")
     Q = check_matrix(queries, name="queries", d=d, allow_empty=True)
     Q32 = to_float32(Q, name="queries")
     check_finite(Q32, name="queries")
+    if metric == "cos":
+        return normalize_rows(np.array(Q32, dtype=np.float32, copy=True))
     return Q32
 
 
 def _finish(ids: np.ndarray, scores: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     scores = scores.astype(np.float32)
-    return ids.astype(np.int64), scores if metric == "ip" else -scores
+    return ids.astype(np.int64), -scores if metric == "l2" else scores
 
 
 def search_codes(
@@ -75,12 +67,13 @@ def search_codes(
     codes : ndarray (n, codec.code_size) uint8.
     queries : (m, d_in) float array.
     k : neighbours per query (capped at n).
-    metric : ``"ip"`` (larger inner product is nearer) or ``"l2"``.
+    metric : ``"ip"`` (larger inner product is nearer), ``"l2"`` or ``"cos"`` (cosine
+        similarity: queries and decoded vectors scaled to unit norm).
 
     Returns
     -------
     ids : ndarray (m, k) int64, nearest first, ties to the lower id.
-    scores : ndarray (m, k) float32, inner products or squared L2 distances.
+    scores : ndarray (m, k) float32, inner products (cosines), or squared L2 distances.
     """
     codes = _check(codec, codes, "the")
     d_in = codec._check_fitted()
@@ -94,6 +87,8 @@ def search_codes(
     for start in range(0, n, _BASE_BLOCK):
         block = codes[start : start + _BASE_BLOCK]
         vectors = codec.decode(block, out=buffer[: block.shape[0]])
+        if metric == "cos":
+            normalize_rows(vectors)
         block_ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
         merged = []
         for q0 in range(0, m, _QUERY_BLOCK):
@@ -137,12 +132,13 @@ def two_stage_search(
     queries : (m, d_in) float array; both codecs must take width d_in.
     k : neighbours to return per query.
     rerank : candidates per query = ``rerank * k`` (at least k).
-    metric : ``"ip"`` or ``"l2"``.
+    metric : ``"ip"``, ``"l2"`` or ``"cos"``.
 
     Returns
     -------
     ids : ndarray (m, k) int64, nearest first by the large code's reconstruction.
-    scores : ndarray (m, k) float32, inner products or squared L2 distances by it.
+    scores : ndarray (m, k) float32, inner products (cosines), or squared L2 distances
+        by it.
     """
     small_codes = _check(small_codec, small_codes, "small")
     large_codes = _check(large_codec, large_codes, "large")
@@ -166,9 +162,12 @@ def two_stage_search(
     m, c = candidates.shape
     if m == 0 or c == 0:
         return _finish(np.zeros((m, k), np.int64), np.zeros((m, k), np.float32), metric)
-    vectors = large_codec.decode(large_codes[candidates.ravel()]).reshape(m, c, d)
+    vectors = large_codec.decode(large_codes[candidates.ravel()])
+    if metric == "cos":
+        normalize_rows(vectors)
+    vectors = vectors.reshape(m, c, d)
     ip = np.einsum("mcd,md->mc", vectors, Q)
-    if metric == "ip":
+    if metric != "l2":
         scores = ip
     else:
         scores = 2.0 * ip - np.einsum("mcd,mcd->mc", vectors, vectors)

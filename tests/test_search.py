@@ -19,7 +19,7 @@ def data():
     return base.astype(np.float32), queries.astype(np.float32)
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
 def test_search_codes_equals_exact_search_of_decoded(data, metric, monkeypatch):
     base, queries = data
     codec = make_codec("int4").fit(base)
@@ -33,7 +33,7 @@ def test_search_codes_equals_exact_search_of_decoded(data, metric, monkeypatch):
     assert ids.dtype == np.int64 and scores.dtype == np.float32
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
 def test_two_stage_with_fp32_rerank_equals_exact_on_candidates(data, metric):
     base, queries = data
     small = make_codec("bin").fit(base)
@@ -75,7 +75,7 @@ def test_bad_calls(data):
     with pytest.raises(InputError, match="rerank"):
         two_stage_search(small, codes_s, large, codes_l, queries, 5, rerank=0)
     with pytest.raises(InputError, match="metric"):
-        search_codes(small, codes_s, queries, 5, metric="cos")
+        search_codes(small, codes_s, queries, 5, metric="cosine")
     with pytest.raises(InputError, match="k must"):
         search_codes(small, codes_s, queries, 0)
     with pytest.raises(DimensionMismatchError, match="code_size"):
