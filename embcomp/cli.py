@@ -130,6 +130,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     true_ids, _ = exact_knn(base, queries, args.k, metric=metric)
     found_ids, _ = exact_knn(decoded, queries, args.k, metric=metric)
     recall = recall_at_k(found_ids, true_ids, args.k, base=base, queries=queries, metric=metric)
+    if args.json:
+        result = {
+            "spec": str(codec.spec),
+            "metric": metric,
+            "k": args.k,
+            "recall_at_k": recall,
+            "bytes_per_vector": codec.code_size,
+            "compression_ratio": codec.compression_ratio,
+            "base_rows": base.shape[0],
+            "query_rows": queries.shape[0],
+        }
+        print(json.dumps(result, sort_keys=True))
+        return 0
     print(f"spec               {codec.spec}")
     print(f"metric             {metric}")
     print(f"bytes/vector       {codec.code_size}")
@@ -233,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="similarity of the exact and the decoded search (default: cos for a codec "
         "that starts with l2norm, else ip)",
     )
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser("demo", help="fit and evaluate codecs on the bundled sample")

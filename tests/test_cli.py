@@ -95,6 +95,20 @@ def test_eval_judges_a_normalizing_codec_by_cosine(tmp_path, capsys):
     assert recall() == ("cos", 1.0)
     metric, by_ip = recall("--metric", "ip")
     assert metric == "ip" and by_ip < 0.5
+    capsys.readouterr()
+    argv = ["eval", "-c", str(codec), "--base", str(tmp_path / "x.npy")]
+    assert main([*argv, "--queries", str(tmp_path / "x.npy"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {
+        "spec": "l2norm,fp16",
+        "metric": "cos",
+        "k": 10,
+        "recall_at_k": 1.0,
+        "bytes_per_vector": 64,
+        "compression_ratio": 2.0,
+        "base_rows": 600,
+        "query_rows": 600,
+    }
 
 
 def test_fvecs_input(files, rng_data, tmp_path):
