@@ -226,3 +226,8 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
     wide[wide == 0] = 1.0
     X[~exact] = rows / wide[:, None]
     return X
+
+
+def unit_rows(X: Any) -> np.ndarray:
+    """A float32 copy of ``X`` with every nonzero row scaled to unit norm."""
+    return normalize_rows(np.array(X, dtype=np.float32, copy=True))

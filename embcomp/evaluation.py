@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._cancel import checkpoint
-from ._validation import check_finite, check_matrix, normalize_rows, to_float32
+from ._validation import check_finite, check_matrix, normalize_rows, to_float32, unit_rows
 from .exceptions import InputError
 
 __all__ = [
@@ -33,11 +33,6 @@ def check_metric(metric: Any) -> str:
     if metric not in METRICS:
         raise InputError(f"metric must be 'ip', 'l2' or 'cos'; got {metric!r}")
     return str(metric)
-
-
-def _unit_rows(X: Any) -> np.ndarray:
-    """A float32 copy of ``X`` with every nonzero row scaled to unit norm."""
-    return normalize_rows(np.array(X, dtype=np.float32, copy=True))
 
 
 def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
@@ -115,7 +110,7 @@ def blocked_knn(
     k = min(k, base.shape[0])
     m = queries.shape[0]
     if metric == "cos":
-        queries = _unit_rows(queries)
+        queries = unit_rows(queries)
     best_ids = np.empty((m, k), dtype=np.int64)
     best_scores = np.empty((m, k), dtype=np.float32)
     for q0 in range(0, m, _Q_BLOCK):
@@ -129,7 +124,7 @@ def blocked_knn(
                 b = to_float32(b, name="base", row_offset=b0)
                 check_finite(b, name="base", row_offset=b0)
             if metric == "cos":
-                b = _unit_rows(b)
+                b = unit_rows(b)
             block_scores = _scores(q, b, metric)
             block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
             ids_k, scores_k = _top_k(block_scores, block_ids, k)
@@ -198,11 +193,10 @@ def recall_at_k(
         safe = np.where(valid, found, 0)
         found_vectors = base[safe].astype(np.float32)  # (m, k, d)
         kth_vectors = base[true[:, -1]].astype(np.float32)  # (m, d)
-        if metric == "cos":  # cosines are inner products of unit rows
-            q, kth_vectors = _unit_rows(q), _unit_rows(kth_vectors)
-            found_vectors = _unit_rows(found_vectors.reshape(-1, q.shape[1])).reshape(
-                found_vectors.shape
-            )
+        if metric == "cos":  # cosines are inner products of unit rows (the gathers are
+            q = unit_rows(q)  # fresh copies: normalized in place)
+            normalize_rows(kth_vectors)
+            normalize_rows(found_vectors.reshape(-1, q.shape[1]))
         q_norm = np.linalg.norm(q, axis=1)[:, None]
         x_norm = np.maximum(
             np.linalg.norm(found_vectors, axis=2), np.linalg.norm(kth_vectors, axis=1)[:, None]

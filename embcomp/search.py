@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_codes, check_finite, check_matrix, normalize_rows, to_float32
+from ._validation import (
+    check_codes,
+    check_finite,
+    check_matrix,
+    normalize_rows,
+    to_float32,
+    unit_rows,
+)
 from .codec import Codec
 from .evaluation import _scores, _top_k, check_metric
 from .exceptions import InputError, NotFittedError
@@ -47,7 +54,7 @@ def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
     Q32 = to_float32(Q, name="queries")
     check_finite(Q32, name="queries")
     if metric == "cos":
-        return normalize_rows(np.array(Q32, dtype=np.float32, copy=True))
+        return unit_rows(Q32)
     return Q32
 
 
