@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from embcomp.exceptions import InputError
+
 from .results import FAMILY_ORDER, load_records, read_summary_csv, summary_rows
 
 __all__ = ["plot_results"]
@@ -227,7 +229,12 @@ def plot_results(
     """Plot every dataset found in the records under ``out`` (or ``records``); without
     records (they are not committed), from ``out/summary.csv``."""
     out = Path(out)
-    if records is None and not (out / "records").is_dir() and (out / "summary.csv").is_file():
+    if records is None and not (out / "records").is_dir():
+        if not (out / "summary.csv").is_file():
+            raise InputError(
+                f"neither records nor a summary.csv under {str(out)!r}; run a sweep with "
+                f"--out {out} first"
+            )
         rows = read_summary_csv(out / "summary.csv")
     else:
         rows = summary_rows(load_records(out) if records is None else records)

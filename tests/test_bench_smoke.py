@@ -215,6 +215,7 @@ def test_plots_are_remade_from_summary_csv_alone(smoke, tmp_path):
     (copy / "summary.csv").write_text("dataset,method\nx,y\n")
     with pytest.raises(InputError, match="lacks the columns"):
         read_summary_csv(copy / "summary.csv")
+    assert bench_main(["plot", str(tmp_path / "empty")]) == 2  # neither records nor a CSV
 
 
 def test_frontier_labels_do_not_overlap():
