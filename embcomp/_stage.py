@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, ClassVar
 
@@ -78,6 +79,27 @@ class FittedStage:
         self._check_state()
         with blas_single_thread():  # derived arrays bit-identical to the fit's
             self._after_load()
+
+    def _fit_copy(self, X: np.ndarray, **attributes: Any) -> None:
+        """Fit on ``X`` (``_fit``, then the derived arrays), setting ``attributes`` first,
+        all-or-nothing: the work is done on a shallow copy whose attributes are taken over
+        only once it succeeded. A refit that raises (data a stage cannot calibrate, an
+        option that does not suit the new width) leaves the stage as it was, never with
+        arrays of two fits that its kernels would index out of bounds.
+        """
+        trial = copy.copy(self)
+        for name, value in attributes.items():
+            setattr(trial, name, value)
+        # One BLAS thread: a multi-threaded product run while another thread uses BLAS
+        # can round differently, and a fit must give the same bytes every time.
+        with blas_single_thread():
+            trial._fit(X)
+            trial._contiguous_state()
+            trial._after_load()
+        self.__dict__.update(trial.__dict__)
+
+    def _fit(self, X: np.ndarray) -> None:
+        raise NotImplementedError
 
     def _contiguous_state(self) -> None:
         """Make the fitted arrays C-contiguous, as loading gives them: BLAS may round a

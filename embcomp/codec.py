@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import typing
@@ -204,17 +205,20 @@ class Codec:
         check_finite(X32, name="training vectors")
         if self.spec.normalize:
             X32 = normalize_rows(X32.copy())
-        if self.reducer is not None:
-            self.reducer.fit(X32)
+        # Stages are fitted as copies and swapped in together: a fit that fails part way
+        # leaves the codec as it was, never a new reducer before an old quantizer.
+        reducer = copy.copy(self.reducer)
+        if reducer is not None:
+            reducer.fit(X32)
             with np.errstate(over="ignore", invalid="ignore"):  # named just below
-                X32 = self.reducer.transform(X32)
+                X32 = reducer.transform(X32)
             if not np.isfinite(X32).all():
                 raise InputError(
                     f"training row {_first_nonfinite_row(X32)} becomes inf after the reducer: "
                     "its values are too large for float32 arithmetic; rescale the vectors"
                 )
-        self.quantizer.fit(X32)
-        self.d_in = X.shape[1]
+        quantizer = copy.copy(self.quantizer).fit(X32)
+        self.reducer, self.quantizer, self.d_in = reducer, quantizer, X.shape[1]
         return self
 
     def _reduce_block(self, block: np.ndarray, scratch: Scratch, *, owned: bool) -> np.ndarray:

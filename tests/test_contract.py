@@ -133,6 +133,40 @@ def test_bad_input(fitted, rng_data):
         fitted.decode(np.zeros((2, fitted.code_size), np.int16))
 
 
+def test_failed_refit_leaves_the_codec_as_it_was(fitted, rng_data, monkeypatch):
+    # Every stage's last fitting step raises: the codec keeps its old stages, whole.
+    before = codec_to_bytes(fitted)
+    codes = fitted.encode(rng_data[:50])
+    other = np.ascontiguousarray(rng_data[:, ::-1] * 3 + 1)
+
+    def fail(self):
+        raise RuntimeError("fit failed at its last step")
+
+    monkeypatch.setattr(type(fitted.quantizer), "_after_load", fail)
+    with pytest.raises(RuntimeError, match="last step"):
+        fitted.fit(other)
+    monkeypatch.undo()
+    assert codec_to_bytes(fitted) == before
+    np.testing.assert_array_equal(fitted.encode(rng_data[:50]), codes)
+
+
+def test_refit_that_does_not_suit_new_data_keeps_the_old_fit(rng_data):
+    narrow = np.ascontiguousarray(rng_data[:, :1])
+    quantizer = embcomp.quantizers.AllocQuantizer(4).fit(rng_data[:, :8])
+    with pytest.raises(DimensionMismatchError, match="alloc1"):
+        quantizer.fit(narrow)  # 4 bytes are more than 8 bits for one dimension
+    assert quantizer.d_ == 8 and quantizer.order_.shape == (8,)
+    with pytest.raises(DimensionMismatchError, match="8-dim"):
+        quantizer.encode(narrow[:5])  # refused, not read out of bounds
+    codec = make_codec("pca4,alloc3").fit(rng_data[:, :8])
+    codes = codec.encode(rng_data[:20, :8])
+    with pytest.raises(InputError):
+        codec.fit(rng_data[:, :16] * np.float32(1e20))  # the reducer fits, the quantizer not
+    assert codec.d_in == 8
+    np.testing.assert_array_equal(codec.encode(rng_data[:20, :8]), codes)
+    assert codec_to_bytes(codec_from_bytes(codec_to_bytes(codec))) == codec_to_bytes(codec)
+
+
 def test_fit_rejects_bad_training_data(rng_data):
     with pytest.raises(InputError, match="empty"):
         make_codec("int8").fit(rng_data[:0])

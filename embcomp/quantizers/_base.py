@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import _jit
-from .._blocks import Scratch, blas_single_thread, cache_rows_per_block, float32_block, map_blocks
+from .._blocks import Scratch, cache_rows_per_block, float32_block, map_blocks
 from .._stage import FittedStage
 from .._validation import (
     check_codes,
@@ -70,11 +70,7 @@ class Quantizer(FittedStage):
                 "float32's smallest numbers (quantizers need some above 2**-64 = 5.4e-20): "
                 "rescale the vectors (l2norm, or a constant factor)"
             )
-        self.d_ = X32.shape[1]
-        with blas_single_thread():  # deterministic fits (see LinearReducer.fit)
-            self._fit(X32)
-            self._contiguous_state()
-            self._after_load()
+        self._fit_copy(X32, d_=X32.shape[1])
         return self
 
     def _min_fit_rows(self) -> int:

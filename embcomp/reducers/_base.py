@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._blocks import blas_single_thread, for_each_block, rows_per_block
+from .._blocks import for_each_block, rows_per_block
 from .._stage import FittedStage, expect_array
 from .._validation import check_finite, check_matrix, to_float32
 from ..exceptions import ArtifactError
@@ -89,13 +89,7 @@ class LinearReducer(FittedStage):
 
     def fit(self, X: Any, y: Any = None) -> LinearReducer:
         """Fit on training vectors ``X`` (n, d_in) float; returns ``self``."""
-        X = check_matrix(X, name="training vectors")
-        # One BLAS thread: a multi-threaded product run while another thread uses BLAS
-        # can round differently, and a fit must give the same bytes every time.
-        with blas_single_thread():
-            self._fit(X)
-            self._contiguous_state()
-            self._after_load()
+        self._fit_copy(check_matrix(X, name="training vectors"))
         return self
 
     def _check_state(self) -> None:
