@@ -25,6 +25,8 @@ __all__ = [
 
 _Q_BLOCK = 256
 _B_BLOCK = 65536
+_GATHER_FLOATS = 1 << 22  # recall_at_k scores ties on this many gathered floats at a time
+_CENTRE_ROWS = 4096  # base rows whose mean L2 searches measure from (see l2_centre)
 METRICS = ("ip", "l2", "cos")
 
 
@@ -37,13 +39,27 @@ def check_metric(metric: Any) -> str:
 
 def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
     """Larger is better: inner product (cosine for unit rows), or minus the squared L2
-    distance."""
+    distance (for ``"l2"``, pass rows translated by :func:`l2_centre`)."""
     ip = queries @ base.T
     if metric != "l2":
         return ip
     base_sq = np.einsum("ij,ij->i", base, base)
     query_sq = np.einsum("ij,ij->i", queries, queries)
     return 2 * ip - base_sq[None, :] - query_sq[:, None]
+
+
+def l2_centre(rows: Any) -> np.ndarray:
+    """A point to measure squared L2 distances from: the mean of ``rows`` (float64 sum),
+    as float32; zeros where it is not finite.
+
+    :func:`_scores` computes ``|q - x|^2`` as ``|q|^2 + |x|^2 - 2 q.x``, which loses
+    every digit in float32 when the vectors sit far from the origin next to their
+    spread (at offset/spread 1e3, recall@10 0.05 and negative distances). Translating
+    queries and base by the same point changes no distance and brings them near 0.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        centre = np.asarray(rows).mean(axis=0, dtype=np.float64)
+    return np.where(np.isfinite(centre), centre, 0.0).astype(np.float32)
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,10 +127,13 @@ def blocked_knn(
     m = queries.shape[0]
     if metric == "cos":
         queries = unit_rows(queries)
+    centre = l2_centre(base[:_CENTRE_ROWS]) if metric == "l2" else None
     best_ids = np.empty((m, k), dtype=np.int64)
     best_scores = np.empty((m, k), dtype=np.float32)
     for q0 in range(0, m, _Q_BLOCK):
         q = np.ascontiguousarray(queries[q0 : q0 + _Q_BLOCK], dtype=np.float32)
+        if centre is not None:
+            q = q - centre
         run_ids = np.empty((q.shape[0], 0), dtype=np.int64)
         run_scores = np.empty((q.shape[0], 0), dtype=np.float32)
         for b0 in range(0, base.shape[0], _B_BLOCK):
@@ -125,6 +144,8 @@ def blocked_knn(
                 check_finite(b, name="base", row_offset=b0)
             if metric == "cos":
                 b = unit_rows(b)
+            elif centre is not None:
+                b = np.asarray(b, dtype=np.float32) - centre
             block_scores = _scores(q, b, metric)
             block_ids = np.broadcast_to(np.arange(b0, b0 + b.shape[0]), block_scores.shape)
             ids_k, scores_k = _top_k(block_scores, block_ids, k)
@@ -134,8 +155,63 @@ def blocked_knn(
                 k,
             )
         best_ids[q0 : q0 + q.shape[0]] = run_ids
-        best_scores[q0 : q0 + q.shape[0]] = -run_scores if metric == "l2" else run_scores
+        best_scores[q0 : q0 + q.shape[0]] = l2_or_score(run_scores, metric)
     return best_ids, best_scores
+
+
+def _members(found: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """``hits[i, j] = found[i, j] in true[i]`` (bool, ``found``'s shape), without a
+    (m, k, k) comparison: each id becomes a key ``row * span + id``, so the rows of
+    ``true``, each sorted, make one sorted array to binary-search."""
+    if found.size == 0 or true.size == 0:
+        return np.zeros(found.shape, dtype=bool)
+    lo = min(int(found.min()), int(true.min()))
+    span = max(int(found.max()), int(true.max())) - lo + 1
+    if not (-(2**62) <= lo and (lo + span) * found.shape[0] < 2**62):  # keys overflow
+        return np.array([np.isin(f, t) for f, t in zip(found, true, strict=True)])
+    rows = np.arange(found.shape[0], dtype=np.int64)[:, None] * span - lo
+    keys = (np.sort(true, axis=1).astype(np.int64) + rows).ravel()
+    wanted = found.astype(np.int64) + rows
+    at = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
+    return keys[at] == wanted
+
+
+def _ties(
+    found: np.ndarray,
+    true: np.ndarray,
+    base: np.ndarray,
+    q: np.ndarray,
+    metric: str,
+    eps: float,
+) -> np.ndarray:
+    """Which found ids score within ``eps * scale`` of the true k-th (see recall_at_k)."""
+    valid = found >= 0
+    safe = np.where(valid, found, 0)
+    found_vectors = base[safe].astype(np.float32)  # (m, k, d)
+    kth_vectors = base[true[:, -1]].astype(np.float32)  # (m, d)
+    if metric == "cos":  # cosines are inner products of unit rows (the gathers are
+        q = unit_rows(q)  # fresh copies: normalized in place)
+        normalize_rows(kth_vectors)
+        normalize_rows(found_vectors.reshape(-1, q.shape[1]))
+    q_norm = np.linalg.norm(q, axis=1)[:, None]
+    x_norm = np.maximum(
+        np.linalg.norm(found_vectors, axis=2), np.linalg.norm(kth_vectors, axis=1)[:, None]
+    )
+    if metric == "l2":
+        found_scores = -((found_vectors - q[:, None, :]) ** 2).sum(axis=2)
+        kth_scores = -((kth_vectors - q) ** 2).sum(axis=1)
+        scale = q_norm**2 + x_norm**2
+    else:
+        found_scores = np.einsum("mkd,md->mk", found_vectors, q)
+        kth_scores = np.einsum("md,md->m", kth_vectors, q)
+        scale = q_norm * x_norm
+    return valid & (found_scores >= kth_scores[:, None] - eps * scale)
+
+
+def l2_or_score(scores: np.ndarray, metric: str) -> np.ndarray:
+    """What a search returns from its ranking scores: squared L2 distances (never below
+    0, which rounding could give) for ``"l2"``, else the scores themselves."""
+    return np.maximum(-scores, 0) if metric == "l2" else scores
 
 
 def recall_at_k(
@@ -185,31 +261,15 @@ def recall_at_k(
             f"found_ids {found.shape} and true_ids {true.shape} must have the same rows "
             f"and at least k={k} columns"
         )
-    hits = (found[:, :, None] == true[:, None, :]).any(axis=2)
+    hits = _members(found, true)
     if base is not None and queries is not None:
         base = np.asarray(base)
         q = np.asarray(queries, dtype=np.float32)
-        valid = found >= 0
-        safe = np.where(valid, found, 0)
-        found_vectors = base[safe].astype(np.float32)  # (m, k, d)
-        kth_vectors = base[true[:, -1]].astype(np.float32)  # (m, d)
-        if metric == "cos":  # cosines are inner products of unit rows (the gathers are
-            q = unit_rows(q)  # fresh copies: normalized in place)
-            normalize_rows(kth_vectors)
-            normalize_rows(found_vectors.reshape(-1, q.shape[1]))
-        q_norm = np.linalg.norm(q, axis=1)[:, None]
-        x_norm = np.maximum(
-            np.linalg.norm(found_vectors, axis=2), np.linalg.norm(kth_vectors, axis=1)[:, None]
-        )
-        if metric == "l2":
-            found_scores = -((found_vectors - q[:, None, :]) ** 2).sum(axis=2)
-            kth_scores = -((kth_vectors - q) ** 2).sum(axis=1)
-            scale = q_norm**2 + x_norm**2
-        else:
-            found_scores = np.einsum("mkd,md->mk", found_vectors, q)
-            kth_scores = np.einsum("md,md->m", kth_vectors, q)
-            scale = q_norm * x_norm
-        hits |= valid & (found_scores >= kth_scores[:, None] - eps * scale)
+        # Rows in blocks: the gathered vectors are (rows, k, d) floats.
+        step = max(1, _GATHER_FLOATS // max(1, k * q.shape[1]))
+        for r0 in range(0, found.shape[0], step):
+            rows = slice(r0, r0 + step)
+            hits[rows] |= _ties(found[rows], true[rows], base, q[rows], metric, eps)
     # Duplicate ids in a result list must not count twice.
     unique_hits = [len(set(row[mask].tolist())) for row, mask in zip(found, hits, strict=True)]
     return float(np.mean(np.minimum(unique_hits, k)) / k) if len(unique_hits) else 0.0

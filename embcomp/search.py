@@ -28,7 +28,7 @@ from ._validation import (
     unit_rows,
 )
 from .codec import Codec
-from .evaluation import _scores, _top_k, check_metric
+from .evaluation import _scores, _top_k, check_metric, l2_centre, l2_or_score
 from .exceptions import InputError, NotFittedError
 
 __all__ = ["search_codes", "two_stage_search"]
@@ -59,8 +59,7 @@ def _prepare(queries: Any, d: int, k: int, metric: str) -> np.ndarray:
 
 
 def _finish(ids: np.ndarray, scores: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    scores = scores.astype(np.float32)
-    return ids.astype(np.int64), -scores if metric == "l2" else scores
+    return ids.astype(np.int64), l2_or_score(scores.astype(np.float32), metric)
 
 
 def search_codes(
@@ -96,6 +95,11 @@ def search_codes(
         vectors = codec.decode(block, out=buffer[: block.shape[0]])
         if metric == "cos":
             normalize_rows(vectors)
+        elif metric == "l2":  # distances from a point near the vectors (see l2_centre)
+            if start == 0:
+                centre = l2_centre(vectors)
+                Q = Q - centre
+            vectors -= centre
         block_ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
         merged = []
         for q0 in range(0, m, _QUERY_BLOCK):
@@ -172,6 +176,10 @@ def two_stage_search(
     vectors = large_codec.decode(large_codes[candidates.ravel()])
     if metric == "cos":
         normalize_rows(vectors)
+    elif metric == "l2":  # distances from a point near the vectors (see l2_centre)
+        centre = l2_centre(vectors)
+        vectors -= centre
+        Q = Q - centre
     vectors = vectors.reshape(m, c, d)
     ip = np.einsum("mcd,md->mc", vectors, Q)
     if metric != "l2":

@@ -103,3 +103,21 @@ def test_ties_go_to_the_lower_id_as_documented():
     np.testing.assert_array_equal(exact_knn(X, Q, 5)[0], expected)
     np.testing.assert_array_equal(search_codes(codec, codes, Q, 5)[0], expected)
     np.testing.assert_array_equal(two_stage_search(codec, codes, codec, codes, Q, 5)[0], expected)
+
+
+def test_l2_search_of_codes_far_from_the_origin():
+    rng = np.random.default_rng(5)
+    base = (1000.0 + rng.standard_normal((2000, 32)) * 0.1).astype(np.float32)
+    queries = (base[:20] + rng.standard_normal((20, 32)) * 0.01).astype(np.float32)
+    truth = (
+        ((queries[:, None].astype(np.float64) - base[None]) ** 2).sum(-1).argsort(axis=1)[:, :10]
+    )
+    codec = make_codec("fp32").fit(base)
+    codes = codec.encode(base)
+    ids, distances = search_codes(codec, codes, queries, 10, metric="l2")
+    assert recall_at_k(ids, truth, 10) >= 0.99 and (distances >= 0).all()
+    small = make_codec("int8").fit(base)
+    ids, distances = two_stage_search(
+        small, small.encode(base), codec, codes, queries, 10, rerank=10, metric="l2"
+    )
+    assert recall_at_k(ids, truth, 10) >= 0.99 and (distances >= 0).all()
