@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import struct
@@ -161,32 +162,81 @@ def _parse_manifest(blob: bytes, source: str) -> tuple[dict[str, Any], int]:
         raise ArtifactError(f"{source}: manifest is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != "embcomp-codec":
         raise ArtifactError(f"{source}: manifest does not describe an embcomp codec")
+    _check_fields(manifest, _MANIFEST_FIELDS, "manifest", source)
+    for index, entry in enumerate(manifest["arrays"]):
+        _check_fields(entry, _ARRAY_FIELDS, f"manifest entry arrays[{index}]", source)
     return manifest, start + length
+
+
+# The fields a loader reads, with their JSON types; a crafted manifest may omit any of
+# them or give another type, which must be an ArtifactError, not a KeyError or TypeError.
+_MANIFEST_FIELDS: dict[str, type] = {
+    "spec": str,
+    "d_in": int,
+    "d_out": int,
+    "code_size": int,
+    "options": dict,
+    "arrays": list,
+    "data_length": int,
+    "data_sha256": str,
+}
+_ARRAY_FIELDS: dict[str, type] = {
+    "name": str,
+    "dtype": str,
+    "shape": list,
+    "offset": int,
+    "nbytes": int,
+    "sha256": str,
+}
+_JSON_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
+def _check_fields(record: Any, fields: dict[str, type], what: str, source: str) -> None:
+    if not isinstance(record, dict):
+        raise ArtifactError(f"{source}: {what} must be an object; got {type(record).__name__}")
+    for name, kind in fields.items():
+        if name not in record:
+            raise ArtifactError(f"{source}: {what} has no {name!r} field (file damaged or forged)")
+        value = record[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ArtifactError(
+                f"{source}: {what} field {name!r} must be {_JSON_TYPE_NAMES[kind]}; got "
+                f"{json.dumps(value)[:40]}"
+            )
+
+
+def _count(value: Any) -> bool:
+    """Whether a manifest value is a non-negative integer (JSON booleans are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_arrays(blob: bytes, manifest: dict[str, Any], data_start: int, source: str) -> dict:
     data = memoryview(blob)[data_start:]
-    if len(data) != manifest.get("data_length"):
+    if len(data) != manifest["data_length"]:
         raise ArtifactError(
             f"{source}: truncated or padded: {len(data)} data bytes, manifest says "
-            f"{manifest.get('data_length')}"
+            f"{manifest['data_length']}"
         )
-    if hashlib.sha256(data).hexdigest() != manifest.get("data_sha256"):
+    if hashlib.sha256(data).hexdigest() != manifest["data_sha256"]:
         raise ArtifactError(f"{source}: data checksum mismatch (file corrupted)")
     arrays: dict[str, np.ndarray] = {}
     for entry in manifest["arrays"]:
         name, dtype = entry["name"], entry["dtype"]
         if dtype not in _ALLOWED_DTYPES:
             raise ArtifactError(f"{source}: array {name!r} has disallowed dtype {dtype!r}")
-        start, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        start, nbytes, shape = entry["offset"], entry["nbytes"], entry["shape"]
+        if not all(_count(n) for n in (start, nbytes, *shape)):
+            raise ArtifactError(
+                f"{source}: array {name!r} needs non-negative integer offset, nbytes and "
+                f"shape; got offset {start!r}, nbytes {nbytes!r}, shape {shape!r}"
+            )
         chunk = data[start : start + nbytes]
         if len(chunk) != nbytes or hashlib.sha256(chunk).hexdigest() != entry["sha256"]:
             raise ArtifactError(f"{source}: checksum mismatch in array {name!r} (file corrupted)")
-        shape = tuple(int(s) for s in entry["shape"])
         array = np.frombuffer(chunk, dtype=np.dtype(dtype))
-        if array.size != int(np.prod(shape)):
+        if array.size != math.prod(shape):
             raise ArtifactError(f"{source}: array {name!r} size does not match shape {shape}")
-        arrays[name] = array.reshape(shape).astype(array.dtype.newbyteorder("="))
+        arrays[name] = array.reshape(tuple(shape)).astype(array.dtype.newbyteorder("="))
     return arrays
 
 
@@ -233,8 +283,11 @@ def codec_from_bytes(blob: bytes, *, source: str = "<bytes>") -> Codec:
         raise ArtifactError(f"{source}: {exc}") from None
     except (EmbcompError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{source}: inconsistent codec manifest: {exc}") from exc
-    if codec.code_size != manifest["code_size"] or codec.d_out != manifest["d_out"]:
-        raise ArtifactError(f"{source}: stored code_size/d_out disagree with the arrays")
+    for name, actual in (("code_size", codec.code_size), ("d_out", codec.d_out)):
+        if manifest[name] != actual:  # present and an integer: _parse_manifest checked
+            raise ArtifactError(
+                f"{source}: manifest says {name} {manifest[name]} but the arrays give {actual}"
+            )
     return codec
 
 

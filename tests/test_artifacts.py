@@ -144,7 +144,7 @@ def test_foreign_files(tmp_path):
         codec_from_bytes("text")  # type: ignore[arg-type]
 
 
-def _rewrite_manifest(blob: bytes, edit) -> bytes:
+def rewrite_manifest(blob: bytes, edit) -> bytes:
     import hashlib
 
     _, version, length, _ = struct.unpack_from("<8sII32s", blob)
@@ -177,7 +177,60 @@ def test_consistent_but_wrong_manifest_is_refused(blob):
 
     for edit in (bad_spec, bad_dtype, bad_option, bad_size):
         with pytest.raises(ArtifactError):
-            codec_from_bytes(_rewrite_manifest(blob, edit))
+            codec_from_bytes(rewrite_manifest(blob, edit))
+
+
+def _drop(key):
+    def edit(manifest):
+        del manifest[key]
+
+    return edit
+
+
+def _put(set_in, key, value):
+    def edit(manifest):
+        set_in(manifest)[key] = value
+
+    return edit
+
+
+def _top(manifest):
+    return manifest
+
+
+def _first_array(manifest):
+    return manifest["arrays"][0]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        *[
+            (_drop(key), f"manifest has no '{key}' field")
+            for key in ("spec", "d_in", "d_out", "code_size", "options", "arrays")
+        ],
+        (_drop("data_sha256"), "manifest has no 'data_sha256' field"),
+        (_put(_top, "code_size", "8"), "'code_size' must be an integer; got \"8\""),
+        (_put(_top, "d_out", True), "'d_out' must be an integer; got true"),
+        (_put(_top, "options", []), "'options' must be an object; got \\[\\]"),
+        (_put(_top, "arrays", 5), "'arrays' must be a list; got 5"),
+        (_put(_top, "spec", 5), "'spec' must be a string"),
+        (_put(_top, "arrays", [7]), "arrays\\[0\\] must be an object; got int"),
+        (_put(_first_array, "name", 3), "arrays\\[0\\] field 'name' must be a string"),
+        (_put(_first_array, "offset", -64), "non-negative integer offset"),
+        (_put(_first_array, "shape", [8, -48]), "non-negative integer offset, nbytes and shape"),
+        (_put(_first_array, "shape", [8.0, 48]), "non-negative integer offset, nbytes and shape"),
+        (_put(_top, "code_size", 9), "manifest says code_size 9 but the arrays give 8"),
+        (_put(_top, "d_out", 7), "manifest says d_out 7 but the arrays give 8"),
+    ],
+)
+def test_a_manifest_missing_or_mistyping_a_field_is_an_artifact_error(blob, edit, message):
+    """A crafted upload may leave out or retype any field: it must be an ArtifactError
+    naming the field (the service answers INVALID_ARGUMENT), never a KeyError,
+    TypeError or AttributeError (which the service reports as INTERNAL)."""
+    with pytest.raises(ArtifactError, match=message) as info:
+        codec_from_bytes(rewrite_manifest(blob, edit), source="forged.codec")
+    assert str(info.value).startswith("forged.codec: ")
 
 
 def test_save_is_atomic(tmp_path, rng_data, monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from google.protobuf.message import Message
 from service_helpers import running_server, store_snapshot
+from test_artifacts import rewrite_manifest
 
 import embcomp
 from embcomp.client import CompressionClient, ServiceError
@@ -331,6 +332,19 @@ def test_import_rejects_arrays_that_do_not_fit_their_widths(stub, sample):
     codec.d_in = -3
     request = pb.ImportCodecRequest(artifact=embcomp.codec_to_bytes(codec))
     expect(INVALID, stub.ImportCodec, request, match="d_in must be a positive integer")
+
+
+def test_import_names_a_missing_or_mistyped_manifest_field(stub, sample):
+    """Once, a manifest without code_size (checksums recomputed) was INTERNAL."""
+    good = _artifact(sample)
+    for edit, match in [
+        (lambda m: m.pop("code_size"), "manifest has no 'code_size' field"),
+        (lambda m: m.pop("d_out"), "manifest has no 'd_out' field"),
+        (lambda m: m.update(options=[]), "'options' must be an object"),
+        (lambda m: m["arrays"][0].update(name=3), "field 'name' must be a string"),
+    ]:
+        request = pb.ImportCodecRequest(artifact=rewrite_manifest(good, edit))
+        expect(INVALID, stub.ImportCodec, request, match=match)
 
 
 # -- failures that are the server's state --------------------------------------------------
