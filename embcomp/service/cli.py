@@ -25,7 +25,11 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "max-rows-per-request": (int, "most vectors or codes per request message (default 262144)"),
     "max-fit-bytes": (int, "most float32 training bytes per fit (default 1 GiB)"),
     "max-concurrent-fits": (int, "fits allowed at once (default 2)"),
-    "max-eval-pairs": (int, "most base x query rows one EvaluateCodec searches (default 2**27)"),
+    "max-eval-pairs": (
+        int,
+        "most work one EvaluateCodec does: queries x (base rows + 32 x k) (default 2**27)",
+    ),
+    "max-eval-k": (int, "largest k EvaluateCodec accepts (default 1024)"),
     "max-workers": (int, "RPC worker threads (default 16)"),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
     "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),

@@ -33,7 +33,9 @@ class ServiceConfig(BaseSettings):
     max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED. A fit
         takes its slot once its training data has arrived (a stalled upload holds none);
         uploads in progress hold at most ``max_concurrent_fits * max_fit_bytes`` in all.
-    max_eval_pairs : most base rows x query rows one EvaluateCodec may search.
+    max_eval_pairs : most work one EvaluateCodec may do, counted in scored pairs:
+        queries x (base rows + 32 x k), as each neighbour kept costs about 32 pairs.
+    max_eval_k : largest k (neighbours per query) EvaluateCodec accepts.
     max_workers : threads serving RPCs.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     tls_cert, tls_key : PEM files; when both are set the server speaks TLS only.
@@ -56,6 +58,7 @@ class ServiceConfig(BaseSettings):
     max_fit_bytes: int = Field(default=1024 * MiB, ge=1)
     max_concurrent_fits: int = Field(default=2, ge=1)
     max_eval_pairs: int = Field(default=1 << 27, ge=1)
+    max_eval_k: int = Field(default=1024, ge=1)
     max_workers: int = Field(default=16, ge=1)
     cache_size: int = Field(default=32, ge=1)
     tls_cert: Path | None = None

@@ -181,14 +181,46 @@ def test_a_stream_shorter_than_its_header_declares_is_refused_and_stores_nothing
 
 def test_evaluation_and_export_limits(tmp_path, sample):
     base = sample[0]
-    with running_server(tmp_path / "s", max_eval_pairs=1000, max_message_bytes=MiB) as srv:
+    settings = {"max_eval_pairs": 4400, "max_eval_k": 50, "max_message_bytes": MiB}
+    with running_server(tmp_path / "s", **settings) as srv:
         with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=MiB) as client:
             info = client.fit("pca,int8", base[:500])  # 384 x 384 float32, twice: > 1 MiB
+            # work = queries x (base rows + 32 x k): 11 x (100 + 320) = 4620 > 4400
             code, details = _code(lambda: client.evaluate(info.id, base[:100], base[:11]))
-            assert code == EXHAUSTED and "100 base rows x 11 queries = 1100 pairs" in details
+            assert code == EXHAUSTED and "11 queries x (100 base rows + 32 x k=10)" in details
+            assert "EMBCOMP_MAX_EVAL_PAIRS" in details
             assert client.evaluate(info.id, base[:100], base[:10]).query_rows == 10
+            assert client.evaluate(info.id, base[:100], base[:11], k=1).k == 1
+            # the work grows with k: fewer queries than the pairs alone would allow
+            code, details = _code(lambda: client.evaluate(info.id, base[:40], base[:4], k=45))
+            assert code == EXHAUSTED and "k=40" in details  # k is capped at the base rows
+            # k itself has a cap, whatever the rows
+            code, details = _code(lambda: client.evaluate(info.id, base[:100], base[:1], k=51))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "k=51 is over this server's limit of 50" in details
+            assert "EMBCOMP_MAX_EVAL_K" in details
+            assert client.evaluate(info.id, base[:100], base[:1], k=50).k == 50
             code, details = _code(lambda: client.export_codec(info.id))
             assert code == EXHAUSTED and "over this server's message limit" in details
+
+
+def test_an_evaluation_out_of_memory_names_its_k_and_rows(tmp_path, sample, monkeypatch):
+    """The generic out-of-memory message says 'send fewer rows'; for an evaluation the
+    cause may as well be k, so it names both."""
+    import embcomp.service.servicer as servicer
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    base = sample[0]
+    with running_server(tmp_path / "s") as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}") as client:
+            info = client.fit("int8", base[:200])
+            monkeypatch.setattr(servicer, "exact_knn", no_memory)
+            code, details = _code(lambda: client.evaluate(info.id, base[:100], base[:7], k=20))
+    assert code == EXHAUSTED
+    assert "evaluating 7 queries against 100 base rows at k=20" in details
+    assert "smaller k" in details
 
 
 # -- auth ----------------------------------------------------------------------------------
