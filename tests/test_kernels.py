@@ -50,7 +50,14 @@ def ref_float_encode(q: FloatQuantizer, X: np.ndarray) -> np.ndarray:
     inv_scale = (1.0 / q.scale_.astype(np.float64)).astype(np.float32)
     with np.errstate(over="ignore"):
         y = (X32 - q.offset_) * inv_scale
-    y = np.clip(y, -fmt.max, fmt.max)
+    limit = fmt.max
+    if fmt.bits == 16:  # fp16/bf16 stop where a decode would pass float32's max
+        room = np.finfo(np.float32).max * (1 - 2.0**-10) - np.abs(q.offset_.astype(np.float64))
+        limit = max(fmt.target, min(fmt.max, (room / q.scale_).min()))
+        with np.errstate(invalid="ignore"):  # NaN codes among them
+            values = np.arange(1 << 15, dtype=np.uint16).view(fmt.dtype).astype(np.float64)
+        limit = float(values[values <= limit].max())  # the largest positive value under it
+    y = np.clip(y, -limit, limit)
     stored = y.astype(fmt.dtype)
     if fmt.bits == 16:
         return stored.view(np.uint16).astype("<u2").view(np.uint8)

@@ -33,6 +33,40 @@ def test_out_of_range_values_clip_instead_of_nan(fmt):
         np.testing.assert_allclose(decoded[1], -fmt_max * q.scale_ + q.offset_, rtol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("scale", [100.0, 1e36])
+def test_inputs_near_float32s_max_decode_finite(fmt, compiled, scale):
+    # fp16/bf16 have range to spare beyond the fitted max: a value near 3.4e38, scaled,
+    # used to round up to a code whose decode (v * scale_ + offset_) overflowed to inf.
+    from embcomp import _jit
+
+    rng = np.random.default_rng(0)
+    train = (scale * rng.standard_normal((200, 3))).astype(np.float32)
+    huge = (np.float32(3.4e38) * rng.uniform(-1, 1, (4000, 3))).astype(np.float32)
+    huge[:2] = [[np.finfo(np.float32).max] * 3, [-np.finfo(np.float32).max] * 3]
+    old = _jit.set_enabled(compiled)
+    try:
+        q = FloatQuantizer(fmt).fit(train)
+        decoded = q.decode(q.encode(huge))
+        fitted = q.decode(q.encode(train))
+    finally:
+        _jit.set_enabled(old)
+    assert np.isfinite(decoded).all()
+    assert (decoded[0] >= train.max(axis=0)).all() and (decoded[1] <= train.min(axis=0)).all()
+    bound = {"fp16": 2.0**-11, "bf16": 2.0**-8}[fmt] * np.abs(train).max(axis=0)
+    assert (np.abs(fitted - train) <= bound).all()  # the fitted range codes as before
+
+
+def test_int_refuses_a_range_wider_than_float32():
+    wide = np.array([[-2e38, 1.0], [2e38, 2.0]], dtype=np.float32)
+    with pytest.raises(InputError, match="dimension 0 spans -2e\\+38 to 2e\\+38"):
+        IntQuantizer(8).fit(wide)
+    edge = np.array([[0.0], [np.finfo(np.float32).max]], dtype=np.float32)
+    q = IntQuantizer(8).fit(edge)
+    np.testing.assert_array_equal(q.decode(q.encode(edge)), edge)  # up to the max itself
+
+
 def test_unscaled_fp8_loses_small_components_to_subnormals():
     """Why the default fits a scale: unit-norm 768-d vectors sit near 2**-6 in E4M3."""
     x = np.random.default_rng(0).standard_normal((2000, 768)).astype(np.float32)

@@ -225,6 +225,7 @@ class FloatQuantizer(Quantizer):
         self._encode_offset = np.where(zero, np.float32(0.0), self.offset_).astype(np.float32)
         self._decode_offset = np.where(zero, np.float32(-0.0), self.offset_).astype(np.float32)
         self._centred = not bool(np.all(zero))  # the numpy path skips a zero offset
+        self._clip = self._clip_limit()
         self._table = _small_float_table(self.fmt) if fmt.bits <= 8 else None
         # bf16 has float32's exponent range: its kernel needs no format parameters
         self._jit_params: tuple[Any, Any, Any, Any] | None = None
@@ -246,7 +247,7 @@ class FloatQuantizer(Quantizer):
         if not _jit.ENABLED or self.fmt == "fp32" or sys.byteorder != "little":
             return None
         fmt = self.format
-        fmax = np.float32(fmt.max)
+        fmax = self._clip
         affine = (self._encode_offset, self._inv_scale)
         if self.fmt == "bf16":
             return bool(_kernels.encode_bf16(X, *affine, fmax, out.view(np.uint16)))
@@ -273,6 +274,26 @@ class FloatQuantizer(Quantizer):
             decode = _kernels.decode_float8 if fmt.bits == 8 else _kernels.decode_float4
             decode(codes, self._small_params, *affine, out, stream)
         return True
+
+    def _clip_limit(self) -> np.float32:
+        """The largest magnitude a scaled value is clipped to before the cast.
+
+        The format's max, except that fp16 and bf16 (whose fitted range ends at 1, far
+        below their max) stop at the largest value that decodes (``v * scale_ +
+        offset_``) below float32's max in every dimension: an input near 3.4e38 decodes
+        to a large finite value, not inf. Fitted data always maps under the limit.
+        """
+        fmt = self.format
+        if fmt.bits != 16:  # 8/4 bits map the fitted max to the format's max
+            return np.float32(fmt.max)
+        assert self.scale_ is not None and self.offset_ is not None
+        top = float(np.finfo(np.float32).max) * (1 - 2.0**-10)  # room for rounding
+        room = (top - np.abs(self.offset_.astype(np.float64))) / self.scale_.astype(np.float64)
+        limit = max(fmt.target, min(fmt.max, float(room.min(initial=np.inf))))
+        value = np.array(limit, dtype=np.float32).astype(fmt.dtype)  # nearest: maybe above
+        if float(value) > limit:
+            value = (value.view(np.uint16) - np.uint16(1)).view(fmt.dtype)  # one code down
+        return np.float32(value)
 
     def _scaled(self, X: np.ndarray, scratch: Scratch, *, overwrite: bool) -> np.ndarray:
         """``(X - offset_) * (1 / scale_)`` in float32 (overflow gives inf: callers clip)."""
@@ -311,7 +332,7 @@ class FloatQuantizer(Quantizer):
         scaled = y
         if y is X and not overwrite:  # unscaled and uncentred: X is the caller's
             y = scratch.get("scaled", X.shape, np.float32)
-        np.clip(scaled, -fmt.max, fmt.max, out=y)
+        np.clip(scaled, -self._clip, self._clip, out=y)
         # 16 bits: ml_dtypes' bfloat16 cast and numpy's float16 cast round to nearest even
         np.copyto(out.view(np.uint16).view(fmt.dtype), y, casting="unsafe")
         if sys.byteorder != "little":  # pragma: no cover - big-endian hosts

@@ -11,7 +11,7 @@ import numpy as np
 from .. import _jit
 from .._blocks import Scratch
 from .._stage import expect_array
-from ..exceptions import ArtifactError, SpecError
+from ..exceptions import ArtifactError, InputError, SpecError
 from . import _kernels
 from ._base import Quantizer, pack_nibbles_into, unpack_nibbles_into
 
@@ -68,6 +68,21 @@ class IntQuantizer(Quantizer):
         width = np.maximum(hi - lo, np.maximum(magnitude * _RESOLUTION, _TINY * self.levels))
         self.min_ = lo.astype(np.float32)
         self.step_ = (width / self.levels).astype(np.float32)
+        beyond = np.flatnonzero(~self._top_is_finite())
+        if beyond.size:
+            j = int(beyond[0])
+            raise InputError(
+                f"dimension {j} spans {lo[j]:.3g} to {hi[j]:.3g}, more than float32 can hold "
+                f"(its largest value is {np.finfo(np.float32).max:.3g}): its codes would "
+                "decode to inf; rescale the vectors"
+            )
+
+    def _top_is_finite(self) -> np.ndarray:
+        """Per dimension, whether the top code decodes (min_ + levels * step_, in float32
+        as the decoders compute it) to a finite value."""
+        assert self.min_ is not None and self.step_ is not None
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.isfinite(self.min_ + np.float32(self.levels) * self.step_)
 
     def _check_state(self) -> None:
         assert self.d_ is not None and self.min_ is not None and self.step_ is not None
@@ -75,6 +90,8 @@ class IntQuantizer(Quantizer):
         expect_array(self.step_, "step_", (self.d_,))
         if not (self.step_ >= np.finfo(np.float32).tiny).all():  # 1 / step must be finite
             raise ArtifactError("state array 'step_' holds a step below 1.2e-38")
+        if not self._top_is_finite().all():
+            raise ArtifactError("state arrays 'min_' and 'step_' decode the top code to inf")
 
     def _after_load(self) -> None:
         assert self.min_ is not None and self.step_ is not None
