@@ -310,6 +310,15 @@ class Source:
     def _column_note(self) -> str:
         return ""
 
+    def _unreadable(self, first: int, stop: int, exc: BaseException) -> InputError:
+        """The one-line error for rows ``[first, stop)`` that the file's own decoder
+        failed to read (a corrupt or truncated page or chunk)."""
+        detail = " ".join(str(exc).split()) or type(exc).__name__  # some span lines
+        return InputError(
+            f"{self.path}{self._column_note()}: cannot read rows {first}-{stop - 1} "
+            f"({detail}); the file is corrupt or truncated: re-export or restore it"
+        )
+
 
 # -- .npy ------------------------------------------------------------------------------
 def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -533,11 +542,19 @@ class HDF5Source(Source):
 
     def _read(self, start, stop, block_rows):
         h5py = _require_h5py()
-        with h5py.File(self.path, "r") as handle:
+        try:
+            handle = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise self._unreadable(start, stop, exc) from exc
+        with handle:
             ds = handle[self.dataset]
             for b_start in range(start, stop, block_rows):
                 b_stop = min(b_start + block_rows, stop)
-                yield b_start, np.asarray(ds[b_start:b_stop], dtype=np.float32), None, {}
+                try:
+                    data = ds[b_start:b_stop]
+                except OSError as exc:  # e.g. a chunk that does not decompress
+                    raise self._unreadable(b_start, b_stop, exc) from exc
+                yield b_start, np.asarray(data, dtype=np.float32), None, {}
 
 
 # -- Parquet ---------------------------------------------------------------------------
@@ -617,13 +634,17 @@ class ParquetSource(Source):
 
     def _usual_list_length(self) -> int | None:
         """The most common length among the first block's non-null rows (None if none)."""
+        pa = require_pyarrow()
         import pyarrow.parquet as pq
 
-        handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
         try:
-            batch = next(handle.iter_batches(batch_size=1024, columns=[self.column]), None)
-        finally:
-            handle.close()
+            handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
+            try:
+                batch = next(handle.iter_batches(batch_size=1024, columns=[self.column]), None)
+            finally:
+                handle.close()
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(0, min(1024, self.n_rows), exc) from exc
         if batch is None:
             return None
         array = batch.column(0)
@@ -671,20 +692,32 @@ class ParquetSource(Source):
         return groups, (start if first is None else first)
 
     def _read(self, start, stop, block_rows):
+        pa = require_pyarrow()
         import pyarrow.parquet as pq
 
         groups, pos = self._groups(start, stop)
         if not groups:
             return
+        end = pos + sum(self.group_rows[i] for i in groups)
         columns = [self.column] + ([self.id_field.name] if self.id_field is not None else [])
         # Buffered page-by-page reads: by default pyarrow loads a whole column chunk of a
         # row group at once (1.5 GB for one default-sized group of 1M x 384 floats);
         # this way memory is a block plus an 8 MiB buffer, and reading is no slower.
-        handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
         try:
-            for batch in handle.iter_batches(
+            handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise self._unreadable(pos, end, exc) from exc
+        try:
+            batches = handle.iter_batches(
                 batch_size=block_rows, row_groups=groups, columns=columns, use_threads=False
-            ):
+            )
+            while True:
+                try:  # pages are decoded here: a corrupt one fails in pyarrow
+                    batch = next(batches, None)
+                except (OSError, pa.ArrowException) as exc:
+                    raise self._unreadable(pos, min(pos + block_rows, end), exc) from exc
+                if batch is None:
+                    return
                 b_start, b_stop = pos, pos + batch.num_rows
                 pos = b_stop
                 lo, hi = max(start, b_start), min(stop, b_stop)

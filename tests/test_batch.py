@@ -719,3 +719,42 @@ def test_the_first_bad_row_is_named_whatever_its_kind(tmp_path, X, codec_file, c
     assert run("compress", "-c", codec_file, tmp_path / "x.parquet", tmp_path / "c.parquet") == 2
     err = capsys.readouterr().err
     assert "x.parquet: row 5 contains NaN" in err and "(3 bad rows in this block)" in err
+
+
+# -- unreadable data inside a readable file --------------------------------------------
+def _corrupt(path, offset, junk=b"\xff" * 16):
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(junk)] = junk
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["parquet-page-header", "parquet-list", "hdf5-chunk"])
+def test_a_corrupt_page_or_chunk_is_one_line_naming_file_and_rows(
+    tmp_path, X, codec_file, kind, capsys
+):
+    """The footer (or HDF5 header) reads fine, so the file opens; the second row group's
+    data does not decode. Before, the CLI printed pyarrow's or h5py's bare message
+    ("error: Couldn't deserialize thrift ...", over two lines), naming no file."""
+    if kind == "hdf5-chunk":
+        source = tmp_path / "x.hdf5"
+        with h5py.File(source, "w") as handle:
+            handle.create_dataset("train", data=X[:300], chunks=(100, 384), compression="gzip")
+        with h5py.File(source) as handle:
+            offset = handle["train"].id.get_chunk_info(1).byte_offset
+        _corrupt(source, offset, b"\0" * 16)
+    else:
+        source = tmp_path / "x.parquet"
+        emb = pa.array(list(X[:300]), type=pa.list_(pa.float32()))
+        if kind == "parquet-page-header":
+            emb = fixed_list(X[:300])
+        pq.write_table(pa.table({"emb": emb}), source, row_group_size=100, compression="none")
+        _corrupt(source, pq.read_metadata(source).row_group(1).column(0).data_page_offset)
+    out = tmp_path / "out" / "codes.npy"
+    out.parent.mkdir()
+    assert run("compress", "-c", codec_file, source, out, "-q", "--block-rows", "100") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"embcomp compress: error: {source}") and err.count("\n") == 1
+    assert "cannot read rows" in err and "corrupt or truncated" in err
+    if kind == "parquet-page-header":
+        assert "rows 100-199" in err
+    assert list(out.parent.iterdir()) == []
