@@ -168,6 +168,22 @@ def test_standalone_quantizers_check_their_parameter_types():
             quantizer.fit(train)
 
 
+@pytest.mark.parametrize("d", [8, 13])
+def test_bin_decodes_wide_vectors_without_its_byte_table(d, monkeypatch):
+    # The byte table costs 1 KiB per dimension: past _TABLE_DIMS decode goes bit by bit,
+    # to the same values.
+    from embcomp.quantizers import BinaryQuantizer, _binary
+
+    X = np.random.default_rng(d).standard_normal((300, d)).astype(np.float32)
+    q = BinaryQuantizer().fit(X)
+    codes = q.encode(X)
+    expected = q.decode(codes)
+    monkeypatch.setattr(_binary, "_TABLE_DIMS", d - 1)
+    wide = BinaryQuantizer().fit(X)
+    assert wide._table is None
+    np.testing.assert_array_equal(wide.decode(codes), expected)
+
+
 def test_bin_splits_tied_medians_toward_even_halves():
     """0/1 features with 70% ones have median 1: ``x > 1`` put every row on one side
     (every vector got the same code). The ties now go to the side that splits evenly."""

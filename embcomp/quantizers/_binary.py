@@ -66,7 +66,12 @@ class BinaryQuantizer(Quantizer):
         assert self.low_ is not None and self.high_ is not None
         # Decoding table: for byte j and value v, the 8 floats of dims 8j..8j+7 (bit k
         # of v, little bit order, picks high_ or low_ of dim 8j+k). One 32-byte gather
-        # per code byte; d KiB in all. Padding dims of the last byte decode to 0.
+        # per code byte; d KiB in all, so only up to _TABLE_DIMS dimensions: beyond, a
+        # small artifact (12 bytes per dimension) would cost 85x its size in memory.
+        # Padding dims of the last byte decode to 0.
+        self._table: np.ndarray | None = None
+        if self.low_.shape[0] > _TABLE_DIMS:
+            return
         n_bytes = -(-self.low_.shape[0] // 8)
         low = np.zeros(8 * n_bytes, dtype=np.float32)
         high = np.zeros(8 * n_bytes, dtype=np.float32)
@@ -80,8 +85,13 @@ class BinaryQuantizer(Quantizer):
     def _decode_into(
         self, codes: np.ndarray, out: np.ndarray, scratch: Scratch, *, stream: bool = False
     ) -> None:
-        assert self.d_ is not None
+        assert self.d_ is not None and self.low_ is not None and self.high_ is not None
         n, n_bytes = codes.shape
+        if self._table is None:  # wide vectors: bit by bit
+            bits = np.unpackbits(codes, axis=1, count=self.d_, bitorder="little")
+            np.copyto(out, self.low_)
+            np.copyto(out, self.high_, where=bits.view(np.bool_))
+            return
         index = scratch.get("index", codes.shape, np.intp)
         np.add(codes, self._offsets, out=index)
         if self.d_ % 8 == 0:
@@ -105,5 +115,7 @@ def _split_point(X: np.ndarray) -> np.ndarray:
     return np.where(better, below, median)
 
 
+# Widest vectors decoded through the byte table (1 KiB per dimension: 16 MiB here).
+_TABLE_DIMS = 16384
 # eight float32 as one opaque 32-byte item, so np.take moves them with one copy
 _EIGHT_FLOATS = np.dtype((np.void, 32))
