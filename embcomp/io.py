@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import atomic_output
+from ._validation import check_float32_range, check_matrix
 from .exceptions import InputError
 
 __all__ = ["read_fvecs", "read_vectors", "write_fvecs", "write_vectors"]
@@ -58,7 +59,10 @@ def _read_npy(path: Path, mmap: bool) -> np.ndarray:
 def read_fvecs(path: str | os.PathLike[str], *, mmap: bool = True) -> np.ndarray:
     """Read a TEXMEX ``.fvecs`` file: per vector an int32 dim then dim float32 values."""
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
     if size == 0:
         raise InputError(f"{str(path)!r} is empty")
     if size % 4:
@@ -78,7 +82,14 @@ def read_fvecs(path: str | os.PathLike[str], *, mmap: bool = True) -> np.ndarray
 
 
 def write_fvecs(path: str | os.PathLike[str], X: np.ndarray) -> None:
-    """Write (n, d) float32 vectors to ``.fvecs`` atomically."""
+    """Write (n, d) float vectors to ``.fvecs`` (as float32) atomically.
+
+    At least one vector: the format stores the dimension only in each vector's record.
+    """
+    name = f"vectors for {str(path)!r}"
+    X = check_matrix(X, name=name)
+    if X.dtype.itemsize > 4:
+        check_float32_range(X, name=name)
     X = np.ascontiguousarray(X, dtype="<f4")
     records = np.empty((X.shape[0], X.shape[1] + 1), dtype="<i4")
     records[:, 0] = X.shape[1]

@@ -73,6 +73,7 @@ def test_fit_encode_decode_inspect_eval(files, rng_data, capsys):
     out = capsys.readouterr().out
     assert "bytes/vector       16" in out and "recall@5" in out
 
+
 def test_eval_judges_a_normalizing_codec_by_cosine(tmp_path, capsys):
     """Vectors with norms 10-100: an l2norm codec keeps directions, so by inner product
     (which the norms dominate) its recall looks poor; eval uses cosine for it unless
@@ -116,6 +117,24 @@ def test_fvecs_input(files, rng_data, tmp_path):
     write_fvecs(path, rng_data)
     np.testing.assert_array_equal(read_vectors(path), rng_data)
     assert main(["fit", "--spec", "int4", "--train", str(path), "-o", str(tmp_path / "c")]) == 0
+
+
+def test_fvecs_writer_refuses_what_it_could_not_read_back(tmp_path):
+    from embcomp import InputError
+    from embcomp.io import read_fvecs
+
+    path = tmp_path / "x.fvecs"
+    bad = {
+        "is empty": np.zeros((0, 4), np.float32),  # the dim lives in each vector's record
+        "2-D": np.ones(4, np.float32),
+        "row 1 holds 1e\\+300, beyond float32": np.array([[1.0, 2.0], [1e300, 0.0]]),
+    }
+    for message, X in bad.items():
+        with pytest.raises(InputError, match=message):
+            write_fvecs(path, X)
+        assert not path.exists()
+    with pytest.raises(InputError, match="No such file"):
+        read_fvecs(tmp_path / "missing.fvecs")
 
 
 @pytest.mark.parametrize(
