@@ -182,6 +182,27 @@ def nonfinite_reasons(data: np.ndarray) -> dict[int, str]:
     return {int(i): "contains NaN, inf or null values" for i in bad}
 
 
+def _float32_rows(data: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Float rows (n, d) as float32, and block row -> reason for the rows whose finite
+    values are beyond float32's range (they become inf: named as such, as
+    ``embcomp encode`` names them, not as NaN or inf in the file; and no
+    RuntimeWarning)."""
+    if data.dtype == np.float32:
+        return data, {}
+    with np.errstate(over="ignore"):
+        data32 = data.astype(np.float32)
+    if data.dtype.itemsize <= 4 or np.isfinite(data32).all():
+        return data32, {}
+    beyond = np.isinf(data32) & np.isfinite(data)
+    reasons = {}
+    for i in np.flatnonzero(beyond.any(axis=1)):
+        value = float(np.abs(data[i][beyond[i]]).max())
+        reasons[int(i)] = (
+            f"holds {value:.3g}, beyond float32's range (+-3.4e38): rescale the vectors"
+        )
+    return data32, reasons
+
+
 class Source:
     """One input file. Subclasses implement ``_read(start, stop)`` and ``read_rows``.
 
@@ -406,9 +427,8 @@ class NpySource(Source):
                 count=(b_stop - b_start) * self.width,
                 offset=self.data_offset + b_start * row_bytes,
             ).reshape(-1, self.width)
-            if self.kind == "vectors" and data.dtype != np.float32:
-                data = data.astype(np.float32)
-            yield b_start, data, None, {}
+            data, reasons = _float32_rows(data) if self.kind == "vectors" else (data, {})
+            yield b_start, data, None, reasons
             del data
             if advise is not None:
                 advise(mmap.MADV_DONTNEED, *span(b_start, b_stop))
@@ -434,8 +454,8 @@ def _checked_gather(
 ) -> np.ndarray:
     """float32 copy of ``matrix[rows]`` (``matrix`` itself if ``gathered``); a
     non-finite row raises naming its file row."""
-    data = np.asarray(matrix if gathered else matrix[rows], dtype=np.float32)
-    bad = nonfinite_reasons(data)
+    data, beyond = _float32_rows(np.asarray(matrix if gathered else matrix[rows]))
+    bad = {**nonfinite_reasons(data), **beyond}
     if bad:
         first = min(bad)
         raise InputError(
@@ -554,7 +574,8 @@ class HDF5Source(Source):
                     data = ds[b_start:b_stop]
                 except OSError as exc:  # e.g. a chunk that does not decompress
                     raise self._unreadable(b_start, b_stop, exc) from exc
-                yield b_start, np.asarray(data, dtype=np.float32), None, {}
+                data, reasons = _float32_rows(np.asarray(data))
+                yield b_start, data, None, reasons
 
 
 # -- Parquet ---------------------------------------------------------------------------
@@ -752,8 +773,8 @@ class ParquetSource(Source):
                 reasons[int(i)] = "is null (no vector)"
         if pa.types.is_fixed_size_list(array.type):
             d = array.type.list_size
-            values = array.values.slice(array.offset * d, n * d)
-            return _float_rows(values, n, d), reasons
+            data, beyond = _float_rows(array.values.slice(array.offset * d, n * d), n, d)
+            return data, {**beyond, **reasons}
         # Variable-length lists: every row must hold exactly `width` values.
         offsets = np.asarray(array.offsets, dtype=np.int64)
         lengths = np.diff(offsets)
@@ -772,11 +793,13 @@ class ParquetSource(Source):
         good &= lengths == d
         values = array.values
         if good.all():
-            return _float_rows(values.slice(int(offsets[0]), n * d), n, d), reasons
+            return _float_rows(values.slice(int(offsets[0]), n * d), n, d)
         out = np.zeros((n, d), dtype=np.float32)
         if good.any():
-            flat = _float_rows(values, len(values), 1).reshape(-1)
-            out[good] = flat[offsets[:-1][good][:, None] + np.arange(d)]
+            flat = values.to_numpy(zero_copy_only=False)
+            kept = np.flatnonzero(good)
+            out[kept], beyond = _float32_rows(flat[offsets[:-1][kept][:, None] + np.arange(d)])
+            reasons.update({int(kept[i]): why for i, why in beyond.items()})
         return out, reasons
 
     def _convert_codes(self, array: Any) -> tuple[np.ndarray, dict[int, str]]:
@@ -793,12 +816,10 @@ def _null_mask(array: Any) -> np.ndarray:
     return np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _float_rows(values: Any, n: int, d: int) -> np.ndarray:
-    """Arrow float values -> float32 (n, d); nulls become NaN (so they count as bad)."""
-    flat = values.to_numpy(zero_copy_only=False)
-    if flat.dtype != np.float32:
-        flat = flat.astype(np.float32)
-    return flat.reshape(n, d)
+def _float_rows(values: Any, n: int, d: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Arrow float values -> float32 (n, d) and {row: reason} for rows beyond float32's
+    range (see :func:`_float32_rows`); nulls become NaN (so they count as bad)."""
+    return _float32_rows(values.to_numpy(zero_copy_only=False).reshape(n, d))
 
 
 # -- opening inputs --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from matching import assert_codes_match, assert_vectors_match
 import embcomp
 from embcomp._blocks import rows_per_block
 from embcomp.artifacts import codec_id
-from embcomp.batch import compress, decode_rows, decompress, encode_rows
+from embcomp.batch import compress, decode_rows, decompress, encode_rows, sample_vectors
 from embcomp.cli import main
 from embcomp.exceptions import ArtifactError, DimensionMismatchError, InputError
 from embcomp.io import write_fvecs
@@ -758,3 +758,46 @@ def test_a_corrupt_page_or_chunk_is_one_line_naming_file_and_rows(
     if kind == "parquet-page-header":
         assert "rows 100-199" in err
     assert list(out.parent.iterdir()) == []
+
+
+# -- float64 values beyond float32's range ---------------------------------------------
+@pytest.mark.parametrize("fmt", ["npy", "parquet-fsl", "parquet-list", "hdf5"])
+def test_float64_beyond_float32_range_is_named_so_and_skippable(
+    tmp_path, X, codec, codec_file, fmt, capsys
+):
+    """Before, the cast to float32 printed a RuntimeWarning (an error under pytest) and
+    the row was reported as holding "NaN, inf or null values"."""
+    X64 = X[:300].astype(np.float64)
+    X64[40, 3] = -1e300
+    X64[41, 0] = np.nan
+    if fmt == "npy":
+        source = tmp_path / "x.npy"
+        np.save(source, X64)
+    elif fmt == "hdf5":
+        source = tmp_path / "x.hdf5"
+        with h5py.File(source, "w") as handle:
+            handle["train"] = X64
+    else:
+        source = tmp_path / "x.parquet"
+        rows: list = list(X64)
+        rows[50] = None  # the list path gathers the rows around a null one
+        kind = pa.list_(pa.float64(), 384 if fmt == "parquet-fsl" else -1)
+        pq.write_table(pa.table({"emb": pa.array(rows, type=kind)}), source)
+    out = tmp_path / ("c.parquet" if fmt.startswith("parquet") else "c.npy")
+    assert run("compress", "-c", codec_file, source, out, "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Warning" not in err
+    assert f"{source}: row 40 holds 1e+300, beyond float32's range (+-3.4e38)" in err
+    assert run("compress", "-c", codec_file, source, out, "-q", "--on-bad-row", "skip") == 0
+    listed = (tmp_path / f"{out.name}.skipped.tsv").read_text().splitlines()[1:]
+    reasons = {int(line.split("\t")[1]): line.split("\t")[3] for line in listed}
+    assert reasons[40] == "holds 1e+300, beyond float32's range (+-3.4e38): rescale the vectors"
+    assert reasons[41] == "contains NaN, inf or null values"
+    keep = np.setdiff1d(np.arange(300), list(reasons))
+    codes = parquet_codes(out)[1] if fmt.startswith("parquet") else np.load(out)
+    np.testing.assert_array_equal(codes, codec.encode(X64[keep].astype(np.float32)))
+    # fitting on all rows, or on a sample holding the row, says the same
+    assert 40 in np.random.default_rng(0).choice(300, size=250, replace=False)
+    for n in (None, 250):
+        with pytest.raises(InputError, match=r"row 40 holds 1e\+300, beyond float32's range"):
+            sample_vectors(source, n, seed=0)
