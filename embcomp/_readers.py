@@ -62,6 +62,10 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 # are larger (fewer, longer encode calls keep both cores busy).
 _TARGET_BLOCK_BYTES = 32 << 20
 _MAPPED_BLOCK_BYTES = 128 << 20
+# Block sizes for a list<float> column whose width no row has shown yet (its first
+# rows are null) assume rows this wide: a block stays near its byte target for any
+# usual embedding, instead of millions of rows (block_rows_for(1)).
+_WIDTH_IF_UNKNOWN = 4096
 
 
 def block_rows_for(width: int, target_bytes: int = _TARGET_BLOCK_BYTES) -> int:
@@ -247,6 +251,10 @@ class Source:
             "rows": self.n_rows,
         }
 
+    def default_block_rows(self) -> int:
+        """Rows per block when the caller gives none (about ``block_bytes`` of float32)."""
+        return block_rows_for(self.width or _WIDTH_IF_UNKNOWN, self.block_bytes)
+
     def split(self, target_rows: int) -> list[tuple[int, int]]:
         """Row ranges of about ``target_rows`` covering the file (units of parallel work)."""
         step = max(1, target_rows)
@@ -310,7 +318,7 @@ class Source:
         self, rows: np.ndarray
     ) -> Iterator[tuple[int, np.ndarray, Any, dict[int, str]]]:
         """Blocks covering the sorted ``rows`` (default: blocks of the file holding any)."""
-        step = block_rows_for(self.width or 1)
+        step = self.default_block_rows()
         for start in np.unique(rows // step) * step:
             yield from self._read(int(start), min(int(start) + step, self.n_rows), step)
 
@@ -636,11 +644,12 @@ class ParquetSource(Source):
             if pa.types.is_fixed_size_list(self.type):
                 self.width = self.type.list_size
             else:
-                # known only per row, and checked row by row; but rows whose usual length
-                # is another would all be "bad" (an empty output with --on-bad-row skip)
-                self.width = self._usual_list_length() if width is not None else None
-                if self.width is None or self.width == width:
-                    self.width = width
+                # Known only per row, and checked row by row; the usual length sets it
+                # now: block sizes depend on it (fit --sample read a whole row group as
+                # one block without it), and rows whose usual length differs from the
+                # codec's would all be "bad" (an empty output with --on-bad-row skip).
+                usual = self._usual_list_length()
+                self.width = width if usual is None else usual
         else:
             if not pa.types.is_fixed_size_binary(self.type):
                 raise InputError(
@@ -754,7 +763,7 @@ class ParquetSource(Source):
     def _read_covering(self, rows):
         # Row groups holding any of the rows, in blocks (a default row group of 1M x 384
         # floats read as one batch held 4 GB while fitting on a sample of it)
-        pos, step = 0, block_rows_for(self.width or 1)
+        pos, step = 0, self.default_block_rows()
         for rows_in_group in self.group_rows:
             stop = pos + rows_in_group
             if ((rows >= pos) & (rows < stop)).any():
@@ -923,5 +932,5 @@ def iter_blocks(
     else:
         sources = path
     for source in sources:
-        rows = block_rows or block_rows_for(source.width or 1, source.block_bytes)
+        rows = block_rows or source.default_block_rows()
         yield from source.iter_blocks(rows, on_bad_row=on_bad_row, check_finite=check_finite)

@@ -273,3 +273,31 @@ def test_sampled_rows_read_without_whole_row_groups_or_mapped_files(tmp_path, mo
         (source,) = open_sources(tmp_path / name)
         np.testing.assert_array_equal(source.read_rows(rows), X[rows])
     assert sizes == [1024]
+
+
+def test_a_list_column_is_read_in_bounded_blocks_without_a_width_given(tmp_path, monkeypatch):
+    """fit --sample and iter_blocks give no width: a list<float> column's width was
+    unknown, blocks were sized for 1-float rows (~8M rows) and a whole row group was
+    one block (peak memory grew with the row group: 611/942/1151 MB for 50k/100k/200k
+    rows of 384-d). Now the usual row length is read when the file is opened."""
+    from embcomp import _readers
+
+    X = np.random.default_rng(0).standard_normal((5000, 24)).astype(np.float32)
+    emb = pa.array(list(X), type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"emb": emb}), tmp_path / "x.parquet", row_group_size=5000)
+    # blocks of 64 Ki floats, so that the test's row group is many blocks
+    monkeypatch.setattr(_readers, "block_rows_for", lambda width, *a: max(1, 65536 // width))
+    sizes = []
+    real_read = _readers.ParquetSource._read
+
+    def read(self, start, stop, block_rows):
+        sizes.append(block_rows)
+        return real_read(self, start, stop, block_rows)
+
+    monkeypatch.setattr(_readers.ParquetSource, "_read", read)
+    sample, total = sample_vectors(tmp_path / "x.parquet", 100, seed=3)
+    assert total == 5000 and sample.shape == (100, 24)
+    blocks = list(iter_blocks(tmp_path / "x.parquet"))
+    assert max(b.data.shape[0] for b in blocks) <= 65536 // 24
+    np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), X)
+    assert sizes and max(sizes) <= 65536 // 24
