@@ -23,13 +23,18 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "auth-token-file": (Path, "file holding the bearer token every call must send"),
     "max-message-bytes": (int, "largest gRPC message in or out (default 64 MiB)"),
     "max-rows-per-request": (int, "most vectors or codes per request message (default 262144)"),
-    "max-fit-bytes": (int, "most float32 training bytes per fit (default 1 GiB)"),
+    "max-fit-bytes": (
+        int,
+        "most float32 training bytes per fit, and the largest d x d float64 matrix a fit "
+        "builds (default 1 GiB)",
+    ),
     "max-concurrent-fits": (int, "fits allowed at once (default 2)"),
     "max-eval-pairs": (
         int,
         "most work one EvaluateCodec does: queries x (base rows + 32 x k) (default 2**27)",
     ),
     "max-eval-k": (int, "largest k EvaluateCodec accepts (default 1024)"),
+    "max-dims": (int, "widest vectors a codec may take, fitted or imported (default 16384)"),
     "max-workers": (int, "RPC worker threads (default 16)"),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
     "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),

@@ -15,9 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..exceptions import InputError
 
-__all__ = ["ServiceConfig", "load_config"]
+__all__ = ["ENVELOPE_BYTES", "ServiceConfig", "load_config"]
 
 MiB = 1 << 20
+# Room for the message framing around a response's payload bytes.
+ENVELOPE_BYTES = 1024
 
 
 class ServiceConfig(BaseSettings):
@@ -29,13 +31,15 @@ class ServiceConfig(BaseSettings):
     store : directory holding the codec store; created if missing.
     max_message_bytes : largest gRPC message accepted or sent (gRPC's own default is 4 MiB).
     max_rows_per_request : most vectors or codes in one request or stream message.
-    max_fit_bytes : most training data one FitCodec may send, counted as float32 bytes.
+    max_fit_bytes : most training data one FitCodec may send, counted as float32 bytes;
+        also the largest (d, d) float64 matrix a fit may build (pca, rot, mpad init=pca).
     max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED. A fit
         takes its slot once its training data has arrived (a stalled upload holds none);
         uploads in progress hold at most ``max_concurrent_fits * max_fit_bytes`` in all.
     max_eval_pairs : most work one EvaluateCodec may do, counted in scored pairs:
         queries x (base rows + 32 x k), as each neighbour kept costs about 32 pairs.
     max_eval_k : largest k (neighbours per query) EvaluateCodec accepts.
+    max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
     max_workers : threads serving RPCs.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     tls_cert, tls_key : PEM files; when both are set the server speaks TLS only.
@@ -59,6 +63,7 @@ class ServiceConfig(BaseSettings):
     max_concurrent_fits: int = Field(default=2, ge=1)
     max_eval_pairs: int = Field(default=1 << 27, ge=1)
     max_eval_k: int = Field(default=1024, ge=1)
+    max_dims: int = Field(default=16384, ge=1)
     max_workers: int = Field(default=16, ge=1)
     cache_size: int = Field(default=32, ge=1)
     tls_cert: Path | None = None
@@ -94,6 +99,11 @@ class ServiceConfig(BaseSettings):
         if not token:
             raise InputError("the configured auth token is empty; set a non-empty token")
         return token
+
+    @property
+    def max_artifact_bytes(self) -> int:
+        """Largest codec artifact the server stores: what ExportCodec can still return."""
+        return self.max_message_bytes - ENVELOPE_BYTES
 
     @property
     def address(self) -> str:

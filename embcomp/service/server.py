@@ -117,7 +117,11 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     address cannot be bound.
     """
     config = config if config is not None else ServiceConfig()
-    store = CodecStore(config.store, cache_size=config.cache_size)
+    store = CodecStore(
+        config.store,
+        cache_size=config.cache_size,
+        max_artifact_bytes=config.max_artifact_bytes,
+    )
     metrics = ServiceMetrics()
     token = config.token()
     interceptors: list[grpc.ServerInterceptor] = [TrafficInterceptor(metrics)]

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._cancel import cancel_when
 from .._validation import check_finite, check_matrix
+from ..artifacts import codec_from_bytes
 from ..codec import Codec, make_codec
 from ..evaluation import exact_knn, recall_at_k
 from ..exceptions import ArtifactError, EmbcompError, InputError
@@ -26,7 +27,7 @@ from ..v1 import compression_service_pb2 as pb
 from ..v1 import compression_service_pb2_grpc as pb_grpc
 from ..v1 import types_pb2
 from .calls import bidi_stream, client_stream, unary
-from .config import ServiceConfig
+from .config import ENVELOPE_BYTES, ServiceConfig
 from .convert import array_to_codes, array_to_matrix, codes_to_array, matrix_to_array
 from .errors import CallEndedError, LimitExceededError
 from .metrics import ServiceMetrics
@@ -41,8 +42,6 @@ _METRICS: dict[int, str] = {
 }
 _METRIC_ENUMS = {name: types_pb2.Metric.Name(value) for value, name in _METRICS.items()}
 _DEFAULT_PAGE, _MAX_PAGE = 100, 1000
-# Room for the message framing around a response's payload bytes.
-_ENVELOPE_BYTES = 1024
 # EvaluateCodec's cost of one neighbour kept per query, in scored pairs: measured
 # (384-d, 1 thread) at ~1 us per neighbour against ~0.03 us per pair.
 _PAIRS_PER_NEIGHBOUR = 32
@@ -125,6 +124,24 @@ class _UploadBytes:
             self.used -= n
 
 
+def _fit_footprint(codec: Codec, d_in: int) -> tuple[int, int]:
+    """What fitting ``codec`` on ``d_in``-wide vectors costs whatever the rows, in bytes:
+    ``(artifact, matrix)``.
+
+    ``artifact`` is a lower bound on the artifact's size: a reducer stores two float32
+    (d_out, d_in) matrices, forward and inverse (``rot`` and full ``pca`` grow with
+    d_in**2); a quantizer at least one float32 per dimension. ``matrix`` is the float64
+    (d_in, d_in) matrix the fit builds: the covariance of ``pca`` (whatever its d_out)
+    and of ``mpad`` started from PCA, the random draw of ``rot``; 0 for other specs.
+    """
+    reducer, d_out = codec.spec.reducer, min(codec.spec.d_out(d_in), d_in)
+    artifact = 4 * d_out + (8 * d_out * d_in if reducer is not None else 0)
+    square = reducer is not None and (
+        reducer.name in ("pca", "rot") or codec.options.get("init") == "pca"
+    )
+    return artifact, 8 * d_in * d_in if square else 0
+
+
 def _metric(value: int, *, unset: str = "ip") -> str:
     """The library's name of a Metric enum value; ``unset`` for METRIC_UNSPECIFIED."""
     if value == types_pb2.METRIC_UNSPECIFIED:
@@ -167,12 +184,12 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         return check_matrix(self._vectors(matrix, name), name=name, d=codec._check_fitted())
 
     def _check_response_size(self, rows: int, bytes_per_row: int) -> None:
-        size = rows * bytes_per_row + _ENVELOPE_BYTES
+        size = rows * bytes_per_row + ENVELOPE_BYTES
         if size > self.config.max_message_bytes:
             raise LimitExceededError(
                 f"the response would be {size} bytes, over this server's message limit of "
                 f"{self.config.max_message_bytes}; send at most "
-                f"{(self.config.max_message_bytes - _ENVELOPE_BYTES) // bytes_per_row} rows "
+                f"{(self.config.max_message_bytes - ENVELOPE_BYTES) // bytes_per_row} rows "
                 "per request"
             )
 
@@ -202,7 +219,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         self._fit_slots.release()
         held = [0]  # upload bytes taken from self._uploads
         try:
-            train = self._read_training_chunks(request_iterator, held)
+            train = self._read_training_chunks(request_iterator, held, codec)
             _check_active(context, "the upload")
             declared = first.header.rows
             if declared and train.shape[0] != declared:
@@ -234,6 +251,32 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             self.metrics.fit_upload_bytes.dec(held[0])
         return pb.FitCodecResponse(codec=codec_info_message(meta))
 
+    def _check_width(self, d_in: int, what: str) -> None:
+        if d_in > self.config.max_dims:
+            raise LimitExceededError(
+                f"{what} {d_in}-dim vectors, over this server's limit of "
+                f"{self.config.max_dims} dims (the limit is EMBCOMP_MAX_DIMS)"
+            )
+
+    def _check_fit_width(self, codec: Codec, d_in: int) -> None:
+        """Refuse a fit whose width alone makes it too big, before any work is done."""
+        self._check_width(d_in, "the training chunks hold")
+        artifact, matrix = _fit_footprint(codec, d_in)
+        if matrix > self.config.max_fit_bytes:
+            raise LimitExceededError(
+                f"fitting {codec.spec} on {d_in}-dim vectors builds a {d_in} x {d_in} float64 "
+                f"matrix ({matrix} bytes), over this server's limit of "
+                f"{self.config.max_fit_bytes} bytes per fit (EMBCOMP_MAX_FIT_BYTES); reduce "
+                "the width first or use a spec without pca/rot"
+            )
+        if artifact > self.config.max_artifact_bytes:
+            raise LimitExceededError(
+                f"a {codec.spec} codec for {d_in}-dim vectors would be at least {artifact} "
+                f"bytes, over the {self.config.max_artifact_bytes} this server can store and "
+                "return (EMBCOMP_MAX_MESSAGE_BYTES less 1 KiB); use fewer dims or a smaller "
+                "reducer"
+            )
+
     def _take_fit_slot(self) -> None:
         if not self._fit_slots.acquire(blocking=False):
             raise LimitExceededError(
@@ -242,10 +285,10 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
             )
 
     def _read_training_chunks(
-        self, requests: Iterator[pb.FitCodecRequest], held: list[int]
+        self, requests: Iterator[pb.FitCodecRequest], held: list[int], codec: Codec
     ) -> np.ndarray:
-        """The training chunks as one array; ``held[0]`` counts the bytes taken from the
-        upload budget (the caller gives them back)."""
+        """The training chunks for ``codec`` as one array; ``held[0]`` counts the bytes
+        taken from the upload budget (the caller gives them back)."""
         chunks: list[np.ndarray] = []
         float32_bytes = 0
         for index, message in enumerate(requests, start=1):
@@ -255,7 +298,9 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                     "message may be a header"
                 )
             chunk = self._vectors(message.chunk, f"training chunk {index}")
-            if chunks and chunk.shape[1] != chunks[0].shape[1]:
+            if not chunks:  # the width is known: refuse what it makes too big, before the work
+                self._check_fit_width(codec, chunk.shape[1])
+            elif chunk.shape[1] != chunks[0].shape[1]:
                 raise InputError(
                     f"training chunk {index} has {chunk.shape[1]} cols but earlier chunks "
                     f"have {chunks[0].shape[1]}; every chunk must have the same width"
@@ -400,16 +445,18 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         if not request.artifact:
             raise InputError("ImportCodec got no artifact bytes")
         try:
-            meta = self.store.put_bytes(request.artifact)
+            codec = codec_from_bytes(request.artifact, source="uploaded artifact")
         except ArtifactError as exc:  # a bad upload is the caller's argument, not our state
             raise InputError(str(exc)) from exc
+        self._check_width(codec._check_fitted(), "the artifact's codec takes")
+        meta = self.store.put_loaded(request.artifact, codec)
         return pb.ImportCodecResponse(codec=codec_info_message(meta))
 
     @unary("ExportCodec")
     def ExportCodec(self, request: pb.ExportCodecRequest, context: Any) -> pb.ExportCodecResponse:
         codec_id = check_codec_id(request.codec_id)
         blob = self.store.read_bytes(codec_id)
-        if len(blob) + _ENVELOPE_BYTES > self.config.max_message_bytes:
+        if len(blob) + ENVELOPE_BYTES > self.config.max_message_bytes:
             raise LimitExceededError(
                 f"codec {codec_id}'s artifact is {len(blob)} bytes, over this server's message "
                 f"limit of {self.config.max_message_bytes}; raise EMBCOMP_MAX_MESSAGE_BYTES "

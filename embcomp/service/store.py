@@ -32,7 +32,7 @@ from .._atomic import atomic_write_bytes, remove_stale_temporaries_in
 from ..artifacts import codec_from_bytes, codec_to_bytes
 from ..codec import Codec
 from ..exceptions import ArtifactError, InputError
-from .errors import CodecNotFoundError
+from .errors import CodecNotFoundError, LimitExceededError
 
 __all__ = ["ID_HEX_DIGITS", "CodecStore", "StoredCodec", "check_codec_id"]
 
@@ -146,12 +146,16 @@ class CodecStore:
     ----------
     root : directory; created (with parents) if missing. Must be writable.
     cache_size : loaded codecs kept in memory.
+    max_artifact_bytes : largest artifact stored (``None``: any); a larger one raises
+        ``LimitExceededError`` and nothing is written.
 
     Safe to use from many threads. Several processes may share one directory: every
     file appears atomically, and identical content always gets the same name.
     """
 
-    def __init__(self, root: str | Path, *, cache_size: int = 32) -> None:
+    def __init__(
+        self, root: str | Path, *, cache_size: int = 32, max_artifact_bytes: int | None = None
+    ) -> None:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,7 @@ class CodecStore:
             raise InputError(f"cannot use {str(self.root)!r} as the codec store: {exc}") from exc
         remove_stale_temporaries_in(self.root, _stored_name)  # a killed server's half writes
         self.cache_size = cache_size
+        self.max_artifact_bytes = max_artifact_bytes
         self._cache: OrderedDict[str, Codec] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -176,17 +181,24 @@ class CodecStore:
     # -- writing ----------------------------------------------------------------------
     def put(self, codec: Codec) -> StoredCodec:
         """Store a fitted codec; storing identical content again returns the first entry."""
-        return self._put(codec_to_bytes(codec), codec)
+        return self.put_loaded(codec_to_bytes(codec), codec)
 
     def put_bytes(self, blob: bytes, *, source: str = "uploaded artifact") -> StoredCodec:
         """Validate artifact bytes (every check :func:`embcomp.load_codec` does) and store them.
 
         Raises ``ArtifactError`` if the bytes are not a loadable codec; nothing is written.
         """
-        codec = codec_from_bytes(blob, source=source)
-        return self._put(bytes(blob), codec)
+        return self.put_loaded(bytes(blob), codec_from_bytes(blob, source=source))
 
-    def _put(self, blob: bytes, codec: Codec) -> StoredCodec:
+    def put_loaded(self, blob: bytes, codec: Codec) -> StoredCodec:
+        """Store artifact bytes as they are, given the codec ``codec_from_bytes`` made of them
+        (for a caller that checks the loaded codec before storing it)."""
+        if self.max_artifact_bytes is not None and len(blob) > self.max_artifact_bytes:
+            raise LimitExceededError(
+                f"the {codec.spec} codec's artifact is {len(blob)} bytes, over the "
+                f"{self.max_artifact_bytes} this server can return (EMBCOMP_MAX_MESSAGE_BYTES "
+                "less 1 KiB for the message framing); nothing stored"
+            )
         fresh = StoredCodec.describe(codec, blob, datetime.now(timezone.utc))
         with self._write_lock:
             if self._artifact_path(fresh.id).exists():

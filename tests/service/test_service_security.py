@@ -181,10 +181,13 @@ def test_a_stream_shorter_than_its_header_declares_is_refused_and_stores_nothing
 
 def test_evaluation_and_export_limits(tmp_path, sample):
     base = sample[0]
+    store = tmp_path / "s"
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        info = client.fit("pca,int8", base[:500])  # 384 x 384 float32, twice: > 1 MiB
+    # the same store served with a 1 MiB message limit, which that codec is over
     settings = {"max_eval_pairs": 4400, "max_eval_k": 50, "max_message_bytes": MiB}
-    with running_server(tmp_path / "s", **settings) as srv:
+    with running_server(store, **settings) as srv:
         with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=MiB) as client:
-            info = client.fit("pca,int8", base[:500])  # 384 x 384 float32, twice: > 1 MiB
             # work = queries x (base rows + 32 x k): 11 x (100 + 320) = 4620 > 4400
             code, details = _code(lambda: client.evaluate(info.id, base[:100], base[:11]))
             assert code == EXHAUSTED and "11 queries x (100 base rows + 32 x k=10)" in details
@@ -202,6 +205,44 @@ def test_evaluation_and_export_limits(tmp_path, sample):
             assert client.evaluate(info.id, base[:100], base[:1], k=50).k == 50
             code, details = _code(lambda: client.export_codec(info.id))
             assert code == EXHAUSTED and "over this server's message limit" in details
+
+
+def test_a_fit_too_big_for_its_width_is_refused_before_the_work(tmp_path):
+    """A 48 KB upload of 3 x 4096 made rot,int8 spend 9 s of CPU and 700 MB on a 128 MiB
+    artifact that ExportCodec then could not return."""
+    narrow = np.random.default_rng(3).standard_normal((3, 600)).astype(np.float32)
+    wide = np.random.default_rng(3).standard_normal((3, 4096)).astype(np.float32)
+    store = tmp_path / "s"
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        started = time.perf_counter()
+        code, details = _code(lambda: client.fit("rot,int8", wide))
+        assert time.perf_counter() - started < 2
+        assert code == EXHAUSTED
+        assert "rot,int8 codec for 4096-dim vectors would be at least 134234112 bytes" in details
+        assert f"over the {64 * MiB - 1024} this server can store and return" in details
+        info = client.fit("rot,int8", narrow)  # 2.9 MB: fine
+        assert client.export_codec(info.id)
+    settings = {"max_dims": 1000, "max_fit_bytes": 2 * MiB, "max_message_bytes": MiB}
+    with running_server(store, **settings) as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=MiB) as client:
+            before = store_snapshot(store)
+            code, details = _code(lambda: client.fit("int8", wide[:, :1001]))
+            assert code == EXHAUSTED
+            assert "1001-dim vectors, over this server's limit of 1000 dims" in details
+            assert "EMBCOMP_MAX_DIMS" in details
+            # pca8's artifact is small, but its fit builds a 600 x 600 float64 covariance
+            code, details = _code(lambda: client.fit("pca8,int8", narrow))
+            assert code == EXHAUSTED
+            assert "builds a 600 x 600 float64 matrix (2880000 bytes)" in details
+            assert "EMBCOMP_MAX_FIT_BYTES" in details
+            # rot on 384 dims: its 384 x 384 float64 draw fits 2 MiB, its artifact not 1 MiB
+            code, details = _code(lambda: client.fit("rot,fp8", narrow[:, :384]))
+            assert code == EXHAUSTED and "would be at least 1181184 bytes" in details
+            wide_codec = Codec("int8").fit(wide[:, :1001])
+            code, details = _code(lambda: client.import_codec(wide_codec))
+            assert code == EXHAUSTED and "takes 1001-dim vectors" in details
+            assert store_snapshot(store) == before
+            assert client.fit("pca8,int8", narrow[:, :256]).d_in == 256
 
 
 def test_an_evaluation_out_of_memory_names_its_k_and_rows(tmp_path, sample, monkeypatch):

@@ -13,7 +13,7 @@ import embcomp
 from embcomp import ArtifactError, InputError
 from embcomp.artifacts import codec_id
 from embcomp.client import CompressionClient
-from embcomp.service.errors import CodecNotFoundError
+from embcomp.service.errors import CodecNotFoundError, LimitExceededError
 from embcomp.service.store import CodecStore
 
 
@@ -97,6 +97,18 @@ def test_lru_cache_keeps_the_most_recent(tmp_path, codecs):
     assert list(store._cache) == [ids[2], ids[1]]
     assert store.get(ids[0]) is not None  # evicted entries reload from disk
     assert list(store._cache) == [ids[1], ids[0]]
+
+
+def test_an_artifact_over_the_size_limit_is_not_stored(tmp_path, codecs):
+    blob = embcomp.codec_to_bytes(codecs[0])
+    store = CodecStore(tmp_path, max_artifact_bytes=len(blob) - 1)
+    for put in (lambda: store.put(codecs[0]), lambda: store.put_bytes(blob)):
+        with pytest.raises(LimitExceededError, match=f"int8 codec's artifact is {len(blob)} bytes"):
+            put()
+    assert list(tmp_path.iterdir()) == []
+    assert CodecStore(tmp_path, max_artifact_bytes=len(blob)).put(codecs[0]).artifact_size == len(
+        blob
+    )
 
 
 def test_delete_removes_files_and_cache(tmp_path, codecs):
