@@ -801,3 +801,34 @@ def test_float64_beyond_float32_range_is_named_so_and_skippable(
     for n in (None, 250):
         with pytest.raises(InputError, match=r"row 40 holds 1e\+300, beyond float32's range"):
             sample_vectors(source, n, seed=0)
+
+
+# -- finite rows the codec cannot encode -----------------------------------------------
+def test_a_row_that_overflows_in_the_reducer_is_a_bad_row_with_its_file_row(
+    tmp_path, X, codec, codec_file, capsys
+):
+    """Row 700 is finite but becomes inf after the reducer. Before, the error named
+    the row within its block ("row 188 ...", with --block-rows 512), no file, and
+    --on-bad-row skip did not skip it."""
+    huge = X[:1000].copy()
+    huge[700] = 3e38
+    huge[600, 5] = np.nan  # a non-finite row in the same block
+    np.save(tmp_path / "huge.npy", huge)
+    out = tmp_path / "codes.npy"
+    argv = ["compress", "-c", codec_file, tmp_path / "huge.npy", out, "-q", "--block-rows", "512"]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'huge.npy'}: row 600 contains NaN" in err
+    assert "(2 bad rows in this block)" in err and err.count("\n") == 1
+    huge[600, 5] = 0.0
+    np.save(tmp_path / "huge.npy", huge)
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'huge.npy'}: row 700 becomes inf after the reducer" in err
+    assert "--on-bad-row skip" in err and err.count("\n") == 1
+    assert run(*argv, "--on-bad-row", "skip") == 0
+    assert "1 bad rows skipped" in capsys.readouterr().out
+    listed = (tmp_path / "codes.npy.skipped.tsv").read_text().splitlines()
+    assert listed[1].startswith(f"{tmp_path / 'huge.npy'}\t700\t\tbecomes inf after the reducer")
+    keep = np.setdiff1d(np.arange(1000), [700])
+    assert_codes_match(codec, np.load(out), codec.encode(huge[keep]))

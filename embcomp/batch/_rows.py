@@ -42,20 +42,29 @@ def transform_block(
     out : uint8 (n, code_size) codes or float32 (n, d_in) vectors.
     rows : int64 (n,), the file row of each output row.
     ids : the block's ids for those rows (pyarrow Array) or None.
-    bad : rows dropped here (non-finite vectors); only when ``on_bad_row="skip"``.
+    bad : rows dropped here (non-finite vectors, or finite ones the codec cannot
+        encode); only when ``on_bad_row="skip"``.
 
     Non-finite values are found by ``Codec.encode`` itself while it works through the
     block, so the common, clean case reads the data once; only a failing block is
-    scanned again to name every bad row.
+    scanned again to name every bad row (and, when finite rows fail too, bisected).
     """
     if command == "decompress":
         return decode_rows(codec, block.data), block.rows, block.ids, []
     try:
         return encode_rows(codec, block.data), block.rows, block.ids, []
-    except InputError:
-        reasons = nonfinite_reasons(block.data)
-        if not reasons:
-            raise
+    except InputError as exc:
+        error = exc
+    reasons = nonfinite_reasons(block.data)
+    keep = np.ones(block.data.shape[0], dtype=bool)
+    keep[list(reasons)] = False
+    codes = _encode_or_none(codec, block.data[keep]) if reasons else None
+    if codes is None:  # finite rows fail too (values too large for the reducer)
+        found = _unencodable_rows(codec, block.data, np.flatnonzero(keep))
+        if not found:  # no row fails alone: not a matter of bad rows
+            raise error
+        reasons.update(found)
+        keep[list(found)] = False
     ids = block.ids
     bad = [
         BadRow(
@@ -68,7 +77,38 @@ def transform_block(
     ]
     if on_bad_row != "skip":
         raise InputError(bad_row_message(bad[0], len(bad)))
-    keep = np.ones(block.data.shape[0], dtype=bool)
-    keep[sorted(reasons)] = False
+    if codes is None:
+        codes = encode_rows(codec, block.data[keep])
     kept_ids = None if ids is None else ids.filter(keep)
-    return encode_rows(codec, block.data[keep]), block.rows[keep], kept_ids, bad
+    return codes, block.rows[keep], kept_ids, bad
+
+
+def _encode_or_none(codec: Codec, data: np.ndarray) -> np.ndarray | None:
+    try:
+        return encode_rows(codec, data)
+    except InputError:
+        return None
+
+
+def _unencodable_rows(codec: Codec, data: np.ndarray, candidates: np.ndarray) -> dict[int, str]:
+    """Block row -> reason for the rows among ``candidates`` (finite ones) that the
+    codec refuses, e.g. values so large that they become inf in the reducer.
+
+    Found by bisection: a range that encodes holds none, so a clean range costs one
+    call and each bad row about log2(n) small ones.
+    """
+    reasons: dict[int, str] = {}
+    pending = [candidates] if candidates.size else []
+    while pending:
+        rows = pending.pop()
+        try:
+            encode_rows(codec, data[rows])
+        except InputError as exc:
+            if rows.size > 1:
+                half = rows.size // 2
+                pending += [rows[half:], rows[:half]]
+            else:
+                # the codec's words ("row 0 becomes inf after the reducer: ...") without
+                # its row number: the caller names the row in the file
+                reasons[int(rows[0])] = str(exc).removeprefix("row 0 ")
+    return reasons
