@@ -33,6 +33,7 @@ from ..artifacts import codec_from_bytes, codec_to_bytes
 from ..codec import Codec
 from ..exceptions import ArtifactError, InputError
 from .errors import CodecNotFoundError, LimitExceededError
+from .logs import logger
 
 __all__ = ["ID_HEX_DIGITS", "CodecStore", "StoredCodec", "check_codec_id"]
 
@@ -201,14 +202,25 @@ class CodecStore:
             )
         fresh = StoredCodec.describe(codec, blob, datetime.now(timezone.utc))
         with self._write_lock:
-            if self._artifact_path(fresh.id).exists():
-                existing = self._info_locked(fresh.id)
-                if existing.sha256 != fresh.sha256:
+            try:
+                stored = self._artifact_path(fresh.id).read_bytes()
+            except FileNotFoundError:
+                stored = None
+            if stored is not None:
+                digest = hashlib.sha256(stored).hexdigest()
+                if digest == fresh.sha256:  # already stored, intact
+                    return self._info_locked(fresh.id)
+                if digest.startswith(fresh.id):  # a valid file for this id, other content
                     raise ArtifactError(
                         f"codec id {fresh.id} is taken by an artifact with a different sha256 "
-                        "(a 96-bit prefix collision or a tampered store); refusing to overwrite"
+                        "(a 96-bit prefix collision); refusing to overwrite"
                     )
-                return existing
+                # The stored file is damaged: the verified bytes replace it (atomically),
+                # keeping the entry's creation time when its sidecar still describes it.
+                logger.warning("replacing corrupted stored codec", extra={"codec_id": fresh.id})
+                recorded = self._read_sidecar(fresh.id)
+                if recorded is not None and recorded.sha256 == fresh.sha256:
+                    fresh = recorded
             atomic_write_bytes(self._sidecar_path(fresh.id), fresh.to_json())
             atomic_write_bytes(self._artifact_path(fresh.id), blob)
             self._remember(fresh.id, codec)
@@ -279,19 +291,25 @@ class CodecStore:
         check_codec_id(codec_id)
         if not self._artifact_path(codec_id).exists():
             raise self._not_found(codec_id)
+        meta = self._read_sidecar(codec_id)
+        if meta is not None:
+            return meta
+        with self._write_lock:
+            return self._info_locked(codec_id)
+
+    def _read_sidecar(self, codec_id: str) -> StoredCodec | None:
+        """The sidecar's record, or ``None`` if it is missing or unreadable."""
         try:
             return StoredCodec.from_json(self._sidecar_path(codec_id).read_bytes())
         except (OSError, ValueError, KeyError, TypeError):
-            with self._write_lock:
-                return self._info_locked(codec_id)
+            return None
 
     def _info_locked(self, codec_id: str) -> StoredCodec:
         """Read the sidecar, rebuilding it from the verified artifact if missing or bad."""
+        meta = self._read_sidecar(codec_id)
+        if meta is not None:
+            return meta
         sidecar = self._sidecar_path(codec_id)
-        try:
-            return StoredCodec.from_json(sidecar.read_bytes())
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
         blob = self.read_bytes(codec_id)
         codec = codec_from_bytes(blob, source=f"stored codec {codec_id}")
         mtime = self._artifact_path(codec_id).stat().st_mtime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
+import grpc
 import numpy as np
 import pytest
 from service_helpers import running_server
@@ -12,7 +13,7 @@ from service_helpers import running_server
 import embcomp
 from embcomp import ArtifactError, InputError
 from embcomp.artifacts import codec_id
-from embcomp.client import CompressionClient
+from embcomp.client import CompressionClient, ServiceError
 from embcomp.service.errors import CodecNotFoundError, LimitExceededError
 from embcomp.service.store import CodecStore
 
@@ -76,6 +77,52 @@ def test_load_verifies_the_file_against_its_id(tmp_path, codecs):
         fresh.get(a.id)
     with pytest.raises(CodecNotFoundError):
         fresh.get(b.id)
+
+
+def _damage(path):
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0x01
+    path.write_bytes(bytes(damaged))
+
+
+@pytest.mark.parametrize("sidecar", ["kept", "lost"])
+def test_importing_or_fitting_again_repairs_a_damaged_stored_file(tmp_path, sample, sidecar):
+    """Once, a re-import of the good artifact kept the damaged file (the sidecar said all
+    was well) or, with the sidecar gone, failed as INVALID_ARGUMENT: the upload blamed
+    for the store's fault."""
+    train = sample[0][:300]
+    store = tmp_path / "store"
+    with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
+        info = client.fit("int8", train)
+        good = client.export_codec(info.id)
+        for repair in (lambda: client.import_codec(good), lambda: client.fit("int8", train)):
+            _damage(store / f"{info.id}.codec")
+            if sidecar == "lost":
+                (store / f"{info.id}.json").unlink()
+            with pytest.raises(ServiceError) as caught:
+                client.export_codec(info.id)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "corrupted" in caught.value.details()
+            repaired = repair()
+            assert repaired.id == info.id and repaired.sha256 == info.sha256
+            if sidecar == "kept":
+                assert repaired.created == info.created
+            assert (store / f"{info.id}.codec").read_bytes() == good
+            assert client.export_codec(info.id) == good
+            assert client.get(info.id) == repaired
+    assert sorted(p.name for p in store.iterdir()) == [f"{info.id}.codec", f"{info.id}.json"]
+
+
+def test_a_file_replaced_by_another_codec_is_repaired_by_put(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    meta = store.put(codecs[0])
+    other = embcomp.codec_to_bytes(codecs[1])
+    (tmp_path / f"{meta.id}.codec").write_bytes(other)  # valid, but not this id's bytes
+    with pytest.raises(ArtifactError, match="corrupted"):
+        CodecStore(tmp_path).get(meta.id)
+    # put repairs it: the file's sha256 does not start with the id, so it is damaged
+    assert CodecStore(tmp_path).put(codecs[0]) == meta
+    assert (tmp_path / f"{meta.id}.codec").read_bytes() == embcomp.codec_to_bytes(codecs[0])
 
 
 def test_missing_sidecar_is_rebuilt(tmp_path, codecs):
