@@ -832,3 +832,20 @@ def test_a_row_that_overflows_in_the_reducer_is_a_bad_row_with_its_file_row(
     assert listed[1].startswith(f"{tmp_path / 'huge.npy'}\t700\t\tbecomes inf after the reducer")
     keep = np.setdiff1d(np.arange(1000), [700])
     assert_codes_match(codec, np.load(out), codec.encode(huge[keep]))
+
+
+def test_an_output_inside_the_input_directory_is_refused_up_front(tmp_path, X, codec_file, capsys):
+    """Before, the first run wrote shards/out and the rerun (resume) failed: it found
+    shards/out/part-0.parquet "in a subdirectory" of the input."""
+    shards = tmp_path / "shards"
+    make_shards(shards, X[:300], n_shards=2)
+    before = sorted(p.name for p in shards.iterdir())
+    for output in (shards / "out", shards / "deeper" / "out", shards / "x" / ".." / "y"):
+        assert run("compress", "-c", codec_file, shards, output, "-q") == 2
+        err = capsys.readouterr().err
+        assert f"output {str(output)!r} is inside the input directory" in err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in shards.iterdir()) == before  # nothing created
+    assert run("compress", "-c", codec_file, shards, tmp_path / "codes", "-q") == 0
+    assert run("decompress", "-c", codec_file, tmp_path / "codes", tmp_path / "codes/v") == 2
+    assert "is inside the input directory" in capsys.readouterr().err

@@ -247,6 +247,13 @@ def plan_job(
         )
     if in_path.resolve() == out_path.resolve():
         raise InputError(f"output {str(out_path)!r} is the input; choose another path")
+    if in_path.is_dir() and in_path.resolve() in out_path.resolve().parents:
+        # the first run would work, but a rerun (resume) would find the outputs in a
+        # subdirectory of the input and refuse it, or read them as inputs
+        raise InputError(
+            f"output {str(out_path)!r} is inside the input directory {str(in_path)!r}, "
+            "where a rerun would take the outputs for inputs; choose an output outside it"
+        )
     if single and out_path.is_dir():
         raise InputError(
             f"output {str(out_path)!r} is a directory but the input is one file; "
