@@ -229,14 +229,13 @@ class CodecStore:
     def delete(self, codec_id: str) -> None:
         """Remove a codec; raises ``CodecNotFoundError`` if it is not stored."""
         with self._write_lock:
+            self._forget(codec_id)  # even if another process removed the file already
             try:
                 self._artifact_path(codec_id).unlink()
             except FileNotFoundError:
                 raise self._not_found(codec_id) from None
             with contextlib.suppress(FileNotFoundError):
                 self._sidecar_path(codec_id).unlink()
-            with self._cache_lock:
-                self._cache.pop(codec_id, None)
 
     # -- reading ----------------------------------------------------------------------
     def _not_found(self, codec_id: str) -> CodecNotFoundError:
@@ -270,7 +269,11 @@ class CodecStore:
             codec = self._cache.get(codec_id)
             if codec is not None:
                 self._cache.move_to_end(codec_id)
+        if codec is not None:
+            # another process sharing the directory may have deleted it: the file decides
+            if self._artifact_path(codec_id).exists():
                 return codec
+            self._forget(codec_id)
         blob = self.read_bytes(codec_id)
         codec = codec_from_bytes(blob, source=f"stored codec {codec_id}")
         with self._write_lock:  # a delete that ran since the read must win
@@ -278,6 +281,10 @@ class CodecStore:
                 raise self._not_found(codec_id)
             self._remember(codec_id, codec)
         return codec
+
+    def _forget(self, codec_id: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(codec_id, None)
 
     def _remember(self, codec_id: str, codec: Codec) -> None:
         with self._cache_lock:

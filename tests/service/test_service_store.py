@@ -178,6 +178,43 @@ def test_two_processes_sharing_a_directory_see_each_other(tmp_path, codecs):
     assert meta.id not in one
 
 
+def test_a_codec_another_server_deleted_is_not_served_from_the_cache(tmp_path, sample):
+    """Once, a server sharing its store kept encoding with a codec another had deleted,
+    and its own DeleteCodec said NOT_FOUND yet kept the codec cached."""
+    train = sample[0][:200]
+    store = tmp_path / "store"
+    with (
+        running_server(store) as a,
+        running_server(store) as b,
+        CompressionClient(f"127.0.0.1:{a.port}") as client_a,
+        CompressionClient(f"127.0.0.1:{b.port}") as client_b,
+    ):
+        info = client_a.fit("int8", train)
+        client_b.encode(info.id, train[:3])  # now cached in b
+        assert info.id in b.store._cache
+        client_a.delete(info.id)
+        for call in (
+            lambda: client_b.get(info.id),
+            lambda: client_b.encode(info.id, train[:3]),
+            lambda: client_b.delete(info.id),
+        ):
+            with pytest.raises(ServiceError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert info.id in caught.value.details()
+        assert info.id not in b.store._cache
+
+
+def test_delete_drops_the_cache_entry_even_when_the_file_is_gone(tmp_path, codecs):
+    store = CodecStore(tmp_path)
+    meta = store.put(codecs[0])
+    assert meta.id in store._cache
+    (tmp_path / f"{meta.id}.codec").unlink()  # another process deleted it
+    with pytest.raises(CodecNotFoundError):
+        store.delete(meta.id)
+    assert meta.id not in store._cache
+
+
 def test_unwritable_store_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
