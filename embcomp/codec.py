@@ -209,6 +209,12 @@ class Codec:
         # leaves the codec as it was, never a new reducer before an old quantizer.
         reducer = copy.copy(self.reducer)
         if reducer is not None:
+            if (X32 == X32[0]).all():
+                raise InputError(
+                    f"the {X32.shape[0]} training vector(s) are all identical: "
+                    f"{self.spec.stages[-2]} centres them on their mean, which leaves "
+                    "the quantizer nothing to calibrate on; fit on varied vectors"
+                )
             reducer.fit(X32)
             with np.errstate(over="ignore", invalid="ignore"):  # named just below
                 X32 = reducer.transform(X32)

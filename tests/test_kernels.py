@@ -199,7 +199,7 @@ def test_unscaled_float_encode_matches_cast_on_tricky_values(fmt, small_blocks):
 def test_power_of_two_scale_keeps_ties_exact(fmt, small_blocks):
     """A fitted scale of 4 divides exactly, so midpoints stay midpoints after scaling."""
     target = FORMATS[fmt].target
-    train = np.array([[target * 4.0, -target * 4.0]], dtype=np.float32).repeat(3, axis=0)
+    train = np.array([[target * 4.0, -target * 4.0], [-target * 4.0, target * 4.0]], np.float32)
     q = FloatQuantizer(fmt, center=False).fit(train)
     np.testing.assert_array_equal(q.scale_, [4.0, 4.0])
     values = tricky_values(fmt)
