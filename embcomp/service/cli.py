@@ -37,6 +37,7 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "max-dims": (int, "widest vectors a codec may take, fitted or imported (default 16384)"),
     "max-workers": (int, "RPC worker threads (default 16)"),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
+    "cache-bytes": (int, "memory the loaded codecs kept may hold in all (default 1 GiB)"),
     "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),
     "log-level": (str.upper, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     "log-format": (str, "json or text (default json)"),

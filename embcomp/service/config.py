@@ -42,6 +42,8 @@ class ServiceConfig(BaseSettings):
     max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
     max_workers : threads serving RPCs.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
+    cache_bytes : memory those codecs may hold in all (their arrays, derived ones included);
+        a codec larger than this is loaded for each call instead of kept.
     tls_cert, tls_key : PEM files; when both are set the server speaks TLS only.
     auth_token, auth_token_file : when set, every call except health checks must send
         metadata ``authorization: Bearer <token>``. The file form keeps the token out of
@@ -66,6 +68,7 @@ class ServiceConfig(BaseSettings):
     max_dims: int = Field(default=16384, ge=1)
     max_workers: int = Field(default=16, ge=1)
     cache_size: int = Field(default=32, ge=1)
+    cache_bytes: int = Field(default=1 << 30, ge=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token: SecretStr | None = None

@@ -12,7 +12,7 @@ A codec exists exactly when its ``.codec`` file exists. Writes go to a temporary
 and are renamed into place (sidecar first, artifact last), so readers never see a
 partial file and a crash leaves at most an ignored sidecar. Every load verifies the
 file's sha256 against its id and every checksum inside the artifact. Mutations are
-serialized by a lock; loaded codecs are kept in a small LRU cache.
+serialized by a lock; loaded codecs are kept in an LRU cache bounded by count and bytes.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._atomic import atomic_write_bytes, remove_stale_temporaries_in
 from ..artifacts import codec_from_bytes, codec_to_bytes
@@ -35,7 +38,7 @@ from ..exceptions import ArtifactError, InputError
 from .errors import CodecNotFoundError, LimitExceededError
 from .logs import logger
 
-__all__ = ["ID_HEX_DIGITS", "CodecStore", "StoredCodec", "check_codec_id"]
+__all__ = ["ID_HEX_DIGITS", "CodecStore", "StoredCodec", "check_codec_id", "loaded_bytes"]
 
 ID_HEX_DIGITS = 24
 _ID = re.compile(rf"^[0-9a-f]{{{ID_HEX_DIGITS}}}$")
@@ -46,6 +49,41 @@ def _stored_name(name: str) -> bool:
     """Whether a file name is one the store writes (a codec, its sidecar, the probe)."""
     stem, _, suffix = name.rpartition(".")
     return name == ".write-probe" or (suffix in ("codec", "json") and bool(_ID.match(stem)))
+
+
+def loaded_bytes(codec: Codec) -> int:
+    """Memory the arrays of a loaded codec hold, in bytes: its fitted state and what its
+    stages derive from it at load (projections, kernel tables), each array counted once.
+
+    Found by walking the stages' attributes (and the lists, tuples, dicts and objects
+    they hold, a few levels deep) rather than by listing them, so arrays a stage adds
+    later are counted too; a view counts as the array it views.
+    """
+    arrays: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def visit(value: object, depth: int) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, np.ndarray):
+            while isinstance(value.base, np.ndarray):
+                value = value.base
+            arrays[id(value)] = value.nbytes
+        elif depth > 0:
+            if isinstance(value, dict):
+                children: Iterable[object] = value.values()
+            elif isinstance(value, (list, tuple)):
+                children = value
+            else:
+                children = getattr(value, "__dict__", {}).values()
+            for child in children:
+                visit(child, depth - 1)
+
+    for stage in (codec.reducer, codec.quantizer):
+        if stage is not None:
+            visit(stage, 4)
+    return sum(arrays.values())
 
 
 def check_codec_id(codec_id: str) -> str:
@@ -147,6 +185,8 @@ class CodecStore:
     ----------
     root : directory; created (with parents) if missing. Must be writable.
     cache_size : loaded codecs kept in memory.
+    cache_bytes : memory the kept codecs may hold in all (see :func:`loaded_bytes`); the
+        least recently used go first, and a codec larger than this is not kept.
     max_artifact_bytes : largest artifact stored (``None``: any); a larger one raises
         ``LimitExceededError`` and nothing is written.
 
@@ -155,7 +195,12 @@ class CodecStore:
     """
 
     def __init__(
-        self, root: str | Path, *, cache_size: int = 32, max_artifact_bytes: int | None = None
+        self,
+        root: str | Path,
+        *,
+        cache_size: int = 32,
+        cache_bytes: int = 1 << 30,
+        max_artifact_bytes: int | None = None,
     ) -> None:
         self.root = Path(root)
         try:
@@ -167,8 +212,10 @@ class CodecStore:
             raise InputError(f"cannot use {str(self.root)!r} as the codec store: {exc}") from exc
         remove_stale_temporaries_in(self.root, _stored_name)  # a killed server's half writes
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.max_artifact_bytes = max_artifact_bytes
-        self._cache: OrderedDict[str, Codec] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Codec, int]] = OrderedDict()  # id -> (codec, bytes)
+        self._cached_bytes = 0
         self._cache_lock = threading.Lock()
         self._write_lock = threading.Lock()
 
@@ -266,9 +313,10 @@ class CodecStore:
         """The loaded codec for ``codec_id`` (from the cache when possible)."""
         check_codec_id(codec_id)
         with self._cache_lock:
-            codec = self._cache.get(codec_id)
-            if codec is not None:
+            entry = self._cache.get(codec_id)
+            if entry is not None:
                 self._cache.move_to_end(codec_id)
+        codec = entry[0] if entry is not None else None
         if codec is not None:
             # another process sharing the directory may have deleted it: the file decides
             if self._artifact_path(codec_id).exists():
@@ -284,14 +332,24 @@ class CodecStore:
 
     def _forget(self, codec_id: str) -> None:
         with self._cache_lock:
-            self._cache.pop(codec_id, None)
+            self._pop_cached(codec_id)
+
+    def _pop_cached(self, codec_id: str) -> None:
+        """Drop a cache entry (the caller holds the cache lock)."""
+        entry = self._cache.pop(codec_id, None)
+        if entry is not None:
+            self._cached_bytes -= entry[1]
 
     def _remember(self, codec_id: str, codec: Codec) -> None:
+        size = loaded_bytes(codec)
         with self._cache_lock:
-            self._cache[codec_id] = codec
-            self._cache.move_to_end(codec_id)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._pop_cached(codec_id)
+            if size > self.cache_bytes:
+                return  # alone over the budget: not kept, reloaded when asked for
+            self._cache[codec_id] = (codec, size)
+            self._cached_bytes += size
+            while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                self._pop_cached(next(iter(self._cache)))  # the least recently used
 
     def info(self, codec_id: str) -> StoredCodec:
         """Metadata of a stored codec; raises ``CodecNotFoundError`` if absent."""

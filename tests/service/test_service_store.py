@@ -15,7 +15,7 @@ from embcomp import ArtifactError, InputError
 from embcomp.artifacts import codec_id
 from embcomp.client import CompressionClient, ServiceError
 from embcomp.service.errors import CodecNotFoundError, LimitExceededError
-from embcomp.service.store import CodecStore
+from embcomp.service.store import CodecStore, loaded_bytes
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +156,46 @@ def test_an_artifact_over_the_size_limit_is_not_stored(tmp_path, codecs):
     assert CodecStore(tmp_path, max_artifact_bytes=len(blob)).put(codecs[0]).artifact_size == len(
         blob
     )
+
+
+def test_loaded_bytes_counts_state_and_derived_arrays_once(sample):
+    codec = embcomp.codec_from_bytes(
+        embcomp.codec_to_bytes(embcomp.make_codec("rot,int8").fit(sample[0][:400]))
+    )
+    matrix = 384 * 384 * 4
+    # components_, inverse_components_ and three derived projections: five 384 x 384
+    # float32 matrices, then the per-dimension vectors
+    assert 5 * matrix < loaded_bytes(codec) < 5 * matrix + 64 * 384
+    int8 = embcomp.make_codec("int8").fit(sample[0][:400])
+    assert loaded_bytes(int8) < 16 * 384
+
+
+def test_the_cache_is_bounded_by_bytes_too(tmp_path, sample):
+    """Once, 6 imported 32 MiB rot,int8 codecs pinned ~570 MB: only the count (32) was
+    bounded."""
+    train = sample[0][:400]
+    codecs = [embcomp.make_codec("rot,int8", seed=seed).fit(train) for seed in range(4)]
+    size = loaded_bytes(embcomp.codec_from_bytes(embcomp.codec_to_bytes(codecs[0])))
+    store = tmp_path / "store"
+    with (
+        running_server(store, cache_bytes=int(2.5 * size)) as srv,
+        CompressionClient(f"127.0.0.1:{srv.port}") as client,
+    ):
+        ids = [client.import_codec(codec).id for codec in codecs]
+        for codec_id in ids:
+            client.encode(codec_id, train[:2])
+            assert srv.store._cached_bytes <= 2.5 * size
+        assert list(srv.store._cache) == ids[2:]  # the two most recently used
+        assert srv.store._cached_bytes == sum(n for _, n in srv.store._cache.values())
+        client.encode(ids[0], train[:2])  # evicted entries reload from disk
+        assert list(srv.store._cache) == [ids[3], ids[0]]
+    # a codec larger than the whole budget is served, just not kept
+    with (
+        running_server(store, cache_bytes=size - 1) as srv,
+        CompressionClient(f"127.0.0.1:{srv.port}") as client,
+    ):
+        np.testing.assert_array_equal(client.encode(ids[1], train[:5]), codecs[1].encode(train[:5]))
+        assert not srv.store._cache and srv.store._cached_bytes == 0
 
 
 def test_delete_removes_files_and_cache(tmp_path, codecs):
