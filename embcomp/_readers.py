@@ -221,6 +221,7 @@ class Source:
     offset : rows of the files before this one in the same input (global row ids).
     id_field : pyarrow Field of the id column, or None.
     meta : embcomp's description of the file (codec id, spec...) when it has one.
+    unknown_ids : why :meth:`row_ids` cannot tell the ids of the rows, or None.
     """
 
     format = ""
@@ -240,6 +241,7 @@ class Source:
         self.offset = 0
         self.id_field: Any = None
         self.meta: dict[str, Any] | None = None
+        self.unknown_ids: str | None = None
 
     # -- what every engine needs ---------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -254,6 +256,11 @@ class Source:
     def default_block_rows(self) -> int:
         """Rows per block when the caller gives none (about ``block_bytes`` of float32)."""
         return block_rows_for(self.width or _WIDTH_IF_UNKNOWN, self.block_bytes)
+
+    def row_ids(self, rows: np.ndarray) -> np.ndarray:
+        """int64 ids of file rows ``rows`` (int64) where the file has no id column:
+        their position in the whole input (see NpySource for codes)."""
+        return rows + self.offset
 
     def split(self, target_rows: int) -> list[tuple[int, int]]:
         """Row ranges of about ``target_rows`` covering the file (units of parallel work)."""
@@ -405,8 +412,52 @@ class NpySource(Source):
                 f"({expected} bytes) but the file has {self.nbytes} bytes (row {complete} is "
                 "the first incomplete one); re-export the file"
             )
+        self._origin = None
         if kind == "codes":
             self.meta = _read_sidecar_meta(path)
+            self._origin = self._recorded_origin()
+
+    def _recorded_origin(self) -> tuple[int, np.ndarray] | None:
+        """Codes ``embcomp compress`` wrote to .npy: the input rows they encode, as the
+        id of the first input row and the skipped-row steps :meth:`row_ids` uses (None
+        for codes without a record, numbered by position). Sets ``unknown_ids`` when
+        the record cannot tell."""
+        record = self.meta
+        if record is None or "id_offset" not in record:
+            return None
+        result, first_id = record.get("result"), record["id_offset"]
+        sidecar = f"its record {self.path.name}.json"
+        if not isinstance(result, dict) or not isinstance(first_id, int):
+            self.unknown_ids = f"{sidecar} does not say which input rows it holds"
+            return None
+        skipped = result.get("skipped_rows", [])
+        if result.get("rows") != self.n_rows:
+            self.unknown_ids = (
+                f"it holds {self.n_rows} rows but {sidecar} says {result.get('rows')} (the "
+                "file changed after 'embcomp compress' wrote it)"
+            )
+        elif result.get("bad_rows") and "skipped_rows" not in result:
+            self.unknown_ids = (
+                f"{sidecar} says {result['bad_rows']} input rows were skipped but not which "
+                "(an older embcomp wrote it)"
+            )
+        elif not isinstance(skipped, list) or len(skipped) != (result.get("bad_rows") or 0):
+            self.unknown_ids = f"{sidecar} does not list the skipped rows it counts"
+        if self.unknown_ids is not None:
+            return None
+        # kept row p is input row p + (number of skipped rows s_i with s_i - i <= p)
+        return first_id, np.asarray(skipped, dtype=np.int64) - np.arange(len(skipped))
+
+    def row_ids(self, rows):
+        """Codes ``embcomp compress`` wrote to .npy get the ids of the input rows they
+        encode (their record gives the input's place in its directory and the rows
+        it skipped as bad), not their position among the codes."""
+        if self.unknown_ids is not None:
+            raise InputError(f"{self.path}: {self.unknown_ids}; its rows' ids are unknown")
+        if self._origin is None:
+            return super().row_ids(rows)
+        first_id, steps = self._origin
+        return rows + first_id + np.searchsorted(steps, rows, side="right")
 
     def _read(self, start, stop, block_rows):
         """Blocks are views of a read-only shared memory map, so float32 input is never

@@ -849,3 +849,49 @@ def test_an_output_inside_the_input_directory_is_refused_up_front(tmp_path, X, c
     assert run("compress", "-c", codec_file, shards, tmp_path / "codes", "-q") == 0
     assert run("decompress", "-c", codec_file, tmp_path / "codes", tmp_path / "codes/v") == 2
     assert "is inside the input directory" in capsys.readouterr().err
+
+
+# -- ids of decompressed rows ----------------------------------------------------------
+def test_npy_codes_decompress_to_the_ids_of_the_input_rows_they_encode(tmp_path, X, codec):
+    """Before, .npy codes decompressed to Parquet were numbered by position among the
+    codes read: s1's rows got ids 8..17 after two skipped rows of s0 (10..19 expected),
+    s0's got 0..7, and s1.npy decompressed alone got 0..9."""
+    shards, codes = tmp_path / "shards", tmp_path / "codes"
+    shards.mkdir()
+    s0 = X[:10].copy()
+    s0[[2, 5], 0] = np.nan
+    np.save(shards / "s0.npy", s0)
+    np.save(shards / "s1.npy", X[10:20])
+    assert compress(codec, shards, codes, on_bad_row="skip").bad_rows == 2
+    decompress(codec, codes, tmp_path / "back", output_format="parquet")
+    s0_ids = pq.read_table(tmp_path / "back" / "s0.parquet").column("id").to_pylist()
+    assert s0_ids == [0, 1, 3, 4, 6, 7, 8, 9]
+    back = pq.read_table(tmp_path / "back" / "s1.parquet")
+    assert back.column("id").to_pylist() == list(range(10, 20))
+    vectors = back.column("embedding").combine_chunks().values.to_numpy().reshape(-1, 384)
+    np.testing.assert_array_equal(vectors, codec.decode(np.load(codes / "s1.npy")))
+    decompress(codec, codes / "s1.npy", tmp_path / "s1.parquet")
+    assert pq.read_table(tmp_path / "s1.parquet").column("id").to_pylist() == list(range(10, 20))
+
+    # A record that does not say which rows were skipped (an older embcomp's) is
+    # refused for Parquet outputs, whose ids would be wrong; .npy outputs have no ids.
+    sidecar = codes / "s0.npy.json"
+    record = json.loads(sidecar.read_text())
+    del record["result"]["skipped_rows"]
+    sidecar.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=r"s0.npy: its record s0.npy.json says 2 input rows"):
+        decompress(codec, codes / "s0.npy", tmp_path / "s0.parquet")
+    assert not (tmp_path / "s0.parquet").exists()
+    assert decompress(codec, codes / "s0.npy", tmp_path / "s0.npy").vectors == 8
+
+
+def test_codes_with_an_id_column_are_not_decompressed_to_npy(tmp_path, X, codec):
+    """Before, decompressing Parquet codes with their own ids to .npy dropped the ids
+    silently (compress refuses the same case); embcomp's row numbers may go."""
+    write_parquet(tmp_path / "in.parquet", X[:50], ids=[f"d{i}" for i in range(50)])
+    compress(codec, tmp_path / "in.parquet", tmp_path / "c.parquet", id_column="doc_id")
+    with pytest.raises(InputError, match=r"c.parquet: .npy outputs cannot carry the id column "):
+        decompress(codec, tmp_path / "c.parquet", tmp_path / "back.npy")
+    assert not (tmp_path / "back.npy").exists()
+    compress(codec, tmp_path / "in.parquet", tmp_path / "rows.parquet")  # ids: row numbers
+    assert decompress(codec, tmp_path / "rows.parquet", tmp_path / "back.npy").vectors == 50

@@ -152,6 +152,10 @@ def test_ray_reads_npy_and_skips_bad_rows_like_local(tmp_path, X, codec):
     assert_codes_match(codec, ray_codes, local_codes)  # 700-row units vs one local run
     skipped = (tmp_path / "ray" / "_skipped.tsv").read_text().splitlines()
     assert [line.split("\t")[1] for line in skipped[1:]] == ["5", "2222"]
+    # .npy codes (which hold no ids) decompress to the ids of the input rows they encode
+    compress(codec, tmp_path / "bad.npy", tmp_path / "codes.npy", on_bad_row="skip")
+    decompress(codec, tmp_path / "codes.npy", tmp_path / "back", engine="ray", unit_rows=700)
+    assert table_rows(tmp_path / "back")[0] == local_ids
 
 
 def test_ray_refuses_to_replace_a_foreign_directory(tmp_path, X, codec):

@@ -282,10 +282,15 @@ def plan_job(
             raise InputError(
                 "the Ray engine writes Parquet only; use --format parquet or --engine local"
             )
-        if fmt == "npy" and command == "compress" and source.id_field is not None:
+        if fmt == "npy" and source.id_field is not None and not _ids_are_row_numbers(source):
             raise InputError(
-                f".npy outputs cannot carry the id column {source.id_field.name!r}; "
-                "use --format parquet"
+                f"{source.path}: .npy outputs cannot carry the id column "
+                f"{source.id_field.name!r}; use --format parquet"
+            )
+        if fmt == "parquet" and source.id_field is None and source.unknown_ids is not None:
+            raise InputError(
+                f"{source.path}: {source.unknown_ids}, so the ids of its rows are unknown; "
+                "compress its input again (--overwrite), or decompress to .npy (no ids)"
             )
         if single and out_path.suffix.lower() not in _FORMAT_SUFFIXES:
             raise InputError(
@@ -345,6 +350,18 @@ def plan_job(
         created = check_writable(out_path)
     read_options = {"column": read_column, "id_column": id_column, "dataset": dataset}
     return Job(command, codec, cid, tasks, out_path, not single, on_bad_row, read_options, created)
+
+
+def _ids_are_row_numbers(source: Source) -> bool:
+    """Whether the id column of codes holds only what a ``.npy`` output's positions
+    stand for: row numbers ``embcomp compress`` gave an input without ids."""
+    meta = source.meta or {}
+    return (
+        source.kind == "codes"
+        and source.id_field.name == "id"
+        and "id_column" in meta
+        and meta["id_column"] is None
+    )
 
 
 def _check_one_schema(tasks: list[Task], in_path: Path) -> None:
@@ -459,13 +476,14 @@ def _run_tasks(
         for task in todo:
             source = task.source
             rows = block_rows or block_rows_for(job.codec.d_in or 1, source.block_bytes)
+            numbered = task.output.numbers_rows
             with open_sink(task.output, max_rows=source.n_rows) as sink:
                 blocks = source.iter_blocks(rows, on_bad_row=job.on_bad_row)
                 for block in prefetch(blocks) if source.read_ahead else blocks:
                     out, kept_rows, ids, bad = transform_block(
                         job.codec, block, job.command, job.on_bad_row
                     )
-                    sink.write(out, kept_rows + source.offset, ids)
+                    sink.write(out, source.row_ids(kept_rows) if numbered else None, ids)
                     sink.bad.extend(block.bad)
                     sink.bad.extend(bad)
                     bar.update(block.stop - block.start)
@@ -595,8 +613,12 @@ def decompress(
     ``input`` is a ``.npy`` of uint8 codes or Parquet with a ``code`` column (or a
     directory of them); ``column`` names the embedding column of Parquet outputs
     (default: the column the codes were compressed from, else ``embedding``). Ids are
-    carried to Parquet outputs. A codes file whose record names another codec is
-    refused with ``ArtifactError``. Other parameters as in :func:`compress`.
+    carried to Parquet outputs: the id column of Parquet codes; for ``.npy`` codes of
+    ``compress``, the numbers of the input rows they encode (from their record, which
+    lists the rows skipped as bad). Codes with ids other than row numbers are refused
+    for ``.npy`` outputs, which cannot hold them. A codes file whose record names
+    another codec is refused with ``ArtifactError``. Other parameters as in
+    :func:`compress`.
     """
     return _run(
         "decompress", codec, input, output, column=column, id_column=id_column,

@@ -162,7 +162,7 @@ def _transform(
         block = Block(source, data, rows[lo:hi], ids, int(rows[lo]), int(rows[hi - 1]) + 1)
         out, kept_rows, kept_ids, bad = transform_block(codec, block, command, on_bad_row)
         _record_bad(log, bad)
-        parts.append(_table(spec, out, kept_rows + source.offset, kept_ids))
+        parts.append(_table(spec, out, source.row_ids(kept_rows), kept_ids))
     return pa.concat_tables(parts).replace_schema_metadata({"embcomp": metadata})
 
 

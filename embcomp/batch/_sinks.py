@@ -8,6 +8,9 @@ record matches the job it is about to do and whose row count matches the file.
 - ``.npy``: ``<name>.json`` (the record) says "in progress" (``result`` null) before the
   array is renamed into place, and gets the row count after it: a crash in between
   leaves a record that no rerun takes for complete (nor a previous job's record).
+  The result also lists the input rows skipped as bad (``skipped_rows``): with the
+  input's ``id_offset``, that gives each row its id (its input row), which a
+  ``.npy`` cannot store and decompress to Parquet needs.
 - Parquet: an id column and ``code`` (``fixed_size_binary``) or the embedding column
   (``fixed_size_list<float32>``); the job record is the file metadata key
   ``embcomp``, the row count ``embcomp.result``.
@@ -73,6 +76,11 @@ class OutputSpec:
         return self.path.with_name(self.path.name + ".json")
 
     @property
+    def numbers_rows(self) -> bool:
+        """Whether rows get their row numbers as ids (Parquet without an id column)."""
+        return self.fmt == "parquet" and self.id_field is None
+
+    @property
     def skipped_list(self) -> Path:
         return self.path.with_name(self.path.name + ".skipped.tsv")
 
@@ -87,12 +95,14 @@ class Sink:
     rows: int = 0
     bad: list[BadRow] = field(default_factory=list)
 
-    def write(self, data: np.ndarray, global_rows: np.ndarray, ids: Any) -> None:
-        """Append ``data`` (n, width); ``ids`` (pyarrow Array) or ``global_rows`` as ids."""
+    def write(self, data: np.ndarray, row_ids: np.ndarray | None, ids: Any) -> None:
+        """Append ``data`` (n, width) with its ``ids`` (pyarrow Array), or with
+        ``row_ids`` (int64 (n,)) where the output numbers its rows (see
+        :attr:`OutputSpec.numbers_rows`; None elsewhere)."""
         if self.spec.fmt == "npy":
             self.handle.write(np.ascontiguousarray(data, dtype=self.spec.dtype).data)
         else:
-            self.writer.write_table(_table(self.spec, data, global_rows, ids))
+            self.writer.write_table(_table(self.spec, data, row_ids, ids))
         self.rows += data.shape[0]
 
 
@@ -107,7 +117,7 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, int], total: int | None = Non
     return np.lib.format.magic(1, 0) + struct.pack("<H", len(text)) + text.encode("latin1")
 
 
-def _table(spec: OutputSpec, data: np.ndarray, global_rows: np.ndarray, ids: Any) -> Any:
+def _table(spec: OutputSpec, data: np.ndarray, row_ids: np.ndarray | None, ids: Any) -> Any:
     pa = require_pyarrow()
     n = data.shape[0]
     if spec.dtype == np.uint8:
@@ -117,7 +127,7 @@ def _table(spec: OutputSpec, data: np.ndarray, global_rows: np.ndarray, ids: Any
     else:
         flat = pa.array(np.ascontiguousarray(data, dtype=np.float32).reshape(-1))
         payload = pa.FixedSizeListArray.from_arrays(flat, spec.width)
-    id_values = pa.array(global_rows, type=pa.int64()) if spec.id_field is None else ids
+    id_values = pa.array(row_ids, type=pa.int64()) if spec.id_field is None else ids
     return pa.Table.from_arrays([id_values, payload], schema=_schema(spec))
 
 
@@ -159,7 +169,8 @@ def open_sink(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
     if spec.fmt == "npy":
         done = spec.path.stat()  # so that a later rewrite by anything else shows
         result = {"rows": sink.rows, "bad_rows": len(sink.bad), "size": done.st_size}
-        _write_record(spec, {**result, "mtime_ns": done.st_mtime_ns})
+        skipped = sorted(row.row for row in sink.bad)
+        _write_record(spec, {**result, "mtime_ns": done.st_mtime_ns, "skipped_rows": skipped})
 
 
 @contextlib.contextmanager
@@ -197,7 +208,7 @@ def _sink_file(spec: OutputSpec, max_rows: int) -> Iterator[Sink]:
             sink.writer.close()
 
 
-def _write_record(spec: OutputSpec, result: dict[str, int] | None) -> None:
+def _write_record(spec: OutputSpec, result: dict[str, Any] | None) -> None:
     record = {**spec.job, "result": result}
     atomic_write_bytes(spec.sidecar, json.dumps(record, indent=1, sort_keys=True).encode())
 
