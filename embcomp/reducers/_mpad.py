@@ -158,8 +158,7 @@ class MPADReducer(LinearReducer):
             # mpad256 of 2 MiniLM-like vectors had condition number 3e6 and lost 6% of
             # them on decoding (from 3 vectors up: condition ~2, exact).
             raise InputError(
-                f"MPAD learns its axes from pairs of training vectors and needs at least "
-                f"3; got {n}"
+                f"MPAD learns its axes from pairs of training vectors and needs at least 3; got {n}"
             )
         started, started_cpu = time.perf_counter(), time.process_time()
         # Independent streams: what one draw consumes never shifts another, so the
