@@ -8,9 +8,12 @@ messages gRPC hands over (asking a message its ``ByteSize()`` would serialize it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import queue
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,11 +21,11 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from .errors import status_for
+from .errors import IdleStreamError, LimitExceededError, status_for
 from .logs import REQUEST_ID, access_logger, logger
 from .metrics import ServiceMetrics
 
-__all__ = ["bidi_stream", "client_stream", "unary"]
+__all__ = ["CallSlots", "IdleTimeout", "bidi_stream", "client_stream", "unary"]
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,6 +87,110 @@ class Call:
             REQUEST_ID.set(None)
 
 
+class CallSlots:
+    """Calls of the compression service running at once, at most ``limit``.
+
+    gRPC's own limit (``maximum_concurrent_rpcs``) counts every call, health checks
+    included; this one counts only the service's, so the server's spare threads stay
+    free for health checks and reflection however busy the service is.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self.used >= self.limit:
+                raise LimitExceededError(
+                    f"all {self.limit} of this server's call slots are busy; retry later "
+                    "(the limit is EMBCOMP_MAX_WORKERS)"
+                )
+            self.used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= 1
+
+
+_END = object()
+
+
+class IdleTimeout:
+    """The requests of a client stream, ending the call when none arrives for ``seconds``.
+
+    gRPC's request iterator waits for the next message without a timeout, so an idle
+    client would hold a server thread forever. The messages are read on a helper thread
+    and handed over one at a time (so at most one waits in memory); waiting longer than
+    ``seconds`` for one raises :class:`IdleStreamError` (DEADLINE_EXCEEDED). ``close()``
+    stops the helper, which gRPC wakes once the call has ended.
+    """
+
+    def __init__(self, requests: Iterator[Any], seconds: float, method: str) -> None:
+        self.seconds, self.method = seconds, method
+        self._requests = requests
+        self._handed: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._reader = threading.Thread(
+            target=self._read, name=f"embcomp-{method}-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self) -> None:
+        item: tuple[Any, BaseException | None]
+        try:
+            for request in self._requests:
+                if not self._hand_over((request, None)):
+                    return
+            item = (_END, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the handler's thread
+            item = (_END, exc)
+        self._hand_over(item)
+
+    def _hand_over(self, item: tuple[Any, BaseException | None]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._handed.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> IdleTimeout:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            request, error = self._handed.get(timeout=self.seconds)
+        except queue.Empty:
+            raise IdleStreamError(
+                f"no {self.method} message arrived for {self.seconds:g} s; the server ended "
+                "the call (send messages more often; the limit is EMBCOMP_STREAM_IDLE_SECONDS)"
+            ) from None
+        if error is not None:
+            raise error
+        if request is _END:
+            raise StopIteration
+        return request
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+@contextlib.contextmanager
+def _stream_slot(servicer: Any, requests: Iterator[Any], method: str) -> Iterator[IdleTimeout]:
+    """A call slot for one streaming call, and its requests under the idle limit."""
+    with servicer.call_slots.held():
+        idle = IdleTimeout(requests, servicer.config.stream_idle_seconds, method)
+        try:
+            yield idle
+        finally:
+            idle.close()
+
+
 def unary(method: str) -> Callable[[F], F]:
     """Wrap ``handler(self, request, context) -> response``."""
 
@@ -92,7 +199,8 @@ def unary(method: str) -> Callable[[F], F]:
         def wrapped(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             call = Call(method, context, self.metrics)
             try:
-                return handler(self, request, context)
+                with self.call_slots.held():
+                    return handler(self, request, context)
             except Exception as exc:
                 call.fail(exc)
             finally:
@@ -111,7 +219,8 @@ def client_stream(method: str) -> Callable[[F], F]:
         def wrapped(self: Any, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             call = Call(method, context, self.metrics)
             try:
-                return handler(self, requests, context)
+                with _stream_slot(self, requests, method) as idle:
+                    return handler(self, idle, context)
             except Exception as exc:
                 call.fail(exc)
             finally:
@@ -132,7 +241,8 @@ def bidi_stream(method: str) -> Callable[[F], F]:
         ) -> Iterator[Any]:
             call = Call(method, context, self.metrics)
             try:
-                yield from handler(self, requests, context)
+                with _stream_slot(self, requests, method) as idle:
+                    yield from handler(self, idle, context)
             except GeneratorExit:  # the client cancelled; nothing to send
                 call.code = "CANCELLED"
                 raise

@@ -35,7 +35,15 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     ),
     "max-eval-k": (int, "largest k EvaluateCodec accepts (default 1024)"),
     "max-dims": (int, "widest vectors a codec may take, fitted or imported (default 16384)"),
-    "max-workers": (int, "RPC worker threads (default 16)"),
+    "max-workers": (
+        int,
+        "service calls served at once; more get RESOURCE_EXHAUSTED (default 16; health "
+        "checks have 2 threads of their own)",
+    ),
+    "stream-idle-seconds": (
+        float,
+        "end a streaming call whose client sends nothing for this long (default 60)",
+    ),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
     "cache-bytes": (int, "memory the loaded codecs kept may hold in all (default 1 GiB)"),
     "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),

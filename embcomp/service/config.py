@@ -15,11 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..exceptions import InputError
 
-__all__ = ["ENVELOPE_BYTES", "ServiceConfig", "load_config"]
+__all__ = ["ENVELOPE_BYTES", "SPARE_THREADS", "ServiceConfig", "load_config"]
 
 MiB = 1 << 20
 # Room for the message framing around a response's payload bytes.
 ENVELOPE_BYTES = 1024
+# Server threads beyond max_workers: for health checks and reflection only.
+SPARE_THREADS = 2
 
 
 class ServiceConfig(BaseSettings):
@@ -40,7 +42,12 @@ class ServiceConfig(BaseSettings):
         queries x (base rows + 32 x k), as each neighbour kept costs about 32 pairs.
     max_eval_k : largest k (neighbours per query) EvaluateCodec accepts.
     max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
-    max_workers : threads serving RPCs.
+    max_workers : calls of the compression service served at once; one more gets
+        RESOURCE_EXHAUSTED at once rather than waiting. Health checks and reflection have
+        ``SPARE_THREADS`` threads of their own, so they answer however busy the service is.
+    stream_idle_seconds : a streaming call (FitCodec, EncodeStream, DecodeStream) whose
+        client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
+        its slot.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     cache_bytes : memory those codecs may hold in all (their arrays, derived ones included);
         a codec larger than this is loaded for each call instead of kept.
@@ -67,6 +74,7 @@ class ServiceConfig(BaseSettings):
     max_eval_k: int = Field(default=1024, ge=1)
     max_dims: int = Field(default=16384, ge=1)
     max_workers: int = Field(default=16, ge=1)
+    stream_idle_seconds: float = Field(default=60.0, gt=0)
     cache_size: int = Field(default=32, ge=1)
     cache_bytes: int = Field(default=1 << 30, ge=0)
     tls_cert: Path | None = None

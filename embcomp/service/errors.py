@@ -22,6 +22,7 @@ __all__ = [
     "ERROR_TABLE",
     "CallEndedError",
     "CodecNotFoundError",
+    "IdleStreamError",
     "LimitExceededError",
     "UnauthenticatedError",
     "status_for",
@@ -44,12 +45,17 @@ class CallEndedError(EmbcompError):
     """The client cancelled the call or its deadline passed: stop, store nothing."""
 
 
+class IdleStreamError(EmbcompError, TimeoutError):
+    """A client stream sent no message for the server's idle limit: the server ends it."""
+
+
 # Checked in order: the first matching class decides the code, so subclasses come first.
 ERROR_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CodecNotFoundError, grpc.StatusCode.NOT_FOUND),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (CallEndedError, grpc.StatusCode.CANCELLED),
+    (IdleStreamError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),  # a stored file failed its checks
     (NotFittedError, grpc.StatusCode.FAILED_PRECONDITION),
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),

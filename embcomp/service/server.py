@@ -21,7 +21,7 @@ from .._version import __version__
 from ..exceptions import InputError
 from ..v1 import compression_service_pb2, compression_service_pb2_grpc
 from .auth import BearerTokenInterceptor
-from .config import ServiceConfig
+from .config import SPARE_THREADS, ServiceConfig
 from .logs import configure_logging, logger
 from .metrics import ServiceMetrics, TrafficInterceptor
 from .servicer import CompressionServicer
@@ -128,9 +128,14 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     interceptors: list[grpc.ServerInterceptor] = [TrafficInterceptor(metrics)]
     if token:
         interceptors.insert(0, BearerTokenInterceptor(token, metrics))
+    # Service calls are limited to max_workers by the servicer (CallSlots); the spare
+    # threads keep health checks answering, and gRPC refuses calls beyond all threads at
+    # once (RESOURCE_EXHAUSTED) instead of queueing them behind busy ones.
+    threads = config.max_workers + SPARE_THREADS
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="embcomp-rpc"),
+        ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embcomp-rpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=threads,
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -26,7 +26,7 @@ from ..exceptions import ArtifactError, EmbcompError, InputError
 from ..v1 import compression_service_pb2 as pb
 from ..v1 import compression_service_pb2_grpc as pb_grpc
 from ..v1 import types_pb2
-from .calls import bidi_stream, client_stream, unary
+from .calls import CallSlots, bidi_stream, client_stream, unary
 from .config import ENVELOPE_BYTES, ServiceConfig
 from .convert import array_to_codes, array_to_matrix, codes_to_array, matrix_to_array
 from .errors import CallEndedError, LimitExceededError
@@ -169,6 +169,7 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.call_slots = CallSlots(config.max_workers)  # taken by the .calls decorators
         self._fit_slots = threading.BoundedSemaphore(config.max_concurrent_fits)
         self._uploads = _UploadBytes(config.max_concurrent_fits * config.max_fit_bytes)
 

@@ -29,8 +29,10 @@ class CompressionServiceStub:
     """Fits, stores and applies embedding codecs (an optional reducer plus one quantizer).
     Errors: INVALID_ARGUMENT for bad specs, shapes, dtypes, NaN/inf or empty inputs;
     NOT_FOUND for unknown codec ids; FAILED_PRECONDITION for a stored artifact that fails
-    its checks; RESOURCE_EXHAUSTED for requests over the configured limits;
-    UNAUTHENTICATED without a valid bearer token when auth is on.
+    its checks; RESOURCE_EXHAUSTED for requests over the configured limits (or when all
+    of the server's call slots are busy); DEADLINE_EXCEEDED for a stream whose client sent
+    no message for the server's idle limit; UNAUTHENTICATED without a valid bearer token
+    when auth is on.
     """
 
     def __init__(self, channel):
@@ -105,8 +107,10 @@ class CompressionServiceServicer:
     """Fits, stores and applies embedding codecs (an optional reducer plus one quantizer).
     Errors: INVALID_ARGUMENT for bad specs, shapes, dtypes, NaN/inf or empty inputs;
     NOT_FOUND for unknown codec ids; FAILED_PRECONDITION for a stored artifact that fails
-    its checks; RESOURCE_EXHAUSTED for requests over the configured limits;
-    UNAUTHENTICATED without a valid bearer token when auth is on.
+    its checks; RESOURCE_EXHAUSTED for requests over the configured limits (or when all
+    of the server's call slots are busy); DEADLINE_EXCEEDED for a stream whose client sent
+    no message for the server's idle limit; UNAUTHENTICATED without a valid bearer token
+    when auth is on.
     """
 
     def FitCodec(self, request_iterator, context):
@@ -269,8 +273,10 @@ class CompressionService:
     """Fits, stores and applies embedding codecs (an optional reducer plus one quantizer).
     Errors: INVALID_ARGUMENT for bad specs, shapes, dtypes, NaN/inf or empty inputs;
     NOT_FOUND for unknown codec ids; FAILED_PRECONDITION for a stored artifact that fails
-    its checks; RESOURCE_EXHAUSTED for requests over the configured limits;
-    UNAUTHENTICATED without a valid bearer token when auth is on.
+    its checks; RESOURCE_EXHAUSTED for requests over the configured limits (or when all
+    of the server's call slots are busy); DEADLINE_EXCEEDED for a stream whose client sent
+    no message for the server's idle limit; UNAUTHENTICATED without a valid bearer token
+    when auth is on.
     """
 
     @staticmethod

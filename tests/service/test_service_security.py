@@ -18,6 +18,7 @@ from embcomp.codec import Codec
 from embcomp.service.config import MiB
 from embcomp.service.convert import array_to_codes, array_to_matrix
 from embcomp.v1 import compression_service_pb2 as pb
+from embcomp.v1 import compression_service_pb2_grpc as pb_grpc
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -134,6 +135,50 @@ def test_a_stalled_upload_holds_no_fit_slot(tmp_path, sample):
             release.set()
             for thread in uploads:
                 thread.join()
+
+
+def test_idle_streams_neither_lock_out_health_checks_nor_hold_their_slots(tmp_path, sample):
+    """Once, 16 streams that sent a header and then nothing held all 16 threads: every
+    other call, health checks included, hung."""
+    with running_server(tmp_path / "s", max_workers=2, stream_idle_seconds=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        release = threading.Event()
+
+        def stalled_fit():
+            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+            release.wait(30)
+
+        def stalled_encode():
+            release.wait(30)  # not even a first message
+            yield from ()
+
+        with grpc.insecure_channel(target) as channel, CompressionClient(target) as client:
+            stub = pb_grpc.CompressionServiceStub(channel)
+            started = time.monotonic()
+            streams = [stub.FitCodec.future(stalled_fit())]
+            encode_stream = stub.EncodeStream(stalled_encode())
+            streams.append(encode_stream)
+            time.sleep(0.3)  # both streams now hold the two call slots
+            try:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                code, details = _code(lambda: client.list())
+                assert code == EXHAUSTED and "all 2 of this server's call slots are busy" in details
+                assert time.monotonic() - started < 0.9  # answered at once, not queued
+                for outcome in (lambda: streams[0].result(timeout=10), lambda: list(encode_stream)):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        outcome()
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    assert "arrived for 1 s" in caught.value.details()
+                    assert "EMBCOMP_STREAM_IDLE_SECONDS" in caught.value.details()
+                assert client.list() == []  # the slots are free again
+            finally:
+                release.set()
+        deadline = time.monotonic() + 5
+        while any("reader" in t.name for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "a stream's reader thread outlived its call"
+            time.sleep(0.05)
 
 
 def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
