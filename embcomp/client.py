@@ -143,6 +143,24 @@ def _channel_credentials(tls: Any) -> grpc.ChannelCredentials:
     )
 
 
+def _option_json(name: str, value: Any) -> str:
+    """A training option as the JSON text FitCodecHeader carries; numpy scalars and
+    arrays count as the Python numbers and lists they hold."""
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, (np.generic, np.ndarray)):
+            return item.tolist()
+        raise TypeError(f"{type(item).__name__} is not a JSON value")
+
+    try:
+        return json.dumps(value, default=plain)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"option {name}={value!r} cannot be sent: {exc}; pass numbers, strings, "
+            "booleans, None or lists of them"
+        ) from None
+
+
 def _writable(array: np.ndarray) -> np.ndarray:
     return array.copy()  # frombuffer views of response bytes are read-only
 
@@ -251,7 +269,7 @@ class CompressionClient:
             check_float32_range(train, name="training vectors")
         header = pb.FitCodecHeader(
             spec=spec,
-            options={key: json.dumps(value) for key, value in options.items()},
+            options={key: _option_json(key, value) for key, value in options.items()},
             rows=train.shape[0],  # so the server can tell a cut stream from a complete one
         )
         step = self._rows_per_message(4 * train.shape[1])

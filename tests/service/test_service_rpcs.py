@@ -10,6 +10,7 @@ import pytest
 from matching import assert_codes_match, assert_vectors_match
 
 import embcomp
+from embcomp import InputError
 from embcomp.artifacts import codec_id
 from embcomp.cli import main as cli_main
 from embcomp.client import CompressionClient
@@ -311,6 +312,16 @@ def test_client_empty_and_out_of_range_inputs_behave_like_the_library(fitted, cl
     huge[2, 5] = 1e300
     with pytest.raises(embcomp.InputError, match="vectors row 2 holds 1e\\+300, beyond float32"):
         client.encode(info.id, huge)
+
+
+def test_client_sends_numpy_option_values_as_the_numbers_they_hold(client, sample):
+    """Once, seed=np.int64(3) raised a bare TypeError from json.dumps."""
+    train = sample[0][:300]
+    info = client.fit("rot,int8", train, seed=np.int64(3), percentile=np.float32(99.5))
+    assert info.options["seed"] == 3 and info.options["percentile"] == 99.5
+    assert info == client.fit("rot,int8", train, seed=3, percentile=99.5)
+    with pytest.raises(InputError, match="option seed=.* cannot be sent: object is not a JSON"):
+        client.fit("int8", train, seed=object())
 
 
 def test_client_projects_many_queries_and_refuses_overflow_up_front(fitted, server, sample):
