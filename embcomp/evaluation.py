@@ -270,9 +270,15 @@ def recall_at_k(
         for r0 in range(0, found.shape[0], step):
             rows = slice(r0, r0 + step)
             hits[rows] |= _ties(found[rows], true[rows], base, q[rows], metric, eps)
-    # Duplicate ids in a result list must not count twice.
-    unique_hits = [len(set(row[mask].tolist())) for row, mask in zip(found, hits, strict=True)]
-    return float(np.mean(np.minimum(unique_hits, k)) / k) if len(unique_hits) else 0.0
+    if found.shape[0] == 0:
+        return 0.0
+    # Duplicate ids in a result list must not count twice (copies of an id are all hits
+    # or all misses): count the first of each run of equal ids in each sorted row.
+    order = np.argsort(found, axis=1, kind="stable")
+    ids, hits = np.take_along_axis(found, order, axis=1), np.take_along_axis(hits, order, axis=1)
+    first = np.ones(ids.shape, dtype=bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return float(np.mean((hits & first).sum(axis=1)) / k)
 
 
 def load_qrels(path: str | PathLike[str]) -> dict[int, dict[int, float]]:

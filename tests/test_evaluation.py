@@ -224,3 +224,15 @@ def test_recall_with_a_large_k_needs_no_k_squared_memory():
         tracemalloc.stop()
     assert got == pytest.approx(expected)
     assert peak < 64 << 20  # the (m, k, k) comparison took 1 GiB
+
+
+def test_recall_counts_each_found_id_once_like_a_set_intersection():
+    rng = np.random.default_rng(11)
+    for _ in range(300):  # duplicates, -1 padding, more found columns than k
+        m, k = int(rng.integers(0, 20)), int(rng.integers(1, 12))
+        n = int(rng.integers(k, 40))
+        true = np.array([rng.permutation(n)[:k] for _ in range(m)]).reshape(m, k)
+        found = rng.integers(-1, n, (m, k + int(rng.integers(0, 3))))
+        pairs = zip(found[:, :k].tolist(), true.tolist(), strict=True)
+        expected = np.mean([len(set(f) & set(t)) / k for f, t in pairs]) if m else 0.0
+        assert recall_at_k(found, true, k) == pytest.approx(expected, abs=1e-12)
