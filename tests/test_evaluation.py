@@ -231,7 +231,7 @@ def test_recall_counts_each_found_id_once_like_a_set_intersection():
     for _ in range(300):  # duplicates, -1 padding, more found columns than k
         m, k = int(rng.integers(0, 20)), int(rng.integers(1, 12))
         n = int(rng.integers(k, 40))
-        true = np.array([rng.permutation(n)[:k] for _ in range(m)]).reshape(m, k)
+        true = np.array([rng.permutation(n)[:k] for _ in range(m)], dtype=np.int64).reshape(m, k)
         found = rng.integers(-1, n, (m, k + int(rng.integers(0, 3))))
         pairs = zip(found[:, :k].tolist(), true.tolist(), strict=True)
         expected = np.mean([len(set(f) & set(t)) / k for f, t in pairs]) if m else 0.0
