@@ -27,6 +27,7 @@ _Q_BLOCK = 256
 _B_BLOCK = 65536
 _GATHER_FLOATS = 1 << 22  # recall_at_k scores ties on this many gathered floats at a time
 _CENTRE_ROWS = 4096  # base rows whose mean L2 searches measure from (see l2_centre)
+_FAR = 1024.0  # ... when its squared norm is over this many times their spread
 METRICS = ("ip", "l2", "cos")
 
 
@@ -49,17 +50,29 @@ def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
 
 
 def l2_centre(rows: Any) -> np.ndarray:
-    """A point to measure squared L2 distances from: the mean of ``rows`` (float64 sum),
-    as float32; zeros where it is not finite.
+    """A point to measure squared L2 distances from: the mean of ``rows`` (float64 sum,
+    as float32) where they sit far from the origin next to their spread, else 0.
 
-    :func:`_scores` computes ``|q - x|^2`` as ``|q|^2 + |x|^2 - 2 q.x``, which loses
-    every digit in float32 when the vectors sit far from the origin next to their
-    spread (at offset/spread 1e3, recall@10 0.05 and negative distances). Translating
-    queries and base by the same point changes no distance and brings them near 0.
+    :func:`_scores` computes ``|q - x|^2`` as ``|q|^2 + |x|^2 - 2 q.x``, whose rounding
+    error grows with ``|q|^2 + |x|^2`` while the distances grow with the spread: far
+    from the origin it loses every digit in float32 (at offset/spread 1e3, recall@10
+    0.05 and negative distances). Translating queries and base by the same point changes
+    no distance and brings them near 0. It is done only where the squared offset is
+    over ``_FAR`` times the spread (more than 10 of float32's 24 bits lost): nearer,
+    it would gain little and lose exact ties (small integers, for one, score exactly
+    about 0 but not about a fractional mean). The mean is rounded to 12 significant
+    bits, which leaves it as near the data and keeps integers (and other power-of-two
+    grids) integers after the translation: their distances stay exact.
     """
+    rows = np.asarray(rows)
     with np.errstate(over="ignore", invalid="ignore"):
-        centre = np.asarray(rows).mean(axis=0, dtype=np.float64)
-    return np.where(np.isfinite(centre), centre, 0.0).astype(np.float32)
+        centre = rows.mean(axis=0, dtype=np.float64)
+        spread = np.mean(np.sum((rows - centre) ** 2, axis=1)) if rows.size else 0.0
+        far = bool(np.isfinite(centre).all() and centre @ centre > _FAR * spread)
+    if not far:
+        return np.zeros(rows.shape[-1], dtype=np.float32)
+    fraction, exponent = np.frexp(centre)
+    return np.ldexp(np.round(fraction * 4096) / 4096, exponent).astype(np.float32)
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -236,3 +236,16 @@ def test_recall_counts_each_found_id_once_like_a_set_intersection():
         pairs = zip(found[:, :k].tolist(), true.tolist(), strict=True)
         expected = np.mean([len(set(f) & set(t)) / k for f, t in pairs]) if m else 0.0
         assert recall_at_k(found, true, k) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0, 1e6])
+def test_l2_ties_on_an_integer_grid_stay_exact_near_and_far_from_the_origin(offset):
+    # Measured from a fractional mean, equal distances between integer vectors would
+    # round apart and break "ties go to the lower id"; the centre keeps them integers.
+    rng = np.random.default_rng(2)
+    base = (offset + rng.integers(0, 3, (500, 4))).astype(np.float32)
+    queries = (offset + rng.integers(0, 3, (20, 4))).astype(np.float32)
+    ids, distances = exact_knn(base, queries, 10, metric="l2")
+    np.testing.assert_array_equal(ids, brute_force(base, queries, 10, "l2"))
+    exact = ((queries[:, None].astype(np.float64) - base[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(distances, np.take_along_axis(exact, ids, axis=1))
