@@ -322,6 +322,10 @@ class FaissMethod(Method):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
+        if self.index is not None:
+            training = faiss_training(self.index)
+            if training:
+                out["training"] = training
         if self.index is not None and "RaBitQ" in self.ref:
             inner = _innermost(self.index)
             out["rabitq"] = {
@@ -339,6 +343,27 @@ def _innermost(index: Any) -> Any:
     while isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
     return index
+
+
+def faiss_training(index: Any) -> dict[str, Any]:
+    """The k-means settings ``index`` was (or will be) trained with, read from the index
+    itself: ``pq_kmeans_niter`` (PQ codebooks), ``opq_niter`` (OPQ alternations) and
+    ``polysemous_training``; empty for indexes without PQ or OPQ."""
+    import faiss
+
+    out: dict[str, Any] = {}
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        chain: Any = index.chain
+        for i in range(chain.size()):
+            transform = faiss.downcast_VectorTransform(chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                out["opq_niter"] = int(transform.niter)
+        out.update(faiss_training(index.index))
+    elif isinstance(index, faiss.IndexPQ):
+        out["pq_kmeans_niter"] = int(index.pq.cp.niter)
+        out["polysemous_training"] = bool(index.do_polysemous_training)  # type: ignore[attr-defined]
+    return out
 
 
 def _no_polysemous_training(index: Any) -> None:

@@ -203,6 +203,18 @@ def test_shared_reducer_fit_gives_the_codec_a_fresh_fit_gives():
     np.testing.assert_array_equal(second.codec.reducer.components_, fresh.codec.reducer.components_)
 
 
+def test_default_sweep_trains_faiss_at_its_defaults():
+    from bench.run import load_sweep
+
+    config = load_sweep(REPO / "bench" / "sweeps" / "default.yaml")
+    options = config.options.get("faiss") or {}
+    assert "kmeans_niter" not in options
+    method = methods.make_method("faiss:OPQ48,PQ48", options)
+    method.index = method.build(384)
+    training = method.describe()["training"]
+    assert training == {"opq_niter": 50, "pq_kmeans_niter": 25, "polysemous_training": False}
+
+
 def test_faiss_search_only_codecs_search_their_own_codes():
     X = unit_rows(500, 32, 7)
     for name in ("faiss:LSH", "faiss:RaBitQ"):
