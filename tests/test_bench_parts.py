@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import embcomp
 from bench import datasets as ds
 from bench import methods
 from bench.__main__ import main as bench_main
@@ -201,6 +202,46 @@ def test_shared_reducer_fit_gives_the_codec_a_fresh_fit_gives():
     fresh.codec.fit(X)
     np.testing.assert_array_equal(second.encode(X), fresh.codec.encode(X))
     np.testing.assert_array_equal(second.codec.reducer.components_, fresh.codec.reducer.components_)
+
+
+def test_reused_reducer_counts_only_the_reducers_own_fit_time(monkeypatch):
+    # The quantizer's fit is made slow: it must count once, in the codec that ran it,
+    # never in the reducer time a later codec reuses (it was: all of the first fit).
+    import time
+
+    from embcomp.quantizers import IntQuantizer
+
+    monkeypatch.setattr(methods.EmbcompMethod, "_reducer_cache", {})
+    real_fit = IntQuantizer.fit
+
+    def slow_fit(self, X):
+        time.sleep(0.3)
+        return real_fit(self, X)
+
+    monkeypatch.setattr(IntQuantizer, "fit", slow_fit)
+    X = unit_rows(400, 24, 16)
+    first = methods.make_method("embcomp:pca12,int8")
+    first.fit(X)
+    assert not first.reducer_cached and first.fit_s >= 0.3 > first.reducer_fit_s
+    second = methods.make_method("embcomp:pca12,fp8")
+    second.fit(X)
+    assert second.reducer_cached and second.reducer_fit_s == first.reducer_fit_s
+    assert first.reducer_fit_s <= second.fit_s < 0.3
+
+
+def test_codec_with_a_reused_reducer_is_an_ordinary_codec(monkeypatch):
+    # It refits every stage (a patched no-op reducer.fit used to survive into the codec,
+    # so refitting kept the old PCA).
+    monkeypatch.setattr(methods.EmbcompMethod, "_reducer_cache", {})
+    X, Y = unit_rows(400, 24, 17), 3 + 2 * unit_rows(400, 24, 18)[:, ::-1].copy()
+    methods.make_method("embcomp:pca12,int8").fit(X)
+    reused = methods.make_method("embcomp:pca12,fp16")
+    reused.fit(X)
+    assert reused.reducer_cached and "fit" not in vars(reused.codec.reducer)
+    reused.codec.fit(Y)
+    fresh = embcomp.make_codec("pca12,fp16").fit(Y)
+    np.testing.assert_array_equal(reused.codec.reducer.mean_, fresh.reducer.mean_)
+    np.testing.assert_array_equal(reused.codec.encode(Y), fresh.encode(Y))
 
 
 def test_default_sweep_trains_faiss_at_its_defaults():
