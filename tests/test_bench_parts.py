@@ -491,3 +491,19 @@ def test_harness_argument_mistakes_stop_before_any_work(tmp_path, capsys):
         embcomp_main(["recommend", "--data", str(tmp_path / "few.npy"), "--budget-bytes", "8"]) == 2
     )
     assert "at least 11 vectors" in capsys.readouterr().err
+
+
+def test_frontier_measures_embcomp_at_rabitqs_real_code_sizes():
+    # RaBitQ's sizes were computed 8x too small (14/20/32 B at d=384), so no embcomp
+    # codec was ever measured at the sizes FAISS's RaBitQ really takes.
+    from bench import frontier
+
+    assert frontier.rabitq_code_sizes(384) == [56, 116, 212]
+    assert frontier.rabitq_code_sizes(768) == [104, 212, 404]
+    X = unit_rows(300, 64, 19)
+    for bits, size in zip((1, 2, 4), frontier.rabitq_code_sizes(64), strict=True):
+        method = methods.make_method("faiss:RaBitQ" + ("" if bits == 1 else str(bits)))
+        method.fit(X)
+        assert method.encode(X[:3]).shape == (3, size)
+    names = frontier.headline_methods(384, quick=False)
+    assert {"embcomp:pca,alloc56", "embcomp:pca,alloc116", "embcomp:pca,alloc212"} <= set(names)
