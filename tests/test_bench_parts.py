@@ -95,6 +95,28 @@ def test_matrix_file_holds_out_queries_and_the_truth_is_cached(tmp_path, monkeyp
     np.testing.assert_array_equal(ds.ground_truth(again, 10, tmp_path / "gt"), gt)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_ground_truth_spot_check_scores_the_base_in_blocks(metric):
+    # It made a float64 copy of the whole base (2x its bytes; 7.7 GB for 1M x 960).
+    import tracemalloc
+
+    from embcomp.evaluation import exact_knn
+
+    base, queries = unit_rows(20_000, 64, 20), unit_rows(8, 64, 21)
+    ids, _ = exact_knn(base, queries, 3, metric=metric)
+    dataset = ds.Dataset("spot", base, queries, metric, gt=ids)
+    tracemalloc.start()
+    try:
+        ds._spot_check_ground_truth(dataset)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < base.nbytes / 2
+    wrong = ds.Dataset("spot", base, queries, metric, gt=ids[:, ::-1].copy())
+    with pytest.raises(InputError, match="ground truth row 0 names base row"):
+        ds._spot_check_ground_truth(wrong)
+
+
 def test_ann_benchmarks_hdf5(tmp_path):
     import h5py
 
