@@ -165,7 +165,9 @@ def load_dataset(
     ----------
     ref : registry name, shared-layout folder, ``.hdf5``/``.h5``, ``.npy`` or ``.fvecs``.
     queries : optional query file (``.npy``/``.fvecs``) for a single-matrix ``ref``.
-    qrels : optional ``query<TAB>doc[<TAB>grade]`` file (rows index the queries/base).
+    qrels : optional ``query<TAB>doc[<TAB>grade]`` file (rows index the queries/base);
+        with a single-matrix ``ref`` only together with ``queries`` (held-out queries
+        renumber the rows the labels name).
     n_queries : rows held out as queries when a single matrix comes without queries
         (default ``min(1000, n // 10)``).
     seed : seeds that hold-out.
@@ -173,10 +175,24 @@ def load_dataset(
     Raises
     ------
     InputError
-        Unknown name, missing file, unsupported type, mismatched widths.
+        Unknown name, missing file, unsupported type, mismatched widths, ``qrels`` for
+        a single matrix without ``queries``.
     """
     text = os.fspath(ref)
     registry = list_datasets()
+    if (
+        qrels is not None
+        and queries is None
+        and text not in registry
+        and Path(text).suffix.lower() in _VECTOR_SUFFIXES
+    ):
+        # Held-out queries are random rows taken out of the base, which renumbers both:
+        # labels written for the file's rows would point at the wrong documents.
+        raise InputError(
+            f"--qrels with a single matrix {text!r} needs --queries: without it, queries are "
+            "rows held out of the base and both are renumbered, so the labels would name "
+            "the wrong rows; pass the query file the qrels were written for"
+        )
     if text in registry:
         if text == SAMPLE_NAME:
             dataset = _load_sample()

@@ -95,6 +95,23 @@ def test_matrix_file_holds_out_queries_and_the_truth_is_cached(tmp_path, monkeyp
     np.testing.assert_array_equal(ds.ground_truth(again, 10, tmp_path / "gt"), gt)
 
 
+def test_qrels_for_a_single_matrix_need_its_query_file(tmp_path, capsys):
+    # Held-out queries renumber base and queries; the labels used to be applied as is.
+    np.save(tmp_path / "docs.npy", unit_rows(200, 8, 22))
+    np.save(tmp_path / "queries.npy", unit_rows(5, 8, 23))
+    (tmp_path / "qrels.tsv").write_text("0\t3\n")
+    with pytest.raises(InputError, match="needs --queries"):
+        ds.load_dataset(tmp_path / "docs.npy", qrels=tmp_path / "qrels.tsv")
+    data = ds.load_dataset(
+        tmp_path / "docs.npy", queries=tmp_path / "queries.npy", qrels=tmp_path / "qrels.tsv"
+    )
+    assert data.qrels == {0: {3: 1.0}} and data.n_base == 200
+    argv = ["recommend", "--data", str(tmp_path / "docs.npy"), "--qrels"]
+    assert embcomp_main([*argv, str(tmp_path / "qrels.tsv"), "--min-recall", "0.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs --queries" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_ground_truth_spot_check_scores_the_base_in_blocks(metric):
     # It made a float64 copy of the whole base (2x its bytes; 7.7 GB for 1M x 960).
