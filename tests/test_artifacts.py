@@ -117,6 +117,62 @@ def test_manifest_contents(blob, tmp_path):
     assert all(len(a["sha256"]) == 64 for a in manifest["arrays"])
 
 
+def _array_names(blob: bytes) -> set[str]:
+    _, _, length, _ = struct.unpack_from("<8sII32s", blob)
+    return {entry["name"] for entry in json.loads(blob[48 : 48 + length])["arrays"]}
+
+
+@pytest.mark.parametrize("spec", ["rot,int8", "pca,int8", "pca8,fp8", "l2norm,pca16,bin"])
+def test_an_inverse_equal_to_the_forward_matrix_is_stored_once(rng_data, spec):
+    """rot and pca without whitening map back with their forward matrix; format 1 wrote
+    it twice, so a rot,int8 codec for 3072 dims (75 MB) was over the service's 64 MiB."""
+    codec = make_codec(spec, seed=3).fit(rng_data)
+    blob = codec_to_bytes(codec)
+    assert "reducer/components_" in _array_names(blob)
+    assert "reducer/inverse_components_" not in _array_names(blob)
+    matrix = codec.reducer.components_.nbytes
+    assert len(blob) < 1.5 * matrix + 8192
+    loaded = codec_from_bytes(blob)
+    assert loaded.reducer.inverse_components_ is loaded.reducer.components_  # held once
+    probe = rng_data[:40]
+    codes = codec.encode(probe)
+    np.testing.assert_array_equal(loaded.encode(probe), codes)
+    bits = codec.decode(codes).view(np.uint32)
+    np.testing.assert_array_equal(loaded.decode(codes).view(np.uint32), bits)
+    np.testing.assert_array_equal(
+        loaded.project_queries(probe).view(np.uint32), codec.project_queries(probe).view(np.uint32)
+    )
+    assert codec_to_bytes(loaded) == blob
+
+
+def test_a_whitened_or_mpad_inverse_is_still_stored(rng_data):
+    for spec, options in (("pca8,int8", {"whiten": True}), ("mpad8,int8", {})):
+        blob = codec_to_bytes(make_codec(spec, **options).fit(rng_data))
+        assert "reducer/inverse_components_" in _array_names(blob)
+
+
+def test_format_1_needs_every_array_and_resaves_to_the_same_codes():
+    """Only format 2 may leave the inverse out: a format-1 header on such a file is a
+    damaged file. A format-1 rot codec re-saved in format 2 computes the same bits."""
+    path = DATA / "golden_v1_rot-int8.codec"
+    old = load_codec(path)
+    assert "reducer/inverse_components_" in _array_names(path.read_bytes())
+    assert old.reducer.inverse_components_ is old.reducer.components_  # equal: held once
+    blob = codec_to_bytes(old)
+    assert "reducer/inverse_components_" not in _array_names(blob)
+    again = codec_from_bytes(blob)
+    probe = np.load(DATA / "golden_v1_input.npy")
+    codes = np.load(DATA / "golden_v1_rot-int8.codes.npy")
+    np.testing.assert_array_equal(again.encode(probe), old.encode(probe))
+    np.testing.assert_array_equal(
+        again.decode(codes).view(np.uint32), old.decode(codes).view(np.uint32)
+    )
+    labelled_v1 = bytearray(blob)
+    struct.pack_into("<I", labelled_v1, 8, 1)
+    with pytest.raises(ArtifactError, match="missing \\['inverse_components_'\\]"):
+        codec_from_bytes(bytes(labelled_v1))
+
+
 def test_truncated(blob):
     for cut in (3, 40, len(blob) // 2, len(blob) - 1):
         with pytest.raises(ArtifactError, match="truncated|checksum"):

@@ -114,7 +114,10 @@ class LinearReducer(FittedStage):
         # Queries meet reduced decodes through the inverse's transpose (see
         # Codec.project_queries), padded the same way.
         assert self.inverse_components_ is not None
-        self._query_projection = padded_columns(self.inverse_components_.T)
+        if self.inverse_components_ is self.components_:  # rot, pca: one matrix held once
+            self._query_projection = self._projection
+        else:
+            self._query_projection = padded_columns(self.inverse_components_.T)
         self._inverse = padded_columns(self.inverse_components_)  # decode: (k, d_in) padded
         # (X - mean) @ P  ==  X @ P - mean @ P: no centered copy of X.
         unpadded = self._projection[:, :k].astype(np.float64)

@@ -163,9 +163,13 @@ def test_loaded_bytes_counts_state_and_derived_arrays_once(sample):
         embcomp.codec_to_bytes(embcomp.make_codec("rot,int8").fit(sample[0][:400]))
     )
     matrix = 384 * 384 * 4
-    # components_, inverse_components_ and three derived projections: five 384 x 384
-    # float32 matrices, then the per-dimension vectors
-    assert 5 * matrix < loaded_bytes(codec) < 5 * matrix + 64 * 384
+    # components_ (also the inverse: a rotation's), its padded projection (also the
+    # queries') and the padded inverse: three 384 x 384 float32 matrices, then the
+    # per-dimension vectors
+    assert 3 * matrix < loaded_bytes(codec) < 3 * matrix + 64 * 384
+    whitened = embcomp.make_codec("pca,int8", whiten=True).fit(sample[0][:400])
+    # a distinct inverse: both matrices and the three projections
+    assert 5 * matrix < loaded_bytes(embcomp.codec_from_bytes(embcomp.codec_to_bytes(whitened)))
     int8 = embcomp.make_codec("int8").fit(sample[0][:400])
     assert loaded_bytes(int8) < 16 * 384
 
