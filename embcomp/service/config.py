@@ -34,7 +34,9 @@ class ServiceConfig(BaseSettings):
     max_message_bytes : largest gRPC message accepted or sent (gRPC's own default is 4 MiB).
     max_rows_per_request : most vectors or codes in one request or stream message.
     max_fit_bytes : most training data one FitCodec may send, counted as float32 bytes;
-        also the largest (d, d) float64 matrix a fit may build (pca, rot, mpad init=pca).
+        also the largest (d, d) float64 matrix a fit may build (pca, rot, mpad init=pca)
+        and the largest artifact it may make. An artifact over the message limit is
+        stored and used, but ExportCodec cannot return it.
     max_concurrent_fits : fits running at once; one more gets RESOURCE_EXHAUSTED. A fit
         takes its slot once its training data has arrived (a stalled upload holds none);
         uploads in progress hold at most ``max_concurrent_fits * max_fit_bytes`` in all.
@@ -113,8 +115,19 @@ class ServiceConfig(BaseSettings):
 
     @property
     def max_artifact_bytes(self) -> int:
-        """Largest codec artifact the server stores: what ExportCodec can still return."""
+        """Largest codec artifact a message carries: what ExportCodec can return (and
+        ImportCodec receive)."""
         return self.max_message_bytes - ENVELOPE_BYTES
+
+    @property
+    def max_stored_artifact_bytes(self) -> int:
+        """Largest codec artifact the store keeps: what a fit may build, or an import send.
+
+        A fit's artifact may be over the message limit (``rot`` or full ``pca`` on
+        4096-dim vectors: 64 MiB and a few KiB): the codec encodes and decodes; only
+        ExportCodec refuses it, saying to raise the limit or copy the store's file.
+        """
+        return max(self.max_fit_bytes, self.max_artifact_bytes)
 
     @property
     def address(self) -> str:

@@ -121,7 +121,7 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
         config.store,
         cache_size=config.cache_size,
         cache_bytes=config.cache_bytes,
-        max_artifact_bytes=config.max_artifact_bytes,
+        max_artifact_bytes=config.max_stored_artifact_bytes,
     )
     metrics = ServiceMetrics()
     token = config.token()

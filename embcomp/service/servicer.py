@@ -128,17 +128,20 @@ def _fit_footprint(codec: Codec, d_in: int) -> tuple[int, int]:
     """What fitting ``codec`` on ``d_in``-wide vectors costs whatever the rows, in bytes:
     ``(artifact, matrix)``.
 
-    ``artifact`` is a lower bound on the artifact's size: a reducer stores two float32
-    (d_out, d_in) matrices, forward and inverse (``rot`` and full ``pca`` grow with
-    d_in**2); a quantizer at least one float32 per dimension. ``matrix`` is the float64
+    ``artifact`` is a lower bound on the artifact's size: a reducer stores its float32
+    (d_out, d_in) forward matrix, its inverse too unless that is the same matrix (``rot``
+    and ``pca`` without whitening; see :mod:`embcomp.artifacts`), and its float32 mean;
+    a quantizer at least one float32 per dimension. ``matrix`` is the float64
     (d_in, d_in) matrix the fit builds: the covariance of ``pca`` (whatever its d_out)
     and of ``mpad`` started from PCA, the random draw of ``rot``; 0 for other specs.
     """
-    reducer, d_out = codec.spec.reducer, min(codec.spec.d_out(d_in), d_in)
-    artifact = 4 * d_out + (8 * d_out * d_in if reducer is not None else 0)
-    square = reducer is not None and (
-        reducer.name in ("pca", "rot") or codec.options.get("init") == "pca"
-    )
+    reducer, d_out = codec.reducer, min(codec.spec.d_out(d_in), d_in)
+    artifact = 4 * d_out
+    if reducer is not None:
+        matrices = 1 if reducer.has_orthonormal_rows else 2
+        artifact += matrices * 4 * d_out * d_in + 4 * d_in
+    name = codec.spec.reducer.name if codec.spec.reducer is not None else None
+    square = name in ("pca", "rot") or (name is not None and codec.options.get("init") == "pca")
     return artifact, 8 * d_in * d_in if square else 0
 
 
@@ -270,12 +273,11 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
                 f"{self.config.max_fit_bytes} bytes per fit (EMBCOMP_MAX_FIT_BYTES); reduce "
                 "the width first or use a spec without pca/rot"
             )
-        if artifact > self.config.max_artifact_bytes:
+        if artifact > self.config.max_fit_bytes:
             raise LimitExceededError(
                 f"a {codec.spec} codec for {d_in}-dim vectors would be at least {artifact} "
-                f"bytes, over the {self.config.max_artifact_bytes} this server can store and "
-                "return (EMBCOMP_MAX_MESSAGE_BYTES less 1 KiB); use fewer dims or a smaller "
-                "reducer"
+                f"bytes, over this server's limit of {self.config.max_fit_bytes} bytes per fit "
+                "(EMBCOMP_MAX_FIT_BYTES); use fewer dims or a smaller reducer"
             )
 
     def _take_fit_slot(self) -> None:

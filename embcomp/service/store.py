@@ -244,8 +244,9 @@ class CodecStore:
         if self.max_artifact_bytes is not None and len(blob) > self.max_artifact_bytes:
             raise LimitExceededError(
                 f"the {codec.spec} codec's artifact is {len(blob)} bytes, over the "
-                f"{self.max_artifact_bytes} this server can return (EMBCOMP_MAX_MESSAGE_BYTES "
-                "less 1 KiB for the message framing); nothing stored"
+                f"{self.max_artifact_bytes} this store keeps per codec (a server sets it to "
+                "EMBCOMP_MAX_FIT_BYTES, or to what a message can carry if that is more); "
+                "nothing stored"
             )
         fresh = StoredCodec.describe(codec, blob, datetime.now(timezone.utc))
         with self._write_lock:

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import running_server, store_snapshot
 
+from embcomp.artifacts import codec_to_bytes
 from embcomp.client import CompressionClient, ServiceError
 from embcomp.codec import Codec
 from embcomp.service.config import MiB
@@ -228,7 +229,8 @@ def test_evaluation_and_export_limits(tmp_path, sample):
     base = sample[0]
     store = tmp_path / "s"
     with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
-        info = client.fit("pca,int8", base[:500])  # 384 x 384 float32, twice: > 1 MiB
+        # whitened: a forward and an inverse 384 x 384 float32 matrix, > 1 MiB
+        info = client.fit("pca,int8", base[:500], whiten=True)
     # the same store served with a 1 MiB message limit, which that codec is over
     settings = {"max_eval_pairs": 4400, "max_eval_k": 50, "max_message_bytes": MiB}
     with running_server(store, **settings) as srv:
@@ -253,25 +255,23 @@ def test_evaluation_and_export_limits(tmp_path, sample):
 
 
 def test_a_fit_too_big_for_its_width_is_refused_before_the_work(tmp_path):
-    """A 48 KB upload of 3 x 4096 made rot,int8 spend 9 s of CPU and 700 MB on a 128 MiB
-    artifact that ExportCodec then could not return."""
+    """A 196 KB upload of 3 x 16384 would make rot build a 2 GiB float64 draw."""
     narrow = np.random.default_rng(3).standard_normal((3, 600)).astype(np.float32)
-    wide = np.random.default_rng(3).standard_normal((3, 4096)).astype(np.float32)
+    widest = np.random.default_rng(3).standard_normal((3, 16384)).astype(np.float32)
     store = tmp_path / "s"
     with running_server(store) as srv, CompressionClient(f"127.0.0.1:{srv.port}") as client:
         started = time.perf_counter()
-        code, details = _code(lambda: client.fit("rot,int8", wide))
+        code, details = _code(lambda: client.fit("rot,int8", widest))
         assert time.perf_counter() - started < 2
         assert code == EXHAUSTED
-        assert "rot,int8 codec for 4096-dim vectors would be at least 134234112 bytes" in details
-        assert f"over the {64 * MiB - 1024} this server can store and return" in details
-        info = client.fit("rot,int8", narrow)  # 2.9 MB: fine
+        assert "builds a 16384 x 16384 float64 matrix (2147483648 bytes)" in details
+        info = client.fit("rot,int8", narrow)  # 1.4 MB: fine
         assert client.export_codec(info.id)
     settings = {"max_dims": 1000, "max_fit_bytes": 2 * MiB, "max_message_bytes": MiB}
     with running_server(store, **settings) as srv:
         with CompressionClient(f"127.0.0.1:{srv.port}", message_bytes=MiB) as client:
             before = store_snapshot(store)
-            code, details = _code(lambda: client.fit("int8", wide[:, :1001]))
+            code, details = _code(lambda: client.fit("int8", widest[:, :1001]))
             assert code == EXHAUSTED
             assert "1001-dim vectors, over this server's limit of 1000 dims" in details
             assert "EMBCOMP_MAX_DIMS" in details
@@ -280,14 +280,77 @@ def test_a_fit_too_big_for_its_width_is_refused_before_the_work(tmp_path):
             assert code == EXHAUSTED
             assert "builds a 600 x 600 float64 matrix (2880000 bytes)" in details
             assert "EMBCOMP_MAX_FIT_BYTES" in details
-            # rot on 384 dims: its 384 x 384 float64 draw fits 2 MiB, its artifact not 1 MiB
-            code, details = _code(lambda: client.fit("rot,fp8", narrow[:, :384]))
-            assert code == EXHAUSTED and "would be at least 1181184 bytes" in details
-            wide_codec = Codec("int8").fit(wide[:, :1001])
+            # mpad builds no square matrix, but keeps two 300 x 1000 float32 ones: 2.4 MB
+            code, details = _code(lambda: client.fit("mpad300,int8", widest[:, :1000]))
+            assert code == EXHAUSTED and "would be at least 2405200 bytes" in details
+            assert "2097152 bytes per fit (EMBCOMP_MAX_FIT_BYTES)" in details
+            wide_codec = Codec("int8").fit(widest[:, :1001])
             code, details = _code(lambda: client.import_codec(wide_codec))
             assert code == EXHAUSTED and "takes 1001-dim vectors" in details
             assert store_snapshot(store) == before
             assert client.fit("pca8,int8", narrow[:, :256]).d_in == 256
+
+
+@pytest.mark.parametrize("d", [768, 1024, 1536, 3072, 4096])
+def test_default_limits_take_rot_and_pca_at_common_widths(tmp_path, d):
+    """Format-1 artifacts stored rot's and pca's matrix twice and the limits counted it
+    twice: rot,int8 at 3072 dims (75.5 MB) was refused under the 64 MiB message limit."""
+    from embcomp.service.config import ServiceConfig
+    from embcomp.service.metrics import ServiceMetrics
+    from embcomp.service.servicer import CompressionServicer, _fit_footprint
+    from embcomp.service.store import CodecStore
+
+    config = ServiceConfig(store=tmp_path)
+    servicer = CompressionServicer(CodecStore(tmp_path), config, ServiceMetrics())
+    for spec, options in [
+        ("rot,int8", {}),
+        ("pca,fp8", {}),
+        (f"pca{d // 2},int8", {}),
+        (f"pca{d // 4},int8", {"whiten": True}),
+    ]:
+        codec = Codec(spec, **options)
+        servicer._check_fit_width(codec, d)  # accepted: no error
+        artifact, _ = _fit_footprint(codec, d)
+        # all but rot and full pca at 4096 dims can be exported too
+        exportable = artifact <= config.max_artifact_bytes
+        assert exportable == (d < 4096 or spec.startswith(f"pca{d // 2}") or "whiten" in options)
+
+
+@pytest.mark.parametrize(
+    "spec,options",
+    [("rot,int8", {}), ("pca,fp8", {}), ("pca5,int4", {}), ("pca,bin", {"whiten": True})]
+    + [("mpad6,int8", {}), ("l2norm,pca7,fp8", {}), ("int8", {})],
+)
+def test_the_artifact_estimate_is_a_lower_bound(spec, options):
+    from embcomp.service.servicer import _fit_footprint
+
+    train = np.random.default_rng(5).standard_normal((60, 24)).astype(np.float32)
+    codec = Codec(spec, **options)
+    estimate, _ = _fit_footprint(codec, 24)
+    actual = len(codec_to_bytes(codec.fit(train)))
+    assert estimate <= actual < estimate + 4096  # the manifest and alignment padding
+
+
+def test_a_codec_too_big_to_export_is_still_fitted_stored_and_used(tmp_path):
+    """rot at 4096 dims makes a 64 MiB + 50 KB artifact, over the default message limit
+    by 50 KB: it is stored and used; only ExportCodec refuses it, saying what to do. Shown
+    at 512 dims under a 1 MiB limit (a 4096-dim rot takes seconds to fit)."""
+    train = np.random.default_rng(4).standard_normal((40, 512)).astype(np.float32)
+    store = tmp_path / "s"
+    with running_server(store, max_message_bytes=MiB) as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}", max_message_bytes=MiB) as client:
+            info = client.fit("rot,int8", train)
+            assert info.artifact_size > MiB
+            local = Codec("rot,int8").fit(train)
+            np.testing.assert_array_equal(
+                client.encode(info.id, train[:5]), local.encode(train[:5])
+            )
+            code, details = _code(lambda: client.export_codec(info.id))
+            assert code == EXHAUSTED and "over this server's message limit" in details
+            assert "copy the file from the store directory" in details
+            assert (store / f"{info.id}.codec").stat().st_size == info.artifact_size
+            # a narrower one still exports
+            assert client.export_codec(client.fit("rot,int8", train[:, :384]).id)
 
 
 def test_an_evaluation_out_of_memory_names_its_k_and_rows(tmp_path, sample, monkeypatch):
