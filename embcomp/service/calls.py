@@ -123,46 +123,61 @@ class IdleTimeout:
     """The requests of a client stream, ending the call when none arrives for ``seconds``.
 
     gRPC's request iterator waits for the next message without a timeout, so an idle
-    client would hold a server thread forever. The messages are read on a helper thread
-    and handed over one at a time (so at most one waits in memory); waiting longer than
-    ``seconds`` for one raises :class:`IdleStreamError` (DEADLINE_EXCEEDED). ``close()``
-    stops the helper, which gRPC wakes once the call has ended.
+    client would hold a server thread forever. The messages are read on a helper thread,
+    each only once the handler has asked for it (so none waits in memory beyond the one
+    the handler is waiting for: FitCodec's chunks count against the upload budget only
+    once taken); waiting longer than ``seconds`` for one raises :class:`IdleStreamError`
+    (DEADLINE_EXCEEDED). Once the stream has ended, ``next`` raises ``StopIteration`` at
+    once. ``close()`` stops the helper, which gRPC wakes once the call has ended.
     """
 
     def __init__(self, requests: Iterator[Any], seconds: float, method: str) -> None:
         self.seconds, self.method = seconds, method
         self._requests = requests
-        self._handed: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
-        self._closed = threading.Event()
+        self._handed: queue.SimpleQueue[tuple[Any, BaseException | None]] = queue.SimpleQueue()
+        self._changed = threading.Condition()
+        self._wanted = False  # the handler asked for a message the helper has not read
+        self._closed = False
+        self._asked = False  # (handler thread only) a message was asked for, not yet taken
+        self._ended = False  # (handler thread only) the stream has ended
         self._reader = threading.Thread(
             target=self._read, name=f"embcomp-{method}-reader", daemon=True
         )
         self._reader.start()
 
     def _read(self) -> None:
-        item: tuple[Any, BaseException | None]
-        try:
-            for request in self._requests:
-                if not self._hand_over((request, None)):
-                    return
-            item = (_END, None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the handler's thread
-            item = (_END, exc)
-        self._hand_over(item)
-
-    def _hand_over(self, item: tuple[Any, BaseException | None]) -> bool:
-        while not self._closed.is_set():
+        while self._next_wanted():
             try:
-                self._handed.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
+                item: tuple[Any, BaseException | None] = (next(self._requests), None)
+            except StopIteration:
+                item = (_END, None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the handler's thread
+                item = (_END, exc)
+            self._handed.put(item)
+            if item[0] is _END:
+                return
+
+    def _next_wanted(self) -> bool:
+        """Wait until the handler wants a message (True) or the call is over (False)."""
+        with self._changed:
+            while not self._wanted:
+                if self._closed:
+                    return False
+                self._changed.wait()
+            self._wanted = False
+            return True
 
     def __iter__(self) -> IdleTimeout:
         return self
 
     def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        if not self._asked:  # (after an IdleStreamError the old request still stands)
+            with self._changed:
+                self._wanted = True
+                self._changed.notify()
+            self._asked = True
         try:
             request, error = self._handed.get(timeout=self.seconds)
         except queue.Empty:
@@ -170,14 +185,18 @@ class IdleTimeout:
                 f"no {self.method} message arrived for {self.seconds:g} s; the server ended "
                 "the call (send messages more often; the limit is EMBCOMP_STREAM_IDLE_SECONDS)"
             ) from None
-        if error is not None:
-            raise error
+        self._asked = False
         if request is _END:
+            self._ended = True
+            if error is not None:
+                raise error
             raise StopIteration
         return request
 
     def close(self) -> None:
-        self._closed.set()
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
 
 
 @contextlib.contextmanager

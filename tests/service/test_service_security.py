@@ -182,6 +182,52 @@ def test_idle_streams_neither_lock_out_health_checks_nor_hold_their_slots(tmp_pa
             time.sleep(0.05)
 
 
+def _reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.endswith("-reader")]
+
+
+def _wait_for_no_reader_threads(seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while _reader_threads():
+        assert time.monotonic() < deadline, (
+            f"reader threads outlived their calls: {_reader_threads()}"
+        )
+        time.sleep(0.05)
+
+
+def test_stream_requests_are_read_only_when_the_handler_asks():
+    """The reader thread read one message ahead of the handler besides the one it
+    handed over: for FitCodec, two chunks of up to 64 MiB each outside the upload
+    budget. And next() after the end waited the idle limit, then raised
+    IdleStreamError instead of StopIteration."""
+    from embcomp.service.calls import IdleTimeout
+
+    produced: list[int] = []
+
+    def messages():
+        for index in range(4):
+            produced.append(index)
+            yield index
+
+    stream = IdleTimeout(messages(), 5, "Test")
+    try:
+        assert next(stream) == 0
+        time.sleep(0.3)
+        assert produced == [0]  # nothing read ahead
+        assert next(stream) == 1
+        time.sleep(0.3)
+        assert produced == [0, 1]
+        assert list(stream) == [2, 3]
+        started = time.monotonic()
+        for _ in range(2):
+            with pytest.raises(StopIteration):
+                next(stream)
+        assert time.monotonic() - started < 0.5
+    finally:
+        stream.close()
+    _wait_for_no_reader_threads()
+
+
 def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
     """gRPC may end a client stream whose deadline passed as if it were complete; the
     server must not fit (and store) the chunks that arrived before it."""
