@@ -25,7 +25,15 @@ from .errors import IdleStreamError, LimitExceededError, status_for
 from .logs import REQUEST_ID, access_logger, logger
 from .metrics import ServiceMetrics
 
-__all__ = ["CallSlots", "IdleTimeout", "bidi_stream", "client_stream", "unary"]
+__all__ = [
+    "CallSlots",
+    "IdleTimeout",
+    "bidi_stream",
+    "client_stream",
+    "guarded_requests",
+    "unary",
+    "watched_responses",
+]
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -91,8 +99,8 @@ class CallSlots:
     """Calls of the compression service running at once, at most ``limit``.
 
     gRPC's own limit (``maximum_concurrent_rpcs``) counts every call, health checks
-    included; this one counts only the service's, so the server's spare threads stay
-    free for health checks and reflection however busy the service is.
+    included; this one counts only the service's (and reflection's), so the server's
+    spare threads stay free for health checks however busy the service is.
     """
 
     def __init__(self, limit: int) -> None:
@@ -100,8 +108,9 @@ class CallSlots:
         self.used = 0
         self._lock = threading.Lock()
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
+    def take(self) -> Callable[[], None]:
+        """Take a slot or raise ``LimitExceededError``; returns its release, which may
+        be called more than once (from any thread) and gives the slot back once."""
         with self._lock:
             if self.used >= self.limit:
                 raise LimitExceededError(
@@ -109,11 +118,23 @@ class CallSlots:
                     "(the limit is EMBCOMP_MAX_WORKERS)"
                 )
             self.used += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self.used -= 1
+
+        return release
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        release = self.take()
         try:
             yield
         finally:
-            with self._lock:
-                self.used -= 1
+            release()
 
 
 _END = object()
@@ -129,14 +150,28 @@ class IdleTimeout:
     once taken); waiting longer than ``seconds`` for one raises :class:`IdleStreamError`
     (DEADLINE_EXCEEDED). Once the stream has ended, ``next`` raises ``StopIteration`` at
     once. ``close()`` stops the helper, which gRPC wakes once the call has ended.
+
+    A streaming handler that sends responses also tells it when it hands one to gRPC
+    (:meth:`sending`) and when gRPC takes the next (:meth:`sent`): a client that stops
+    reading leaves gRPC's send blocked on flow control with the call's thread and slot
+    held. While no request is wanted, the helper watches that wait, and after
+    ``seconds`` calls ``on_stall`` (which cancels the call and frees its slot).
     """
 
-    def __init__(self, requests: Iterator[Any], seconds: float, method: str) -> None:
+    def __init__(
+        self,
+        requests: Iterator[Any],
+        seconds: float,
+        method: str,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
         self.seconds, self.method = seconds, method
         self._requests = requests
+        self._on_stall = on_stall
         self._handed: queue.SimpleQueue[tuple[Any, BaseException | None]] = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._wanted = False  # the handler asked for a message the helper has not read
+        self._sending_since: float | None = None  # a response waits in gRPC's send
         self._closed = False
         self._asked = False  # (handler thread only) a message was asked for, not yet taken
         self._ended = False  # (handler thread only) the stream has ended
@@ -158,14 +193,43 @@ class IdleTimeout:
                 return
 
     def _next_wanted(self) -> bool:
-        """Wait until the handler wants a message (True) or the call is over (False)."""
+        """Wait until the handler wants a message (True) or the call is over (False);
+        meanwhile end a call whose response has waited in gRPC's send too long."""
         with self._changed:
             while not self._wanted:
                 if self._closed:
                     return False
-                self._changed.wait()
-            self._wanted = False
-            return True
+                if self._sending_since is None:
+                    self._changed.wait()
+                    continue
+                left = self._sending_since + self.seconds - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                self._closed = True  # stalled: this call is over
+                break
+            else:
+                self._wanted = False
+                return True
+        logger.warning(
+            "a %s client read no response for %g s; the call was cancelled",
+            self.method,
+            self.seconds,
+        )
+        if self._on_stall is not None:
+            self._on_stall()
+        return False
+
+    def sending(self) -> None:
+        """A response was handed to gRPC, whose send may block until the client reads."""
+        with self._changed:
+            self._sending_since = time.monotonic()
+            self._changed.notify()
+
+    def sent(self) -> None:
+        """gRPC took the next response: the previous one was sent."""
+        with self._changed:
+            self._sending_since = None
 
     def __iter__(self) -> IdleTimeout:
         return self
@@ -200,14 +264,49 @@ class IdleTimeout:
 
 
 @contextlib.contextmanager
-def _stream_slot(servicer: Any, requests: Iterator[Any], method: str) -> Iterator[IdleTimeout]:
+def _stream_slot(
+    servicer: Any, requests: Iterator[Any], method: str, context: grpc.ServicerContext
+) -> Iterator[IdleTimeout]:
     """A call slot for one streaming call, and its requests under the idle limit."""
-    with servicer.call_slots.held():
-        idle = IdleTimeout(requests, servicer.config.stream_idle_seconds, method)
+    with guarded_requests(
+        servicer.call_slots, servicer.config.stream_idle_seconds, requests, method, context
+    ) as idle:
+        yield idle
+
+
+@contextlib.contextmanager
+def guarded_requests(
+    slots: CallSlots,
+    seconds: float,
+    requests: Iterator[Any],
+    method: str,
+    context: grpc.ServicerContext,
+) -> Iterator[IdleTimeout]:
+    """Take a slot from ``slots`` and wrap ``requests`` in an :class:`IdleTimeout`; a
+    stalled send cancels the call and gives the slot back at once (gRPC then ends the
+    handler, which gives it back again: a no-op)."""
+    release = slots.take()
+
+    def on_stall() -> None:
+        context.cancel()
+        release()
+
+    try:
+        idle = IdleTimeout(requests, seconds, method, on_stall)
         try:
             yield idle
         finally:
             idle.close()
+    finally:
+        release()
+
+
+def watched_responses(idle: IdleTimeout, responses: Iterator[Any]) -> Iterator[Any]:
+    """Yield ``responses``, telling ``idle`` how long each waits in gRPC's send."""
+    for response in responses:
+        idle.sending()
+        yield response
+        idle.sent()
 
 
 def unary(method: str) -> Callable[[F], F]:
@@ -238,7 +337,7 @@ def client_stream(method: str) -> Callable[[F], F]:
         def wrapped(self: Any, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             call = Call(method, context, self.metrics)
             try:
-                with _stream_slot(self, requests, method) as idle:
+                with _stream_slot(self, requests, method, context) as idle:
                     return handler(self, idle, context)
             except Exception as exc:
                 call.fail(exc)
@@ -260,8 +359,8 @@ def bidi_stream(method: str) -> Callable[[F], F]:
         ) -> Iterator[Any]:
             call = Call(method, context, self.metrics)
             try:
-                with _stream_slot(self, requests, method) as idle:
-                    yield from handler(self, idle, context)
+                with _stream_slot(self, requests, method, context) as idle:
+                    yield from watched_responses(idle, handler(self, idle, context))
             except GeneratorExit:  # the client cancelled; nothing to send
                 call.code = "CANCELLED"
                 raise

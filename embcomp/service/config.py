@@ -49,7 +49,8 @@ class ServiceConfig(BaseSettings):
         ``SPARE_THREADS`` threads of their own, so they answer however busy the service is.
     stream_idle_seconds : a streaming call (FitCodec, EncodeStream, DecodeStream) whose
         client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
-        its slot.
+        its slot; a response stream whose client reads no response for this long is
+        cancelled (CANCELLED), freeing its slot and threads.
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     cache_bytes : memory those codecs may hold in all (their arrays, derived ones included);
         a codec larger than this is loaded for each call instead of kept.

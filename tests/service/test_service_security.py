@@ -195,6 +195,48 @@ def _wait_for_no_reader_threads(seconds: float = 5) -> None:
         time.sleep(0.05)
 
 
+def test_a_stream_whose_client_reads_no_responses_is_cancelled_and_frees_its_slot(tmp_path):
+    """A DecodeStream client that kept sending but read nothing left the handler blocked
+    in gRPC's send (flow control) with its slot held forever: with one slot, every other
+    call was refused."""
+    rng = np.random.default_rng(11)
+    with running_server(tmp_path / "s", max_workers=1, stream_idle_seconds=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CompressionClient(target) as client:
+            info = client.fit("int8", rng.standard_normal((64, 1024)).astype(np.float32))
+        codes = array_to_codes(rng.integers(0, 256, (1000, 1024), dtype=np.uint8))
+        stop = threading.Event()
+
+        def requests():  # 4 MB of decoded vectors per response, none of them read
+            for _ in range(40):
+                if stop.is_set():
+                    return
+                yield pb.DecodeStreamRequest(codec_id=info.id, codes=codes)
+            stop.wait(30)
+
+        options = [("grpc.max_receive_message_length", 64 * MiB)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            responses = pb_grpc.CompressionServiceStub(channel).DecodeStream(requests())
+            try:
+                with CompressionClient(target) as client:
+                    deadline = time.monotonic() + 10
+                    while True:  # refused while the stream holds the only slot
+                        try:
+                            assert client.list()[0].id == info.id
+                            break
+                        except ServiceError as exc:
+                            assert exc.code() == EXHAUSTED
+                            assert time.monotonic() < deadline, "the stalled stream kept its slot"
+                            time.sleep(0.2)
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(responses)
+                assert caught.value.code() == grpc.StatusCode.CANCELLED
+            finally:
+                stop.set()
+                responses.cancel()
+    _wait_for_no_reader_threads()
+
+
 def test_stream_requests_are_read_only_when_the_handler_asks():
     """The reader thread read one message ahead of the handler besides the one it
     handed over: for FitCodec, two chunks of up to 64 MiB each outside the upload
