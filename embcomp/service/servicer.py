@@ -477,12 +477,12 @@ class CompressionServicer(pb_grpc.CompressionServiceServicer):
         ``_PAIRS_PER_NEIGHBOUR`` scored pairs (it is gathered, re-scored for ties and
         de-duplicated), so ``max_eval_pairs`` bounds their sum.
         """
+        k = min(k, base_rows)  # first: a k over the base rows runs at the base rows
         if k > self.config.max_eval_k:
             raise InputError(
                 f"k={k} is over this server's limit of {self.config.max_eval_k} neighbours "
                 "per query; ask for a smaller k (the limit is EMBCOMP_MAX_EVAL_K)"
             )
-        k = min(k, base_rows)
         work = query_rows * (base_rows + _PAIRS_PER_NEIGHBOUR * k)
         if work > self.config.max_eval_pairs:
             raise LimitExceededError(

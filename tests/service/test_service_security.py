@@ -338,6 +338,8 @@ def test_evaluation_and_export_limits(tmp_path, sample):
             assert "k=51 is over this server's limit of 50" in details
             assert "EMBCOMP_MAX_EVAL_K" in details
             assert client.evaluate(info.id, base[:100], base[:1], k=50).k == 50
+            # ... after capping it at the base rows: k=2000 on 40 rows runs at k=40
+            assert client.evaluate(info.id, base[:40], base[:1], k=2000).k == 40
             code, details = _code(lambda: client.export_codec(info.id))
             assert code == EXHAUSTED and "over this server's message limit" in details
 
