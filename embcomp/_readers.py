@@ -19,9 +19,11 @@ when such a file is read.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,14 +348,55 @@ class Source:
     def _column_note(self) -> str:
         return ""
 
-    def _unreadable(self, first: int, stop: int, exc: BaseException) -> InputError:
-        """The one-line error for rows ``[first, stop)`` that the file's own decoder
-        failed to read (a corrupt or truncated page or chunk)."""
+    def _raise_read_error(self, first: int, stop: int, exc: BaseException) -> None:
+        """Raise the one-line ``InputError`` naming the file and rows ``[first, stop)``
+        for an error of the file's own decoder that is about the file: missing or not
+        readable, using what the installed reader does not support, or corrupt or
+        truncated data. Returns for any other error (out of memory above all), which
+        the caller re-raises with its own message."""
+        kind = _read_error_kind(exc)
+        if kind == "other":
+            return
+        if kind == "access":
+            raise _access_error(self.path, exc) from exc
         detail = " ".join(str(exc).split()) or type(exc).__name__  # some span lines
-        return InputError(
-            f"{self.path}{self._column_note()}: cannot read rows {first}-{stop - 1} "
-            f"({detail}); the file is corrupt or truncated: re-export or restore it"
-        )
+        where = f"{self.path}{self._column_note()}: cannot read rows {first}-{stop - 1}"
+        if kind == "unsupported":
+            raise InputError(
+                f"{where}: the installed reader does not support what the file uses ({detail})"
+            ) from exc
+        raise InputError(
+            f"{where} ({detail}); the file is corrupt or truncated: re-export or restore it"
+        ) from exc
+
+
+_ACCESS_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
+
+
+def _read_error_kind(exc: BaseException) -> str:
+    """What an exception from pyarrow or h5py reading a file says about the file:
+    ``"access"`` (missing, not permitted, a directory), ``"unsupported"`` (a feature the
+    installed pyarrow does not implement), ``"corrupt"`` (data that does not decode:
+    ``ArrowInvalid``, or any other ``OSError``, which is what pyarrow's ``ArrowIOError``
+    and h5py's read errors are) or ``"other"`` (out of memory and the rest: not the
+    file's fault)."""
+    if isinstance(exc, MemoryError):  # pyarrow's ArrowMemoryError too
+        return "other"
+    if isinstance(exc, OSError):
+        return "access" if exc.errno in _ACCESS_ERRNOS else "corrupt"
+    pa = sys.modules.get("pyarrow")  # an Arrow error means pyarrow is loaded
+    if pa is not None and isinstance(exc, pa.ArrowNotImplementedError):
+        return "unsupported"
+    if pa is not None and isinstance(exc, pa.ArrowInvalid):
+        return "corrupt"
+    return "other"
+
+
+def _access_error(path: Path, exc: BaseException) -> InputError:
+    # the errno's own words: h5py's strerror spans lines of internals
+    code = exc.errno if isinstance(exc, OSError) else None
+    reason = os.strerror(code) if code else " ".join(str(exc).split())
+    return InputError(f"cannot read {path}: {reason}")
 
 
 # -- .npy ------------------------------------------------------------------------------
@@ -369,7 +412,7 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             else:
                 shape, fortran, dtype = fmt._read_array_header(handle, version)  # type: ignore[attr-defined]
             return shape, fortran, dtype, handle.tell()
-    except (PermissionError, IsADirectoryError) as exc:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     except (ValueError, OSError, EOFError) as exc:
         raise InputError(f"{path} is not a readable .npy file (truncated?): {exc}") from exc
@@ -601,6 +644,8 @@ class HDF5Source(Source):
                 ds = handle[dataset]
                 shape, dtype = ds.shape, ds.dtype
         except OSError as exc:
+            if _read_error_kind(exc) == "access":
+                raise _access_error(path, exc) from exc
             raise InputError(f"{path} is not a readable HDF5 file: {exc}") from exc
         if len(shape) != 2 or dtype not in _FLOAT_DTYPES:
             raise InputError(
@@ -624,7 +669,8 @@ class HDF5Source(Source):
         try:
             handle = h5py.File(self.path, "r")
         except OSError as exc:
-            raise self._unreadable(start, stop, exc) from exc
+            self._raise_read_error(start, stop, exc)
+            raise
         with handle:
             ds = handle[self.dataset]
             for b_start in range(start, stop, block_rows):
@@ -632,7 +678,8 @@ class HDF5Source(Source):
                 try:
                     data = ds[b_start:b_stop]
                 except OSError as exc:  # e.g. a chunk that does not decompress
-                    raise self._unreadable(b_start, b_stop, exc) from exc
+                    self._raise_read_error(b_start, b_stop, exc)
+                    raise
                 data, reasons = _float32_rows(np.asarray(data))
                 yield b_start, data, None, reasons
 
@@ -662,9 +709,16 @@ class ParquetSource(Source):
         try:
             meta = pq.read_metadata(path)
             schema = pq.read_schema(path)
-        except PermissionError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
         except (OSError, pa.ArrowException) as exc:
+            kind = _read_error_kind(exc)
+            if kind == "access":
+                raise _access_error(path, exc) from exc
+            if kind == "other":
+                raise
+            if kind == "unsupported":
+                raise InputError(
+                    f"{path}: the installed reader does not support what the file uses ({exc})"
+                ) from exc
             raise InputError(f"{path} is not a readable Parquet file (truncated?): {exc}") from exc
         self.n_rows = meta.num_rows
         self.group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -725,7 +779,8 @@ class ParquetSource(Source):
             finally:
                 handle.close()
         except (OSError, pa.ArrowException) as exc:
-            raise self._unreadable(0, min(1024, self.n_rows), exc) from exc
+            self._raise_read_error(0, min(1024, self.n_rows), exc)
+            raise
         if batch is None:
             return None
         array = batch.column(0)
@@ -787,7 +842,8 @@ class ParquetSource(Source):
         try:
             handle = pq.ParquetFile(self.path, buffer_size=8 << 20, pre_buffer=False)
         except (OSError, pa.ArrowException) as exc:
-            raise self._unreadable(pos, end, exc) from exc
+            self._raise_read_error(pos, end, exc)
+            raise
         try:
             batches = handle.iter_batches(
                 batch_size=block_rows, row_groups=groups, columns=columns, use_threads=False
@@ -796,7 +852,8 @@ class ParquetSource(Source):
                 try:  # pages are decoded here: a corrupt one fails in pyarrow
                     batch = next(batches, None)
                 except (OSError, pa.ArrowException) as exc:
-                    raise self._unreadable(pos, min(pos + block_rows, end), exc) from exc
+                    self._raise_read_error(pos, min(pos + block_rows, end), exc)
+                    raise
                 if batch is None:
                     return
                 b_start, b_stop = pos, pos + batch.num_rows

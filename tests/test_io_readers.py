@@ -176,6 +176,63 @@ def test_missing_column_dataset_and_file_are_clear_errors(inputs, tmp_path):
         open_sources(inputs["parquet"], id_column="key")
 
 
+def _failing(original, exc):
+    """``original`` (a generator method) raising ``exc`` at its first item."""
+
+    def method(self, *args, **kwargs):
+        for _ in original(self, *args, **kwargs):
+            raise exc
+        yield  # pragma: no cover
+
+    return method
+
+
+@pytest.mark.parametrize(
+    "exc,message,corrupt",
+    [
+        (pa.ArrowInvalid("Couldn't deserialize thrift"), "cannot read rows 0-", True),
+        (OSError("Unexpected end of stream"), "cannot read rows 0-", True),
+        (pa.ArrowNotImplementedError("Unsupported encoding: LZ9"), "does not support", False),
+        (FileNotFoundError(2, "No such file"), "cannot read .*: No such file or directory", False),
+        (PermissionError(13, "denied"), "cannot read .*: Permission denied", False),
+    ],
+    ids=["invalid", "io", "not-implemented", "missing", "permission"],
+)
+def test_only_data_that_does_not_decode_is_called_corrupt(
+    inputs, monkeypatch, exc, message, corrupt
+):
+    """Every pyarrow error and OSError was 'the file is corrupt or truncated': a missing
+    or unreadable file, or a feature this pyarrow lacks, was reported as damage."""
+    (source,) = open_sources(inputs["parquet"], column="emb")
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", _failing(pq.ParquetFile.iter_batches, exc))
+    with pytest.raises(InputError, match=message) as caught:
+        list(source.iter_blocks(100))
+    text = str(caught.value)
+    assert str(inputs["parquet"]) in text and "\n" not in text
+    assert ("corrupt or truncated" in text) == corrupt
+
+
+def test_out_of_memory_while_reading_keeps_its_own_error(inputs, monkeypatch):
+    (source,) = open_sources(inputs["parquet"], column="emb")
+    oom = pa.ArrowMemoryError("malloc of size 1073741824 failed")
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", _failing(pq.ParquetFile.iter_batches, oom))
+    with pytest.raises(MemoryError, match="malloc of size 1073741824 failed") as caught:
+        list(source.iter_blocks(100))
+    assert not isinstance(caught.value, InputError)
+    monkeypatch.setattr(pq, "read_metadata", lambda path: (_ for _ in ()).throw(oom))
+    with pytest.raises(MemoryError, match="malloc"):
+        open_sources(inputs["parquet"], column="emb")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
+def test_a_file_gone_before_it_is_read_is_named_missing_not_corrupt(inputs, fmt):
+    (source,) = open_sources(inputs[fmt], column="emb")
+    inputs[fmt].unlink()
+    with pytest.raises(InputError) as caught:
+        list(source.iter_blocks(100))
+    assert str(caught.value) == f"cannot read {inputs[fmt]}: No such file or directory"
+
+
 def test_ambiguous_embedding_column_asks_for_column(tmp_path, X):
     path = tmp_path / "two.parquet"
     pq.write_table(pa.table({"a": fixed_list(X), "b": fixed_list(X[:, :8])}), path)
