@@ -20,7 +20,7 @@ __all__ = ["ENVELOPE_BYTES", "SPARE_THREADS", "ServiceConfig", "load_config"]
 MiB = 1 << 20
 # Room for the message framing around a response's payload bytes.
 ENVELOPE_BYTES = 1024
-# Server threads beyond max_workers: for health checks and reflection only.
+# Server threads beyond max_workers: for health checks only (reflection takes a call slot).
 SPARE_THREADS = 2
 
 
@@ -45,8 +45,9 @@ class ServiceConfig(BaseSettings):
     max_eval_k : largest k (neighbours per query) EvaluateCodec accepts.
     max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
     max_workers : calls of the compression service served at once; one more gets
-        RESOURCE_EXHAUSTED at once rather than waiting. Health checks and reflection have
-        ``SPARE_THREADS`` threads of their own, so they answer however busy the service is.
+        RESOURCE_EXHAUSTED at once rather than waiting. Server reflection counts as such
+        a call. Health checks have ``SPARE_THREADS`` threads of their own, so a busy
+        service does not keep them from answering.
     stream_idle_seconds : a streaming call (FitCodec, EncodeStream, DecodeStream) whose
         client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
         its slot; a response stream whose client reads no response for this long is

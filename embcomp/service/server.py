@@ -11,16 +11,18 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType, TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from .. import _jit
 from .._version import __version__
 from ..exceptions import InputError
 from ..v1 import compression_service_pb2, compression_service_pb2_grpc
 from .auth import BearerTokenInterceptor
+from .calls import CallSlots, bidi_stream
 from .config import SPARE_THREADS, ServiceConfig
 from .logs import configure_logging, logger
 from .metrics import ServiceMetrics, TrafficInterceptor
@@ -99,6 +101,27 @@ class EmbcompServer:
         self.stop(0).wait()
 
 
+class _Reflection(reflection.ReflectionServicer):
+    """Server reflection as a call like the service's: it takes one of the service's
+    call slots and its streams end after ``stream_idle_seconds`` without a request (or
+    with a response unread). Unguarded, 18 idle reflection streams held every server
+    thread, health checks' spare ones included."""
+
+    def __init__(
+        self,
+        service_names: tuple[str, ...],
+        call_slots: CallSlots,
+        config: ServiceConfig,
+        metrics: ServiceMetrics,
+    ) -> None:
+        super().__init__(service_names)
+        self.call_slots, self.config, self.metrics = call_slots, config, metrics  # bidi_stream's
+
+    @bidi_stream("ServerReflectionInfo")
+    def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> Any:
+        yield from super().ServerReflectionInfo(request_iterator, context)
+
+
 def _credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -128,9 +151,9 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     interceptors: list[grpc.ServerInterceptor] = [TrafficInterceptor(metrics)]
     if token:
         interceptors.insert(0, BearerTokenInterceptor(token, metrics))
-    # Service calls are limited to max_workers by the servicer (CallSlots); the spare
-    # threads keep health checks answering, and gRPC refuses calls beyond all threads at
-    # once (RESOURCE_EXHAUSTED) instead of queueing them behind busy ones.
+    # Service and reflection calls are limited to max_workers by the servicer's
+    # CallSlots; the spare threads are for health checks, and gRPC refuses calls beyond
+    # all threads at once (RESOURCE_EXHAUSTED) instead of queueing them behind busy ones.
     threads = config.max_workers + SPARE_THREADS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embcomp-rpc"),
@@ -142,13 +165,13 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
         ],
     )
-    compression_service_pb2_grpc.add_CompressionServiceServicer_to_server(
-        CompressionServicer(store, config, metrics), server
-    )
+    servicer = CompressionServicer(store, config, metrics)
+    compression_service_pb2_grpc.add_CompressionServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        _Reflection(names, servicer.call_slots, config, metrics), server
     )
     credentials = _credentials(config)
     try:

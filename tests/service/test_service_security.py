@@ -270,6 +270,60 @@ def test_stream_requests_are_read_only_when_the_handler_asks():
     _wait_for_no_reader_threads()
 
 
+def test_reflection_streams_take_call_slots_and_end_when_idle(tmp_path):
+    """Reflection had no slot and no idle limit and ran on the spare threads: 18 idle
+    reflection streams locked out every call, health checks included."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    release = threading.Event()
+
+    def idle_requests():
+        release.wait(30)
+        yield from ()
+
+    with running_server(tmp_path / "s", max_workers=2, stream_idle_seconds=1) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with grpc.insecure_channel(target) as channel, CompressionClient(target) as client:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            try:
+                held = [stub.ServerReflectionInfo(idle_requests()) for _ in range(2)]
+                time.sleep(0.3)  # both hold the two call slots
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                code, details = _code(lambda: client.list())
+                assert code == EXHAUSTED and "call slots are busy" in details
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(stub.ServerReflectionInfo(idle_requests(), timeout=5))
+                assert caught.value.code() == EXHAUSTED
+                for stream in held:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        list(stream)
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    assert (
+                        "no ServerReflectionInfo message arrived for 1 s" in caught.value.details()
+                    )
+            finally:
+                release.set()
+            assert client.list() == []  # the slots are free again
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (answer,) = stub.ServerReflectionInfo(iter([request]), timeout=5)
+            names = {s.name for s in answer.list_services_response.service}
+            assert "embcomp.v1.CompressionService" in names
+            assert (
+                "grpc.health.v1.Health" in ProtoReflectionDescriptorDatabase(channel).get_services()
+            )
+        registry = srv.metrics.registry
+        assert (
+            registry.get_sample_value("embcomp_requests_total", {"method": "ServerReflectionInfo"})
+            >= 4
+        )
+    _wait_for_no_reader_threads()
+
+
 def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
     """gRPC may end a client stream whose deadline passed as if it were complete; the
     server must not fit (and store) the chunks that arrived before it."""
