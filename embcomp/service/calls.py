@@ -100,7 +100,9 @@ class CallSlots:
 
     gRPC's own limit (``maximum_concurrent_rpcs``) counts every call, health checks
     included; this one counts only the service's (and reflection's), so the server's
-    spare threads stay free for health checks however busy the service is.
+    spare threads stay free for health checks however many of those calls run. (A call
+    whose request has not arrived holds a thread before any slot is taken: see
+    ``ServiceConfig.max_workers``.)
     """
 
     def __init__(self, limit: int) -> None:

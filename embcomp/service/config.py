@@ -46,8 +46,13 @@ class ServiceConfig(BaseSettings):
     max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
     max_workers : calls of the compression service served at once; one more gets
         RESOURCE_EXHAUSTED at once rather than waiting. Server reflection counts as such
-        a call. Health checks have ``SPARE_THREADS`` threads of their own, so a busy
-        service does not keep them from answering.
+        a call. Health checks have ``SPARE_THREADS`` threads of their own, so calls of
+        the service, however many, do not keep them from answering. Not guarded: gRPC
+        reads a unary call's request on a server thread before any handler (or slot)
+        sees the call, so a client that sends a call's headers but never its body holds
+        a thread until it disconnects, and ``max_workers + SPARE_THREADS`` such calls hold
+        them all, health checks included. Where clients are not trusted, serve behind a
+        proxy that enforces request timeouts.
     stream_idle_seconds : a streaming call (FitCodec, EncodeStream, DecodeStream) whose
         client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
         its slot; a response stream whose client reads no response for this long is

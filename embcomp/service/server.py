@@ -154,6 +154,9 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
     # Service and reflection calls are limited to max_workers by the servicer's
     # CallSlots; the spare threads are for health checks, and gRPC refuses calls beyond
     # all threads at once (RESOURCE_EXHAUSTED) instead of queueing them behind busy ones.
+    # A call whose headers arrived but whose request body never does holds a thread
+    # before any slot is taken (gRPC reads it first); nothing here bounds that: see
+    # ServiceConfig.max_workers.
     threads = config.max_workers + SPARE_THREADS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embcomp-rpc"),
