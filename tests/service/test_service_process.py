@@ -117,7 +117,10 @@ def test_serve_process_health_metrics_logs_and_sigterm_drain(tmp_path, sample, c
         with CompressionClient(target, timeout=10) as late:  # new calls are refused
             with pytest.raises(ServiceError) as refused:
                 late.list()
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            # Refused either way: UNAVAILABLE once the listener is gone; gRPC core
+            # cancels a call that raced the shutdown onto an accepted connection
+            # (about 1 run in 10 here).
+            assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert uploading in _metrics(ready["metrics_port"])  # still up while draining
         release.set()
         worker.join(60)
