@@ -80,9 +80,21 @@ def _mk(path: str) -> Any:
     return out
 
 
+def _note_left_out(results: str) -> None:
+    """Tell on stderr which records a summary or plot of ``results`` leaves out."""
+    from pathlib import Path
+
+    from .results import comparable_runs, load_records
+
+    if (Path(results) / "records").is_dir():
+        for dataset, note in comparable_runs(load_records(results))[1]:
+            print(f"note: {dataset}: {note}", file=sys.stderr)
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .results import write_summary
 
+    _note_left_out(args.results)
     for path in write_summary(args.results):
         print(f"wrote {path}")
     return 0
@@ -91,6 +103,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_results
 
+    _note_left_out(args.results)
     for path in plot_results(args.results):
         print(f"wrote {path}")
     return 0

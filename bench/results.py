@@ -77,29 +77,100 @@ def _ok(records: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") == kind and r.get("status") == "ok"]
 
 
-def _latest_by_key(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (dataset, method): reruns with other settings keep the newest."""
-    chosen: dict[tuple[str, str], dict[str, Any]] = {}
-    for rec in records:
-        key = (rec["params"]["dataset"], rec["method"]["name"])
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _options_agree(mine: dict[str, Any], merged: dict[str, Any] | None, family: str) -> bool:
+    """Whether a run's options belong to the same sweep options as ``merged`` (those of
+    its family's runs already kept). FAISS and paper methods record every family option
+    they were given, so theirs must be equal; an embcomp spec keeps only the options its
+    stages take, so its options must agree on the names both have. ``merged`` is None
+    for the family's first (newest) run."""
+    if merged is None:
+        return True
+    if family != "embcomp":
+        return mine == merged
+    return all(merged.get(k, v) == v for k, v in mine.items())
+
+
+def comparable_runs(
+    records: Iterable[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The ok run records that may share a table, and ``(dataset, note)`` on each group
+    left out.
+
+    Per dataset, the newest record's data (fingerprint) and settings decide: runs of
+    other data or settings are left out. Within a family, runs whose options differ
+    from those of the family's newer runs are left out too (another sweep's FAISS
+    training, say). A folder holding two sweeps so gives the newer one's runs (plus
+    older runs of the same data, settings and options), never a mix.
+    """
+    runs = sorted(_ok(records, "run"), key=lambda r: r["env"]["finished"], reverse=True)
+    kept: list[dict[str, Any]] = []
+    left_out: dict[tuple[str, str], list[str]] = {}
+    configs: dict[str, tuple[Any, str]] = {}
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    seen: set[tuple[str, str]] = set()
+    for rec in runs:
+        params = rec["params"]
+        dataset, name, family = params["dataset"], rec["method"]["name"], rec["method"]["family"]
+        config = (params.get("dataset_fingerprint"), _canonical(params.get("settings")))
+        configs.setdefault(dataset, config)
+        options = dict(params.get("method_options") or {})
+        if configs[dataset] != config:
+            reason = "other data or settings"
+        elif not _options_agree(options, merged.get((dataset, family)), family):
+            reason = f"other {family} options"
+        elif (dataset, name) in seen:
+            reason = "an older record of the same method"
+        else:
+            kept.append(rec)
+            seen.add((dataset, name))
+            merged.setdefault((dataset, family), {}).update(options)
+            continue
+        left_out.setdefault((dataset, reason), []).append(name)
+    notes = [
+        (
+            dataset,
+            f"left out {len(names)} older run(s) with {reason} "
+            f"({', '.join(sorted(names)[:4])}{', ...' if len(names) > 4 else ''}); "
+            "summarize them from a folder of their own",
+        )
+        for (dataset, reason), names in sorted(left_out.items())
+    ]
+    return kept, notes
+
+
+def _ann_key(params: dict[str, Any]) -> str:
+    """The parameters an ANN record shares with the run it serves: all but its kind and
+    the ANN index's own settings."""
+    return _canonical({k: v for k, v in params.items() if k not in ("kind", "ann")})
+
+
+def _latest_ann(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest ok ANN record per run parameters (:func:`_ann_key`)."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for rec in _ok(records, "ann"):
+        key = _ann_key(rec["params"])
         if key not in chosen or rec["env"]["finished"] >= chosen[key]["env"]["finished"]:
             chosen[key] = rec
-    return list(chosen.values())
+    return chosen
 
 
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per ok run (columns :data:`COLUMNS`), sorted by dataset, family,
-    bytes per vector and method; ``pareto`` marks each family's recall@10 frontier."""
-    runs = _latest_by_key(_ok(records, "run"))
-    anns = {
-        (r["params"]["dataset"], r["method"]["name"]): r["results"]
-        for r in _latest_by_key(_ok(records, "ann"))
-    }
+    """One flat row per comparable ok run (:func:`comparable_runs`; columns
+    :data:`COLUMNS`), sorted by dataset, family, bytes per vector and method, with the
+    ANN record of exactly its parameters; ``pareto`` marks each family's recall@10
+    frontier."""
+    runs, _ = comparable_runs(records)
+    anns = _latest_ann(records)
     rows = []
     for rec in runs:
         res = rec["results"]
         rescore = res.get("rescore") or {}
-        ann = anns.get((rec["params"]["dataset"], rec["method"]["name"]), {})
+        ann_record = anns.get(_ann_key(rec["params"]))
+        ann = ann_record["results"] if ann_record is not None else {}
         rows.append(
             {
                 "dataset": rec["params"]["dataset"],
@@ -252,6 +323,55 @@ def _best_cell(row: dict[str, Any] | None) -> str:
     return f"{row['recall_at_10']:.4f} `{label}` ({row['bytes_per_vector']} B)"
 
 
+def _settings_line(runs: Sequence[dict[str, Any]]) -> str:
+    if not runs:
+        return ""
+    st = runs[0]["params"].get("settings") or {}
+    rescore, size = st.get("rescore"), st.get("train_size")
+    rows = (
+        "all base rows"
+        if size is None
+        else f"the first {size} base rows"
+        if st.get("train_rows", "first") == "first"
+        else f"{size} random base rows"
+    )
+    return (
+        f"Every codec fitted on {rows}, seed {st.get('seed', 0)}; exact top-{st.get('k')} "
+        "truth; "
+        + (f"rescoring re-ranks the top {rescore * 10}; " if rescore else "")
+        + f"throughput = median of {st.get('timing_repeats')} timings."
+    )
+
+
+def _faiss_training_line(runs: Sequence[dict[str, Any]]) -> str:
+    """How the FAISS codecs of ``runs`` were trained, from what the records say."""
+    if not runs:
+        return ""
+    seen: dict[str, set[Any]] = {}
+    for rec in runs:
+        for key, value in (rec["method"].get("training") or {}).items():
+            seen.setdefault(key, set()).add(value)
+    options = sorted({_canonical(r["params"].get("method_options") or {}) for r in runs} - {"{}"})
+
+    def values(key: str) -> str:
+        return "/".join(str(v) for v in sorted(seen[key], key=str))
+
+    parts = []
+    if "pq_kmeans_niter" in seen:
+        parts.append(f"PQ k-means {values('pq_kmeans_niter')} iterations")
+    if "opq_niter" in seen:
+        parts.append(f"OPQ {values('opq_niter')} rounds")
+    if "polysemous_training" in seen:
+        polysemous = "on" if True in seen["polysemous_training"] else "off"
+        parts.append(f"polysemous training {polysemous}")
+    trained = (
+        f"{', '.join(parts)} (FAISS's defaults: 25 k-means iterations, 50 OPQ rounds)"
+        if parts
+        else "no PQ or OPQ k-means recorded"
+    )
+    return f"FAISS training: {trained}; FAISS method options: {'; '.join(options) or 'none'}."
+
+
 def markdown(
     rows: Sequence[dict[str, Any]],
     records: Sequence[dict[str, Any]],
@@ -259,15 +379,20 @@ def markdown(
 ) -> str:
     """The Markdown summary of ``rows`` (and the failures among ``records``)."""
     lines = ["# Benchmark summary", ""]
-    described = {r["params"]["dataset"]: r["dataset"] for r in records if "dataset" in r}
+    kept, notes = comparable_runs(records)
+    described = {r["params"]["dataset"]: r["dataset"] for r in kept if "dataset" in r}
     for dataset in sorted({r["dataset"] for r in rows}):
         info = described.get(dataset, {})
+        mine = [r for r in kept if r["params"]["dataset"] == dataset]
         lines += [
             f"## {dataset}",
             "",
             f"{info.get('n_base', '?')} base vectors x {info.get('d', '?')} dims, "
             f"{info.get('n_queries', '?')} queries, metric {info.get('metric', '?')}; "
             "recall@k against exact float32 neighbours (ties count as hits).",
+            _settings_line(mine),
+            _faiss_training_line([r for r in mine if r["method"]["family"] == "faiss"]),
+            *(f"Not in these tables: {note}." for name, note in notes if name == dataset),
             "",
             "### Best recall@10 within each byte budget",
             "",

@@ -358,3 +358,110 @@ def test_bad_benchmark_data_is_refused(tmp_path):
     np.save(folder / "base.npy", base)
     with pytest.raises(InputError, match="row 7 holds NaN or inf"):
         load_dataset(str(folder))
+
+
+def _record(method, settings, finished, options=None, kind="run", recall=0.5, ann=None):
+    family = method.partition(":")[0]
+    params = {
+        "schema": 1,
+        "kind": kind,
+        "dataset": "d",
+        "dataset_fingerprint": "f",
+        "method": method,
+        "method_options": options or {},
+        "settings": settings,
+    }
+    results = {"bytes_per_vector": 8, "compression_ratio": 4.0, "recall_at_10": recall}
+    if kind == "ann":
+        params["ann"] = ann
+        results = {"ann_recall_at_10": recall, "ann_float32_recall_at_10": 0.9}
+    return {
+        "kind": kind,
+        "status": "ok",
+        "params": params,
+        "dataset": {"n_base": 10, "d": 8, "n_queries": 2, "metric": "ip"},
+        "method": {"name": method, "family": family, "decodes": True},
+        "env": {"finished": f"2026-12-03T10:00:{finished:02d}+00:00"},
+        "results": results,
+    }
+
+
+def test_summary_never_mixes_settings_or_options_and_joins_ann_on_all_parameters():
+    from bench.results import comparable_runs, markdown, summary_rows
+
+    old, new = {"train_size": 150, "k": 10}, {"train_size": 100, "k": 10}
+    ivf = {"factory": "IVF4,Flat"}
+    records = [
+        _record("embcomp:int8", old, 1, recall=0.7),
+        _record("embcomp:fp16", old, 2),
+        _record("faiss:PQ4", old, 3, {"kmeans_niter": 3}),
+        _record("embcomp:int8", old, 4, kind="ann", recall=0.6, ann=ivf),
+        _record("embcomp:int8", new, 5, recall=0.8),
+    ]
+    rows = summary_rows(records)
+    # only the newest settings' run, and no ANN number borrowed from the older run
+    assert [(r["method"], r["recall_at_10"], r["ann_recall_at_10"]) for r in rows] == [
+        ("embcomp:int8", 0.8, None)
+    ]
+    _, notes = comparable_runs(records)
+    assert notes == [
+        (
+            "d",
+            "left out 3 older run(s) with other data or settings (embcomp:fp16, "
+            "embcomp:int8, faiss:PQ4); summarize them from a folder of their own",
+        )
+    ]
+    assert "Not in these tables: left out 3 older run(s)" in markdown(rows, records)
+    # same settings: FAISS runs trained otherwise are left out, embcomp runs whose
+    # options agree on the names they share stay, and the ANN record of the same
+    # parameters joins
+    records = [
+        _record("faiss:PQ4", old, 1, {"kmeans_niter": 3, "rabitq_qb": 0}),
+        _record("faiss:SQ8", old, 2, {"kmeans_niter": 3, "rabitq_qb": 0}),
+        _record("embcomp:mpad4,int8", old, 3, {"max_iter": 5}),
+        _record("embcomp:mpad2,int8", old, 4, {"max_iter": 9}),
+        _record("faiss:PQ4", old, 5, {"rabitq_qb": 0}),
+        _record("faiss:PQ4", old, 6, {"rabitq_qb": 0}, kind="ann", recall=0.4, ann=ivf),
+        _record("embcomp:pca4,int8", old, 7),
+        _record("embcomp:mpad4,fp16", old, 8, {"max_iter": 9}),
+    ]
+    rows = summary_rows(records)
+    assert {r["method"]: r["ann_recall_at_10"] for r in rows} == {
+        "embcomp:mpad4,fp16": None,
+        "embcomp:pca4,int8": None,
+        "embcomp:mpad2,int8": None,
+        "faiss:PQ4": 0.4,
+    }
+    notes = [note for _, note in comparable_runs(records)[1]]
+    assert any("2 older run(s) with other faiss options" in n for n in notes)
+    assert any("1 older run(s) with other embcomp options (embcomp:mpad4,int8)" in n for n in notes)
+
+
+def test_summary_command_reports_what_it_leaves_out(tmp_path, capsys):
+    out = tmp_path / "o"
+    sweep = tmp_path / "s.yaml"
+    data = _tiny(tmp_path)
+    sweep.write_text(TINY_YAML.format(data=data, factory="IVF4,Flat", claims="false"))
+    assert bench_main(["run", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    for path in (out / "records").rglob("*.json"):  # the first sweep finished earlier
+        record = json.loads(path.read_text())
+        record["env"]["finished"] = "2000-01-01T00:00:00+00:00"
+        path.write_text(json.dumps(record))
+    sweep.write_text(
+        TINY_YAML.format(data=data, factory="IVF4,Flat", claims="false")
+        .replace("train_size: 150", "train_size: 100")
+        .replace('[int8, "pca4,fp32"]', "[int8]")
+    )
+    assert bench_main(["run", str(sweep), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert bench_main(["summary", str(out)]) == 0
+    assert "note: file-x1-8-holdout20: left out 2 older run(s)" in capsys.readouterr().err
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["embcomp:int8"]
+    ann = [r for r in load_records(out) if r["kind"] == "ann" and r["status"] == "ok"]
+    newest = [r for r in ann if r["params"]["settings"]["train_size"] == 100]
+    assert (
+        len(ann) >= 2
+        and rows[0]["ann_recall_at_10"] == f"{newest[0]['results']['ann_recall_at_10']:.6g}"
+    )
