@@ -361,14 +361,12 @@ def _faiss_training_line(runs: Sequence[dict[str, Any]]) -> str:
         parts.append(f"PQ k-means {values('pq_kmeans_niter')} iterations")
     if "opq_niter" in seen:
         parts.append(f"OPQ {values('opq_niter')} rounds")
+    if parts:
+        parts[-1] += " (FAISS's defaults: 25 k-means iterations, 50 OPQ rounds)"
     if "polysemous_training" in seen:
         polysemous = "on" if True in seen["polysemous_training"] else "off"
         parts.append(f"polysemous training {polysemous}")
-    trained = (
-        f"{', '.join(parts)} (FAISS's defaults: 25 k-means iterations, 50 OPQ rounds)"
-        if parts
-        else "no PQ or OPQ k-means recorded"
-    )
+    trained = ", ".join(parts) if parts else "no PQ or OPQ k-means recorded"
     return f"FAISS training: {trained}; FAISS method options: {'; '.join(options) or 'none'}."
 
 
