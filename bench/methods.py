@@ -366,24 +366,34 @@ def _innermost(index: Any) -> Any:
     return index
 
 
-def faiss_training(index: Any) -> dict[str, Any]:
-    """The k-means settings ``index`` was (or will be) trained with, read from the index
-    itself: ``pq_kmeans_niter`` (PQ codebooks), ``opq_niter`` (OPQ alternations) and
-    ``polysemous_training``; empty for indexes without PQ or OPQ."""
+def _pq_parts(index: Any) -> tuple[list[Any], Any]:
+    """The OPQ rotations in ``index``'s pre-transforms and its innermost ``IndexPQ``
+    (None for indexes without PQ), the parts whose k-means training can be set."""
     import faiss
 
-    out: dict[str, Any] = {}
+    rotations = []
     index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
+    while isinstance(index, faiss.IndexPreTransform):
         chain: Any = index.chain
         for i in range(chain.size()):
             transform = faiss.downcast_VectorTransform(chain.at(i))
             if isinstance(transform, faiss.OPQMatrix):
-                out["opq_niter"] = int(transform.niter)
-        out.update(faiss_training(index.index))
-    elif isinstance(index, faiss.IndexPQ):
-        out["pq_kmeans_niter"] = int(index.pq.cp.niter)
-        out["polysemous_training"] = bool(index.do_polysemous_training)  # type: ignore[attr-defined]
+                rotations.append(transform)
+        index = faiss.downcast_index(index.index)
+    return rotations, index if isinstance(index, faiss.IndexPQ) else None
+
+
+def faiss_training(index: Any) -> dict[str, Any]:
+    """The k-means settings ``index`` was (or will be) trained with, read from the index
+    itself: ``pq_kmeans_niter`` (PQ codebooks), ``opq_niter`` (OPQ alternations) and
+    ``polysemous_training``; empty for indexes without PQ or OPQ."""
+    rotations, pq = _pq_parts(index)
+    out: dict[str, Any] = {}
+    for rotation in rotations:  # the last one wins, as the recursive walk did
+        out["opq_niter"] = int(rotation.niter)
+    if pq is not None:
+        out["pq_kmeans_niter"] = int(pq.pq.cp.niter)
+        out["polysemous_training"] = bool(pq.do_polysemous_training)
     return out
 
 
@@ -392,28 +402,17 @@ def _no_polysemous_training(index: Any) -> None:
     renumbering of the centroids that only helps Hamming-distance filtering. It leaves
     the reconstruction (so every number measured here) unchanged and took minutes at
     384-d, so it is turned off (as the ``PQ{m}np`` factory string would)."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        _no_polysemous_training(index.index)
-    elif isinstance(index, faiss.IndexPQ):
-        index.do_polysemous_training = False  # type: ignore[attr-defined]
+    _, pq = _pq_parts(index)
+    if pq is not None:
+        pq.do_polysemous_training = False
 
 
 def _set_kmeans_niter(index: Any, niter: int) -> None:
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        chain: Any = index.chain
-        for i in range(chain.size()):
-            transform = faiss.downcast_VectorTransform(chain.at(i))
-            if isinstance(transform, faiss.OPQMatrix):
-                transform.niter = niter
-        _set_kmeans_niter(index.index, niter)
-    elif isinstance(index, faiss.IndexPQ):
-        index.pq.cp.niter = niter
+    rotations, pq = _pq_parts(index)
+    for rotation in rotations:
+        rotation.niter = niter
+    if pq is not None:
+        pq.pq.cp.niter = niter
 
 
 # -- the paper's procedures ------------------------------------------------------------

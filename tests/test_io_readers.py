@@ -317,14 +317,7 @@ def test_sampled_rows_read_without_whole_row_groups_or_mapped_files(tmp_path, mo
     pq.write_table(pa.table({"emb": emb}), tmp_path / "x.parquet", row_group_size=5000)
     rows = np.array([0, 7, 4095, 4096, 4999])
     monkeypatch.setattr(_readers, "block_rows_for", lambda width, *a: 1024)
-    sizes = []
-    real_read = _readers.ParquetSource._read
-
-    def read(self, start, stop, block_rows):
-        sizes.append(block_rows)
-        return real_read(self, start, stop, block_rows)
-
-    monkeypatch.setattr(_readers.ParquetSource, "_read", read)
+    sizes = spy_parquet_block_rows(monkeypatch)
     monkeypatch.setattr(np, "memmap", None)  # no memory map for the .npy
     for name in ("x.npy", "x.parquet"):
         (source,) = open_sources(tmp_path / name)
@@ -344,6 +337,19 @@ def test_a_list_column_is_read_in_bounded_blocks_without_a_width_given(tmp_path,
     pq.write_table(pa.table({"emb": emb}), tmp_path / "x.parquet", row_group_size=5000)
     # blocks of 64 Ki floats, so that the test's row group is many blocks
     monkeypatch.setattr(_readers, "block_rows_for", lambda width, *a: max(1, 65536 // width))
+    sizes = spy_parquet_block_rows(monkeypatch)
+    sample, total = sample_vectors(tmp_path / "x.parquet", 100, seed=3)
+    assert total == 5000 and sample.shape == (100, 24)
+    blocks = list(iter_blocks(tmp_path / "x.parquet"))
+    assert max(b.data.shape[0] for b in blocks) <= 65536 // 24
+    np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), X)
+    assert sizes and max(sizes) <= 65536 // 24
+
+
+def spy_parquet_block_rows(monkeypatch):
+    """A list that collects the block_rows of every Parquet read."""
+    from embcomp import _readers
+
     sizes = []
     real_read = _readers.ParquetSource._read
 
@@ -352,9 +358,4 @@ def test_a_list_column_is_read_in_bounded_blocks_without_a_width_given(tmp_path,
         return real_read(self, start, stop, block_rows)
 
     monkeypatch.setattr(_readers.ParquetSource, "_read", read)
-    sample, total = sample_vectors(tmp_path / "x.parquet", 100, seed=3)
-    assert total == 5000 and sample.shape == (100, 24)
-    blocks = list(iter_blocks(tmp_path / "x.parquet"))
-    assert max(b.data.shape[0] for b in blocks) <= 65536 // 24
-    np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), X)
-    assert sizes and max(sizes) <= 65536 // 24
+    return sizes

@@ -110,6 +110,12 @@ def test_concurrent_fit_limit(tmp_path, sample, monkeypatch):
             assert client.fit("fp8", base[:100]).spec == "fp8"  # the slot is free again
 
 
+def stalled_fit(release):
+    """A FitCodec request stream that sends its header, then nothing until ``release``."""
+    yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
+    release.wait(30)
+
+
 def test_a_stalled_upload_holds_no_fit_slot(tmp_path, sample):
     """Only a fit whose data has arrived takes a slot: two clients that send a header and
     then nothing must not lock everyone else out of fitting."""
@@ -118,13 +124,9 @@ def test_a_stalled_upload_holds_no_fit_slot(tmp_path, sample):
         target = f"127.0.0.1:{srv.port}"
         release = threading.Event()
 
-        def stalled():
-            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
-            release.wait(30)
-
         def upload():
             with CompressionClient(target) as client, contextlib.suppress(ServiceError):
-                client._call(client._stub.FitCodec, stalled())
+                client._call(client._stub.FitCodec, stalled_fit(release))
 
         uploads = [threading.Thread(target=upload) for _ in range(2)]
         for thread in uploads:
@@ -145,10 +147,6 @@ def test_idle_streams_neither_lock_out_health_checks_nor_hold_their_slots(tmp_pa
         target = f"127.0.0.1:{srv.port}"
         release = threading.Event()
 
-        def stalled_fit():
-            yield pb.FitCodecRequest(header=pb.FitCodecHeader(spec="int8"))
-            release.wait(30)
-
         def stalled_encode():
             release.wait(30)  # not even a first message
             yield from ()
@@ -156,7 +154,7 @@ def test_idle_streams_neither_lock_out_health_checks_nor_hold_their_slots(tmp_pa
         with grpc.insecure_channel(target) as channel, CompressionClient(target) as client:
             stub = pb_grpc.CompressionServiceStub(channel)
             started = time.monotonic()
-            streams = [stub.FitCodec.future(stalled_fit())]
+            streams = [stub.FitCodec.future(stalled_fit(release))]
             encode_stream = stub.EncodeStream(stalled_encode())
             streams.append(encode_stream)
             time.sleep(0.3)  # both streams now hold the two call slots
