@@ -49,9 +49,10 @@ def _scores(queries: np.ndarray, base: np.ndarray, metric: str) -> np.ndarray:
     return 2 * ip - base_sq[None, :] - query_sq[:, None]
 
 
-def l2_centre(rows: Any) -> np.ndarray:
+def l2_centre(rows: Any) -> np.ndarray | None:
     """A point to measure squared L2 distances from: the mean of ``rows`` (float64 sum,
-    as float32) where they sit far from the origin next to their spread, else 0.
+    as float32) where they sit far from the origin next to their spread, else None
+    (measure from the origin).
 
     :func:`_scores` computes ``|q - x|^2`` as ``|q|^2 + |x|^2 - 2 q.x``, whose rounding
     error grows with ``|q|^2 + |x|^2`` while the distances grow with the spread: far
@@ -69,8 +70,8 @@ def l2_centre(rows: Any) -> np.ndarray:
         centre = rows.mean(axis=0, dtype=np.float64)
         spread = np.mean(np.sum((rows - centre) ** 2, axis=1)) if rows.size else 0.0
         far = bool(np.isfinite(centre).all() and centre @ centre > _FAR * spread)
-    if not far:
-        return np.zeros(rows.shape[-1], dtype=np.float32)
+    if not far:  # measure from the origin: no translation to pay for
+        return None
     fraction, exponent = np.frexp(centre)
     return np.ldexp(np.round(fraction * 4096) / 4096, exponent).astype(np.float32)
 

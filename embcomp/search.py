@@ -98,8 +98,10 @@ def search_codes(
         elif metric == "l2":  # distances from a point near the vectors (see l2_centre)
             if start == 0:
                 centre = l2_centre(vectors)
-                Q = Q - centre
-            vectors -= centre
+                if centre is not None:
+                    Q = Q - centre
+            if centre is not None:
+                vectors -= centre
         block_ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
         merged = []
         for q0 in range(0, m, _QUERY_BLOCK):
@@ -178,8 +180,9 @@ def two_stage_search(
         normalize_rows(vectors)
     elif metric == "l2":  # distances from a point near the vectors (see l2_centre)
         centre = l2_centre(vectors)
-        vectors -= centre
-        Q = Q - centre
+        if centre is not None:
+            vectors -= centre
+            Q = Q - centre
     vectors = vectors.reshape(m, c, d)
     ip = np.einsum("mcd,md->mc", vectors, Q)
     if metric != "l2":
