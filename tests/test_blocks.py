@@ -247,3 +247,33 @@ def test_workers_see_the_callers_cancellation_check():
     with pytest.raises(Stop), cancel_when(stop):
         blocks.map_blocks(64, 1, work)
     blocks.map_blocks(64, 1, work)  # no check outside the block
+
+
+def test_product_blocks_are_powers_of_two_that_split_a_1000_row_call():
+    """~1 MiB of input rounded down to a power of two, at least 512 rows: a 1,000-row
+    call of 384-d to 4,096-d input is two near halves (one for each core), while narrow
+    rows, whose products are too small to share, keep one block per 1 MiB."""
+    for d, rows in [(1, 1 << 18), (64, 4096), (128, 2048), (256, 1024), (257, 512)]:
+        assert blocks.rows_per_block(4 * d) == rows
+    for d in (384, 768, 1536, 3072, 4096, 16384):
+        assert blocks.rows_per_block(4 * d) == 512
+
+
+def test_a_1000_row_call_of_a_codec_with_a_reducer_runs_on_two_threads(monkeypatch):
+    monkeypatch.setenv("EMBCOMP_THREADS", "2")
+    X = np.random.default_rng(0).standard_normal((1000, 384)).astype(np.float32)
+    codec = make_codec("pca192,int8").fit(X)
+    codes = codec.encode(X)
+    seen: list[tuple[str, int]] = []
+    reducer = type(codec.reducer)
+    transform = reducer.transform_block
+
+    def spy(self, block, *args, **kwargs):
+        time.sleep(0.01)  # synchronization only: let the pool's worker start
+        seen.append((threading.current_thread().name, len(block)))
+        return transform(self, block, *args, **kwargs)
+
+    monkeypatch.setattr(reducer, "transform_block", spy)
+    np.testing.assert_array_equal(codec.encode(X), codes)
+    assert sorted(rows for _, rows in seen) == [488, 512]
+    assert len({name for name, _ in seen}) == 2
