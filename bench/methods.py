@@ -40,6 +40,7 @@ import numpy as np
 import embcomp
 from embcomp._validation import normalize_rows
 from embcomp.exceptions import EmbcompError, InputError, SpecError
+from embcomp.reducers import LinearReducer
 from embcomp.spec import STAGES, parse_spec
 
 __all__ = [
@@ -152,14 +153,14 @@ class EmbcompMethod(Method):
 
     Fitted reducers are shared between specs with the same reducer stage, options and
     training rows (``pca96,int8`` and ``pca96,fp8`` fit PCA once). Codecs with a reducer
-    are fitted in two timed steps: the reducer alone (or its cached fitted state), then
-    the quantizer on the reduced rows (:func:`_fit_quantizer`). ``fit_s`` is the
-    reducer's own fit time (measured once, reused) plus this codec's quantizer step,
-    what a fresh fit costs; the codec left in ``codec`` is an ordinary one.
+    are fitted in two timed steps: the reducer alone (or the cached fitted one), then
+    ``Codec.fit(train, reducer=...)``, which fits only the quantizer. ``fit_s`` is the
+    reducer's own fit time (measured once, reused) plus this codec's step, what a fresh
+    fit costs; the codec left in ``codec`` is an ordinary one.
     """
 
     family = "embcomp"
-    _reducer_cache: ClassVar[dict[str, tuple[dict[str, np.ndarray], float]]] = {}
+    _reducer_cache: ClassVar[dict[str, tuple[LinearReducer, float]]] = {}
     _REDUCER_CACHE_SIZE = 16
 
     def __init__(self, ref: str, options: Mapping[str, Any] | None = None) -> None:
@@ -198,25 +199,24 @@ class EmbcompMethod(Method):
             self.reducer_fit_s, self.reducer_cached = None, False
             self.codec = codec
             return
-        X = np.ascontiguousarray(train, dtype=np.float32)
-        if codec.spec.normalize:
-            X = normalize_rows(X.copy())
         cached = self._reducer_cache.get(key)
         if cached is None:
+            # the reducer alone, on the rows Codec.fit would give it
+            X = np.ascontiguousarray(train, dtype=np.float32)
+            X = normalize_rows(X.copy()) if codec.spec.normalize else X
+            reducer = codec.reducer
             start = time.perf_counter()
-            codec.reducer.fit(X)
+            reducer.fit(X)
             self.reducer_fit_s = time.perf_counter() - start
             if len(self._reducer_cache) >= self._REDUCER_CACHE_SIZE:
                 self._reducer_cache.pop(next(iter(self._reducer_cache)))
-            # only the reducer's own fit time: the quantizer is fitted per codec
-            self._reducer_cache[key] = (codec.reducer.state_arrays(), self.reducer_fit_s)
+            self._reducer_cache[key] = (reducer, self.reducer_fit_s)
             self.reducer_cached = False
         else:
-            state, self.reducer_fit_s = cached
-            codec.reducer.set_state(state)
+            reducer, self.reducer_fit_s = cached
             self.reducer_cached = True
         start = time.perf_counter()
-        _fit_quantizer(codec, X, train.shape[1])
+        codec.fit(train, reducer=reducer)  # the quantizer only (the codec keeps a copy)
         # the reducer's fit counts once per codec, as a fresh fit would spend it
         self.fit_s = self.reducer_fit_s + (time.perf_counter() - start)
         self.codec = codec
@@ -231,20 +231,6 @@ class EmbcompMethod(Method):
         out = super().describe()
         out["reducer_fit_reused"] = self.reducer_cached
         return out
-
-
-def _fit_quantizer(codec: embcomp.Codec, X: np.ndarray, d_in: int) -> None:
-    """Finish ``codec`` (its reducer already fitted) on training rows ``X`` (n, d_in)
-    float32, already normalized when the spec says so: fit the quantizer on the reduced
-    rows, as ``Codec.fit`` does after fitting the reducer. The codec is then an ordinary
-    fitted codec: nothing is patched, and ``codec.fit(Y)`` refits every stage."""
-    assert codec.reducer is not None
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        Z = codec.reducer.transform(X)
-    if not np.isfinite(Z).all():
-        raise InputError("training rows become inf or NaN after the reducer; rescale them")
-    codec.quantizer = codec.quantizer.fit(Z)
-    codec.d_in = d_in
 
 
 # -- FAISS -----------------------------------------------------------------------------

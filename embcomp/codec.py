@@ -198,16 +198,25 @@ class Codec:
         return 4 * self._check_fitted() / self.code_size
 
     # -- fit / encode / decode ---------------------------------------------------------
-    def fit(self, X: Any) -> Codec:
-        """Fit every stage on training vectors ``X`` (n, d_in) float; returns ``self``."""
+    def fit(self, X: Any, *, reducer: LinearReducer | None = None) -> Codec:
+        """Fit every stage on training vectors ``X`` (n, d_in) float; returns ``self``.
+
+        ``reducer``: a reducer already fitted (on these rows, normalized if the spec
+        says so) to use as it is, so only the quantizer is fitted: one PCA shared by
+        codecs that differ in their quantizer (``pca96,int8``, ``pca96,fp8``). It must be
+        of this codec's reducer stage and settings; the codec keeps a copy.
+        """
         X = check_matrix(X, name="training vectors")
         X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
+        if reducer is not None:
+            self._check_given_reducer(reducer, X32.shape[1])
         if self.spec.normalize:
             X32 = normalize_rows(X32.copy())
         # Stages are fitted as copies and swapped in together: a fit that fails part way
         # leaves the codec as it was, never a new reducer before an old quantizer.
-        reducer = copy.copy(self.reducer)
+        given = reducer is not None
+        reducer = copy.copy(reducer if given else self.reducer)
         if reducer is not None:
             if (X32 == X32[0]).all():
                 raise InputError(
@@ -215,7 +224,8 @@ class Codec:
                     f"{self.spec.stages[-2]} centres them on their mean, which leaves "
                     "the quantizer nothing to calibrate on; fit on varied vectors"
                 )
-            reducer.fit(X32)
+            if not given:
+                reducer.fit(X32)
             with np.errstate(over="ignore", invalid="ignore"):  # named just below
                 X32 = reducer.transform(X32)
             if not np.isfinite(X32).all():
@@ -226,6 +236,23 @@ class Codec:
         quantizer = copy.copy(self.quantizer).fit(X32)
         self.reducer, self.quantizer, self.d_in = reducer, quantizer, X.shape[1]
         return self
+
+    def _check_given_reducer(self, reducer: Any, d_in: int) -> None:
+        """A reducer passed to :meth:`fit` must be what this codec would have fitted."""
+        mine = self.reducer
+        if mine is None:
+            raise InputError(f"codec {self.spec} has no reducer stage; fit it without reducer=")
+        if type(reducer) is not type(mine) or reducer.get_params() != mine.get_params():
+            raise InputError(
+                f"reducer= must be a fitted {type(mine).__name__} with the settings of "
+                f"codec {self.spec} ({mine.get_params()}); got a {type(reducer).__name__}"
+                + (f" ({reducer.get_params()})" if type(reducer) is type(mine) else "")
+            )
+        width = reducer.n_features_in_  # raises NotFittedError when it is not fitted
+        if width != d_in:
+            raise InputError(
+                f"reducer= was fitted on {width} dims; the training vectors have {d_in}"
+            )
 
     def _reduce_block(self, block: np.ndarray, scratch: Scratch, *, owned: bool) -> np.ndarray:
         """Normalize and reduce one C-contiguous finite float32 block (the encode hot path).

@@ -167,6 +167,34 @@ def test_refit_that_does_not_suit_new_data_keeps_the_old_fit(rng_data):
     assert codec_to_bytes(codec_from_bytes(codec_to_bytes(codec))) == codec_to_bytes(codec)
 
 
+@pytest.mark.parametrize("spec", [s for s in SPECS if make_codec(s).reducer is not None])
+def test_fit_with_a_fitted_reducer_equals_a_fresh_fit(spec, rng_data):
+    """``fit(X, reducer=r)`` fits only the quantizer: one PCA shared by several codecs
+    gives each the bytes a fresh fit gives, and the shared reducer is not touched."""
+    fresh = make_codec(spec).fit(rng_data)
+    shared = make_codec(spec).fit(rng_data).reducer
+    before = codec_to_bytes(make_codec(spec).fit(rng_data, reducer=shared))
+    assert before == codec_to_bytes(fresh)
+    codec = make_codec(spec).fit(rng_data, reducer=shared)
+    assert codec.reducer is not shared
+    codec.fit(rng_data[::-1] * 2)  # an ordinary codec: a refit refits every stage
+    assert codec_to_bytes(make_codec(spec).fit(rng_data, reducer=shared)) == before
+
+
+def test_fit_refuses_a_reducer_the_codec_would_not_have_fitted(rng_data):
+    pca8 = make_codec("pca8,int8").fit(rng_data).reducer
+    with pytest.raises(InputError, match="no reducer stage"):
+        make_codec("int8").fit(rng_data, reducer=pca8)
+    with pytest.raises(InputError, match="settings of codec pca6,int8"):
+        make_codec("pca6,int8").fit(rng_data, reducer=pca8)
+    with pytest.raises(InputError, match="fitted PCAReducer"):
+        make_codec("pca8,int8").fit(rng_data, reducer=make_codec("mpad8,int8").reducer)
+    with pytest.raises(NotFittedError):
+        make_codec("pca8,int8").fit(rng_data, reducer=make_codec("pca8,int8").reducer)
+    with pytest.raises(InputError, match="fitted on 48 dims; the training vectors have 16"):
+        make_codec("pca8,int8").fit(rng_data[:, :16], reducer=pca8)
+
+
 def test_fit_rejects_bad_training_data(rng_data):
     with pytest.raises(InputError, match="empty"):
         make_codec("int8").fit(rng_data[:0])
