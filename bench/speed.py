@@ -100,11 +100,11 @@ def calls_per_run(fn: Callable[[], Any], run_seconds: float) -> int:
     A short call timed alone depends on what ran just before it: FAISS's OpenMP threads
     keep spinning on the cores for a while after each call (libgomp's default wait
     policy), so a two-thread call that follows one finds its second core taken (1,000 x
-    384 `pca192,int8`: 0.56-0.65x FAISS timed one call at a time, 0.96-1.1x in runs of
-    back-to-back calls), while FAISS's next call finds its threads awake or asleep
-    depending on the neighbour. A run of back-to-back calls measures what a stream of
-    calls gets, which is how both are used; the first call of a run still pays for its
-    neighbour.
+    384 `pca192,int8` in bench/results: 0.69-0.72x FAISS timed one call at a time,
+    0.81-0.96x in runs of back-to-back calls), while FAISS's next call finds its threads
+    awake or asleep depending on the neighbour. A run of back-to-back calls measures
+    what a stream of calls gets, which is how both are used; the first call of a run
+    still pays for its neighbour.
     """
     if run_seconds <= 0:
         return 1
