@@ -18,10 +18,11 @@ method always runs right after the same neighbour):
   ``sa_decode(codes, x)`` (fresh output memory costs page faults on both sides).
 
 Throughput is MB/s of float32 vectors (``n * d * 4`` bytes) per wall-clock second, the
-median of ``--repeats`` runs; the CPU seconds of each run are recorded too. A run of a
-call shorter than ``--run-seconds`` (5 ms) repeats it back to back for that long and
-counts the time per call (a 1,000-row call timed alone depends on what ran before it;
-see :func:`calls_per_run`); longer calls are timed one per run. Every
+median of ``--repeats`` runs; the CPU seconds of each run are recorded too. For inputs
+smaller than ``--run-mb`` (256 MB) a run repeats each call back to back until it has
+handled that much, the same number of calls for every method of the shape, and counts
+the time per call (a 1,000-row call timed alone depends on what ran before it; see
+:func:`calls_per_run`); the default shapes are timed one call per run. Every
 method uses all the cores this process may use (embcomp's pool, FAISS's OpenMP). The
 data are seeded synthetic unit-norm vectors with a decaying spectrum, like sentence
 embeddings; ``--data`` uses a real ``.npy`` matrix instead (rows tiled to ``n``).
@@ -55,7 +56,7 @@ ORDER_SEED = 7  # the order methods run in, each round
 FAISS_EQUIVALENT = {"int8": "SQ8", "int4": "SQ4", "fp16": "SQfp16", "bf16": "SQbf16"}
 NAIVE_CAST = {"fp8": "float8_e4m3fn", "fp8e5m2": "float8_e5m2", "fp4": "float4_e2m1fn"}
 TRAIN_ROWS = 20_000
-RUN_SECONDS = 0.005  # shorter calls are timed in runs of back-to-back calls: calls_per_run
+RUN_MB = 256  # smaller inputs are timed in runs of back-to-back calls: calls_per_run
 
 
 @dataclass
@@ -74,9 +75,6 @@ class Timing:
         self.wall.append((time.perf_counter() - wall0) / self.calls)
         self.cpu.append((time.process_time() - cpu0) / self.calls)
 
-    def calibrate(self, fn: Callable[[], Any], run_seconds: float) -> None:
-        self.calls = calls_per_run(fn, run_seconds)
-
     def mb_per_s(self, nbytes: int) -> float:
         return nbytes / 1e6 / statistics.median(self.wall)
 
@@ -93,9 +91,11 @@ class Timing:
         }
 
 
-def calls_per_run(fn: Callable[[], Any], run_seconds: float) -> int:
-    """Calls one timed run makes back to back: enough to last ``run_seconds`` (at most
-    1,000), 1 for calls that long already or when ``run_seconds`` is 0.
+def calls_per_run(nbytes: int, run_mb: float) -> int:
+    """Calls one timed run makes back to back for ``nbytes`` of float32 input: enough to
+    handle ``run_mb`` MB (at most 1,000), 1 for inputs that large or when ``run_mb`` is 0.
+    Every method of a shape makes the same number, so neither side gets more calls to
+    spread a slow first one over.
 
     A short call timed alone depends on what ran just before it: FAISS's OpenMP threads
     keep spinning on the cores for a while after each call (libgomp's default wait
@@ -106,14 +106,9 @@ def calls_per_run(fn: Callable[[], Any], run_seconds: float) -> int:
     what a stream of calls gets, which is how both are used; the first call of a run
     still pays for its neighbour.
     """
-    if run_seconds <= 0:
+    if run_mb <= 0:
         return 1
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return max(1, min(1000, int(np.ceil(run_seconds / max(best, 1e-7)))))
+    return max(1, min(1000, int(np.ceil(run_mb * 1e6 / max(nbytes, 1)))))
 
 
 @dataclass
@@ -337,7 +332,7 @@ def run_shape(
     repeats: int,
     data: str | None,
     specs_filter: Sequence[str] | None,
-    run_seconds: float = 0.0,
+    run_mb: float = 0.0,
 ):
     X = from_file(data, n, d) if data else synthetic(n, d)
     train = np.ascontiguousarray(X[:TRAIN_ROWS])
@@ -352,11 +347,9 @@ def run_shape(
     codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
     # decode_into's buffers: one per method, already written once (no page faults left)
     buffers = {m.name: m.decode(codes[m.name]) for m in methods if m.decode_into}
+    calls = calls_per_run(X.nbytes, run_mb)
     for m in methods:
-        m.enc.calibrate(partial(m.encode, X), run_seconds)
-        m.dec.calibrate(partial(m.decode, codes[m.name]), run_seconds)
-        if m.decode_into is not None:
-            m.deci.calibrate(partial(m.decode_into, codes[m.name], buffers[m.name]), run_seconds)
+        m.enc.calls = m.dec.calls = m.deci.calls = calls
     # Interleaved: each run of every method sees the same load. Shuffled each round
     # (seeded): what runs just before a method matters (a big array freed just before
     # makes the next fresh output's page faults cheaper), so no method always follows
@@ -716,22 +709,17 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def _runs_sentence(record: dict[str, Any]) -> str:
-    """How many calls a run made (records before ``--run-seconds`` timed one call)."""
-    seconds = record.get("run_seconds", 0)
-    if not seconds:
+    """How many calls a run made (records before ``--run-mb`` timed one call)."""
+    calls = sorted(
+        {shape["rows"][0]["encode"].get("calls_per_run", 1) for shape in record["shapes"]}
+    )
+    if calls == [1]:
         return "Each run is one call. "
-    calls = [
-        timing["calls_per_run"]
-        for shape in record["shapes"]
-        for row in shape["rows"]
-        for side in (row, row.get("faiss") or {})
-        for op in ("encode", "decode", "decode_into")
-        if (timing := side.get(op))
-    ]
     return (
-        f"A run repeats a call shorter than {seconds * 1000:g} ms back to back for about that "
-        f"long and counts the time per call ({min(calls)}-{max(calls)} calls per run here): "
-        "a stream of calls, not one call timed between other methods' calls. "
+        f"A run repeats each call back to back until it has handled {record['run_mb']:g} MB "
+        f"of input ({', '.join(map(str, calls))} calls per run here, the same for every "
+        "method) and counts the time per call: a stream of calls, not one call timed "
+        "between other methods' calls. "
     )
 
 
@@ -786,11 +774,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method")
     parser.add_argument(
-        "--run-seconds",
+        "--run-mb",
         type=float,
-        default=RUN_SECONDS,
-        help="a timed run repeats a call back to back until it lasts about this long "
-        "(0: one call per run; calls that long already are always timed alone)",
+        default=RUN_MB,
+        help="a timed run repeats each call back to back until it has handled this many "
+        "MB of input (0: one call per run; inputs this large are always timed alone)",
     )
     parser.add_argument("--specs", nargs="+", help="only these specs or quantizer names")
     parser.add_argument("--data", help="a .npy float matrix to use instead of synthetic data")
@@ -823,15 +811,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run the benchmark described by ``args`` (see :func:`build_parser`)."""
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
-    if not args.run_seconds >= 0:  # also NaN
-        raise SystemExit(f"--run-seconds must be >= 0; got {args.run_seconds}")
+    if not args.run_mb >= 0:  # also NaN
+        raise SystemExit(f"--run-mb must be >= 0; got {args.run_mb}")
     if args.output is not None and args.output.suffix.lower() != ".json":  # before measuring
         raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     record: dict[str, Any] = {
         "benchmark": "speed",
         "command": " ".join(["python -m bench speed", *argv]),
         "repeats": args.repeats,
-        "run_seconds": args.run_seconds,
+        "run_mb": args.run_mb,
         "order_seed": ORDER_SEED,
         "environment": environment(),
         "jit": jit_cost() if args.jit_cost else {"available": _jit.AVAILABLE, "measured": False},
@@ -840,7 +828,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     }
     for n, d in args.shapes:
         print(f"== {n:,} x {d} ({n * d * 4 / 1e6:.0f} MB float32) ==", flush=True)
-        shape = run_shape(n, d, args.repeats, args.data, args.specs, args.run_seconds)
+        shape = run_shape(n, d, args.repeats, args.data, args.specs, args.run_mb)
         record["shapes"].append(shape)
         print_shape(shape)
     if not args.no_write:

@@ -15,7 +15,7 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     from bench.speed import main
 
     out = tmp_path / "speed.json"
-    argv = ["--shapes", "3000x16", "--repeats", "2", "--run-seconds", "0.002"]
+    argv = ["--shapes", "3000x16", "--repeats", "2", "--run-mb", "1"]
     assert main([*argv, "--output", str(out)]) == 0
     record = json.loads(out.read_text())
     (shape,) = record["shapes"]
@@ -35,9 +35,11 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     }
     assert all(t["rounds"]["of"] == 2 for t in shape["targets"])  # each round's own ratio
     assert " met |" in out.with_suffix(".md").read_text()
-    # 3,000 x 16 calls take microseconds: each run repeats one back to back
-    assert record["run_seconds"] == 0.002 and rows["int8"]["encode"]["calls_per_run"] > 1
-    assert "calls per run here" in out.with_suffix(".md").read_text()
+    # 3,000 x 16 float32 is 0.192 MB: each run makes 6 calls of every method, FAISS too
+    assert record["run_mb"] == 1
+    for op in ("encode", "decode", "decode_into"):
+        assert rows["int8"][op]["calls_per_run"] == rows["int8"]["faiss"][op]["calls_per_run"] == 6
+    assert "(6 calls per run here" in out.with_suffix(".md").read_text()
     assert rows["int8"]["decode_into_ratio"] > 0 and "decode_into" in rows["int8"]["faiss"]
     assert "| int8 |" in out.with_suffix(".md").read_text()
     # the floor under fresh-output decode: page faults alone, timed in the same rounds
@@ -103,17 +105,14 @@ def test_the_report_flags_blas_kernels_that_differ_between_the_sides():
     assert "not recorded" in blas_sentence({"blas": [{"error": "no threadpoolctl"}]})
 
 
-def test_a_run_repeats_a_short_call_for_about_run_seconds():
-    import time
-
+def test_a_run_repeats_calls_on_small_inputs_until_it_has_handled_run_mb():
     import pytest
 
     from bench.speed import calls_per_run, main
 
-    calls = []
-    assert calls_per_run(lambda: calls.append(1), 0) == 1 and not calls  # 0: one call, no probe
-    assert calls_per_run(lambda: None, 0.02) == 1000  # at most 1,000
-    assert calls_per_run(lambda: time.sleep(0.03), 0.02) == 1  # long calls run alone
-    assert 2 <= calls_per_run(lambda: time.sleep(0.002), 0.02) <= 10
-    with pytest.raises(SystemExit, match="--run-seconds must be >= 0; got -1.0"):
-        main(["--shapes", "100x8", "--run-seconds", "-1", "--no-write"])
+    assert calls_per_run(1000 * 384 * 4, 256) == 167  # 1,000 x 384: 1.536 MB a call
+    assert calls_per_run(200_000 * 384 * 4, 256) == 1  # the default shapes: one call
+    assert calls_per_run(1000 * 384 * 4, 0) == 1
+    assert calls_per_run(16, 256) == 1000  # at most 1,000
+    with pytest.raises(SystemExit, match="--run-mb must be >= 0; got -1.0"):
+        main(["--shapes", "100x8", "--run-mb", "-1", "--no-write"])
