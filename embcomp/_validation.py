@@ -76,7 +76,13 @@ def check_matrix(
 
 
 def check_finite(block: np.ndarray, *, name: str = "X", row_offset: int = 0) -> None:
-    """Raise ``InputError`` naming the first row of ``block`` holding NaN or inf."""
+    """Raise ``InputError`` naming the first row of ``block`` holding NaN or inf.
+
+    The test is the block's min and max (NaN propagates through both; inf is one of
+    them): no temporary the size of the block, where ``np.isfinite(block)`` would take
+    a byte per value (a 100,000 x 3,072 training sample: 307 MB)."""
+    if block.size == 0 or (np.isfinite(block.min()) and np.isfinite(block.max())):
+        return
     if not np.isfinite(block).all():
         bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
         first = int(bad_rows[0]) + row_offset
@@ -84,6 +90,14 @@ def check_finite(block: np.ndarray, *, name: str = "X", row_offset: int = 0) -> 
             f"{name} row {first} contains NaN or inf ({bad_rows.size} bad rows in this block); "
             "drop or repair non-finite vectors before encoding"
         )
+
+
+def column_range(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min and max of a finite (n >= 1, d) float array, in one pass each and
+    without temporaries of ``X``'s size: what a fit learns ranges from, checks that the
+    rows are not all identical (min == max everywhere) and finds the largest magnitude
+    with (``max(|min|, |max|)``; ``np.abs(X)`` would copy ``X``)."""
+    return X.min(axis=0), X.max(axis=0)
 
 
 def check_not_an_input(output: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> None:

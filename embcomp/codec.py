@@ -24,6 +24,7 @@ from ._validation import (
     check_finite,
     check_matrix,
     check_output,
+    column_range,
     fresh_array,
     normalize_rows,
     to_float32,
@@ -218,7 +219,8 @@ class Codec:
         given = reducer is not None
         reducer = copy.copy(reducer if given else self.reducer)
         if reducer is not None:
-            if (X32 == X32[0]).all():
+            lo, hi = column_range(X32)
+            if (lo == hi).all():
                 raise InputError(
                     f"the {X32.shape[0]} training vector(s) are all identical: "
                     f"{self.spec.stages[-2]} centres them on their mean, which leaves "

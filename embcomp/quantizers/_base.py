@@ -15,6 +15,7 @@ from .._validation import (
     check_finite,
     check_matrix,
     check_output,
+    column_range,
     fresh_array,
     to_float32,
 )
@@ -63,13 +64,14 @@ class Quantizer(FittedStage):
             )
         X32 = to_float32(X, name="training vectors")
         check_finite(X32, name="training vectors")
-        if need > 1 and (X32 == X32[0]).all():
+        lo, hi = column_range(X32)
+        if need > 1 and (lo == hi).all():
             raise InputError(
                 f"{type(self).__name__} calibrates its ranges on the training vectors, and "
                 f"all {X32.shape[0]} are identical: every dimension's range is a single "
                 "value, and every other vector would clip to it; fit on varied vectors"
             )
-        top = float(np.abs(X32).max(initial=0.0))
+        top = float(np.maximum(np.abs(lo), np.abs(hi)).max(initial=0.0))
         if 0 < top < _SMALLEST_TOP:
             raise InputError(
                 f"the values to quantize are at most {top:.3g} in magnitude, too close to "
