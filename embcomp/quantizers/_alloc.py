@@ -455,10 +455,13 @@ class AllocQuantizer(Quantizer):
         plain = self._decode_units(codes)
         thresholds = 0.5 * (levels[1:] + levels[:-1])
         scale = levels[np.searchsorted(thresholds, ratios)][:, None]
-        with np.errstate(over="ignore", invalid="ignore"):
-            scaled = (plain - self.mean_) * scale + self.mean_
+        with_plain = judge.hits(plain)
+        with np.errstate(over="ignore", invalid="ignore"):  # in place: one sample-sized array
+            scaled = np.subtract(plain, self.mean_, out=plain)
+            scaled *= scale
+            scaled += self.mean_
         with_code = judge.hits(scaled)
-        gaps = with_code - judge.hits(plain)
+        gaps = with_code - with_plain
         helps = bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(gaps.size))
         if helps and 32 * norm_bits < 8 * int(self.budget):
             self.norm_levels_ = levels
