@@ -181,12 +181,14 @@ def streamed_mean_cov(X: np.ndarray, block_rows: int = 8192) -> tuple[np.ndarray
     first = np.asarray(X[:block_rows], dtype=np.float64)
     check_finite(first, name="training vectors")
     shift = first.mean(axis=0)
+    del first  # one float64 block at a time below (8,192 x 3,072: 200 MB each)
     total = np.zeros(d)
     scatter = np.zeros((d, d))
     for start in range(0, n, block_rows):
         block = to_float32(X[start : start + block_rows], name="training vectors", row_offset=start)
         check_finite(block, name="training vectors", row_offset=start)
-        centered = block.astype(np.float64) - shift
+        centered = block.astype(np.float64)
+        centered -= shift
         total += centered.sum(axis=0)
         scatter += centered.T @ centered
     delta = total / n
