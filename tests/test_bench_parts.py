@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from memory import peak_bytes
 
 import embcomp
 from bench import datasets as ds
@@ -115,19 +116,13 @@ def test_qrels_for_a_single_matrix_need_its_query_file(tmp_path, capsys):
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_ground_truth_spot_check_scores_the_base_in_blocks(metric):
     # It made a float64 copy of the whole base (2x its bytes; 7.7 GB for 1M x 960).
-    import tracemalloc
 
     from embcomp.evaluation import exact_knn
 
     base, queries = unit_rows(20_000, 64, 20), unit_rows(8, 64, 21)
     ids, _ = exact_knn(base, queries, 3, metric=metric)
     dataset = ds.Dataset("spot", base, queries, metric, gt=ids)
-    tracemalloc.start()
-    try:
-        ds._spot_check_ground_truth(dataset)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = peak_bytes(lambda: ds._spot_check_ground_truth(dataset))
     assert peak < base.nbytes / 2
     wrong = ds.Dataset("spot", base, queries, metric, gt=ids[:, ::-1].copy())
     with pytest.raises(InputError, match="ground truth row 0 names base row"):

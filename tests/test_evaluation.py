@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+from memory import peak_bytes
 
 from embcomp import InputError
 from embcomp.evaluation import (
@@ -207,7 +208,6 @@ def test_l2_search_far_from_the_origin_keeps_its_digits():
 
 
 def test_recall_with_a_large_k_needs_no_k_squared_memory():
-    import tracemalloc
 
     rng = np.random.default_rng(3)
     m, k, n = 256, 2048, 6000
@@ -216,12 +216,7 @@ def test_recall_with_a_large_k_needs_no_k_squared_memory():
         rng.random((m, k)) < 0.5, true[:, rng.permutation(k)], rng.integers(0, n, (m, k))
     )
     expected = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, true, strict=True)])
-    tracemalloc.start()
-    try:
-        got = recall_at_k(found, true, k)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = peak_bytes(lambda: recall_at_k(found, true, k))
     assert got == pytest.approx(expected)
     assert peak < 64 << 20  # the (m, k, k) comparison took 1 GiB
 

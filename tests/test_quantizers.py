@@ -1,6 +1,7 @@
 import ml_dtypes
 import numpy as np
 import pytest
+from memory import peak_bytes
 
 from embcomp import InputError, make_codec
 from embcomp.quantizers import FloatQuantizer, IntQuantizer, pack_nibbles, unpack_nibbles
@@ -363,14 +364,7 @@ def test_fitting_takes_no_copy_of_the_training_sample(spec):
     """Ranges, scales and centring come from per-column min/max and blockwise error
     sums; bin fits groups of columns. Before: np.abs(X), X - mean, a bool mask per
     check and the whole-sample error terms took 1x (int8) to 3x (fp8) the sample again."""
-    import tracemalloc
-
     X = np.random.default_rng(0).standard_normal((16000, 512)).astype(np.float32)
     codec = make_codec(spec)
-    tracemalloc.start()
-    try:
-        codec.fit(X)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = peak_bytes(lambda: codec.fit(X))
     assert peak < X.nbytes / 4, f"{spec}: {peak / 1e6:.1f} MB over a {X.nbytes / 1e6:.1f} MB sample"
