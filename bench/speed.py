@@ -811,8 +811,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run the benchmark described by ``args`` (see :func:`build_parser`)."""
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
-    if not args.run_mb >= 0:  # also NaN
-        raise SystemExit(f"--run-mb must be >= 0; got {args.run_mb}")
+    if not 0 <= args.run_mb < float("inf"):  # also NaN
+        raise SystemExit(f"--run-mb must be a finite number >= 0; got {args.run_mb}")
     if args.output is not None and args.output.suffix.lower() != ".json":  # before measuring
         raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     record: dict[str, Any] = {

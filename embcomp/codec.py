@@ -20,6 +20,7 @@ from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from . import _jit
 from ._blocks import Scratch, float32_block, map_blocks, rows_per_block
 from ._validation import (
+    all_finite,
     check_codes,
     check_finite,
     check_matrix,
@@ -230,7 +231,7 @@ class Codec:
                 reducer.fit(X32)
             with np.errstate(over="ignore", invalid="ignore"):  # named just below
                 X32 = reducer.transform(X32)
-            if not np.isfinite(X32).all():
+            if not all_finite(X32):
                 raise InputError(
                     f"training row {_first_nonfinite_row(X32)} becomes inf after the reducer: "
                     "its values are too large for float32 arithmetic; rescale the vectors"

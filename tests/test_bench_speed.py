@@ -114,5 +114,6 @@ def test_a_run_repeats_calls_on_small_inputs_until_it_has_handled_run_mb():
     assert calls_per_run(200_000 * 384 * 4, 256) == 1  # the default shapes: one call
     assert calls_per_run(1000 * 384 * 4, 0) == 1
     assert calls_per_run(16, 256) == 1000  # at most 1,000
-    with pytest.raises(SystemExit, match="--run-mb must be >= 0; got -1.0"):
-        main(["--shapes", "100x8", "--run-mb", "-1", "--no-write"])
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(SystemExit, match=f"--run-mb must be a finite number >= 0; got {bad}"):
+            main(["--shapes", "100x8", "--run-mb", bad, "--no-write"])
