@@ -8,8 +8,10 @@ messages gRPC hands over (asking a message its ``ByteSize()`` would serialize it
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import itertools
 import logging
 import queue
 import re
@@ -28,6 +30,7 @@ from .metrics import ServiceMetrics
 __all__ = [
     "CallSlots",
     "IdleTimeout",
+    "RequestArrival",
     "bidi_stream",
     "client_stream",
     "guarded_requests",
@@ -100,9 +103,9 @@ class CallSlots:
 
     gRPC's own limit (``maximum_concurrent_rpcs``) counts every call, health checks
     included; this one counts only the service's (and reflection's), so the server's
-    spare threads stay free for health checks however many of those calls run. (A call
-    whose request has not arrived holds a thread before any slot is taken: see
-    ``ServiceConfig.max_workers``.)
+    spare threads stay free for health checks however many of those calls run. A unary
+    call holds a slot from its headers on, while its request arrives (see
+    :class:`RequestArrival`).
     """
 
     def __init__(self, limit: int) -> None:
@@ -374,3 +377,174 @@ def bidi_stream(method: str) -> Callable[[F], F]:
         return wrapped  # type: ignore[return-value]
 
     return decorate
+
+
+class RequestArrival(grpc.ServerInterceptor):
+    """Serve unary-request methods as client streams of their one message, so that a call
+    whose request never (fully) arrives ends after ``seconds`` instead of holding a
+    server thread for as long as its client keeps the connection open.
+
+    gRPC reads a unary call's request on a server thread before any handler sees the
+    call, with no time limit: 18 clients that sent headers and no body held every
+    thread of a default server, health checks' spare ones included, until they
+    disconnected. On the wire a unary request is a stream of one message, so the
+    handler is registered as a stream-request one and reads that message itself:
+    while it waits, the call holds one of ``slots`` (one call too many gets
+    RESOURCE_EXHAUSTED at once, leaving the spare threads to health checks, whose
+    methods, ``exempt``, take no slot), and one watchdog thread cancels calls whose
+    message has not arrived ``seconds`` after their headers (the client sees CANCELLED;
+    the server logs why). The slot is given back once the message is in, before the
+    servicer's handler takes its own. Put it last among the interceptors: one before
+    it (authentication) then sees the stream-request shape and can refuse a call
+    without waiting for its body.
+    """
+
+    def __init__(
+        self,
+        slots: CallSlots,
+        seconds: float,
+        metrics: ServiceMetrics,
+        exempt: tuple[str, ...] = ("/grpc.health.v1.Health/",),
+    ) -> None:
+        self._slots, self._seconds, self._metrics = slots, seconds, metrics
+        self._exempt = exempt
+        self._watchdog = _Watchdog(seconds)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or not hasattr(handler, "_replace"):
+            return handler
+        path = handler_call_details.method
+        method = path.rsplit("/", 1)[-1]
+        slots = None if path.startswith(self._exempt) else self._slots
+        if handler.response_streaming:
+            respond = handler.unary_stream
+
+            def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                yield from respond(self._receive(requests, context, method, slots), context)
+
+            return handler._replace(
+                request_streaming=True, unary_stream=None, stream_stream=stream_stream
+            )
+        answer = handler.unary_unary
+
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return answer(self._receive(requests, context, method, slots), context)
+
+        return handler._replace(request_streaming=True, unary_unary=None, stream_unary=stream_unary)
+
+    def _receive(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        method: str,
+        slots: CallSlots | None,
+    ) -> Any:
+        """The call's one request message, waited for under a slot and the time limit."""
+        try:
+            release = slots.take() if slots is not None else _no_slot
+        except LimitExceededError as exc:
+            call = Call(method, context, self._metrics)
+            try:
+                call.fail(exc)
+            finally:
+                call.finish()
+
+        def expire() -> None:
+            logger.warning(
+                "no %s request arrived within %g s of the call's start; the call was "
+                "cancelled (the limit is EMBCOMP_STREAM_IDLE_SECONDS)",
+                method,
+                self._seconds,
+            )
+            self._metrics.observe(method, "CANCELLED", self._seconds)
+            context.cancel()
+            release()
+
+        watch = self._watchdog.open(expire)
+        try:
+            request = next(requests, None)
+        finally:
+            self._watchdog.close(watch)
+            release()
+        if request is None:  # the client closed its side without a message: as gRPC says
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f'"{method}" requires exactly one request message.'
+            )
+        return request
+
+
+def _no_slot() -> None:
+    """The release of a call that holds no slot."""
+
+
+class _Watchdog:
+    """Calls ``expire()`` of each watch still open ``seconds`` after it opened.
+
+    One daemon thread for all calls, started by a watch when there is none, gone once it
+    has had nothing to watch for ``seconds``. Every watch lasts the same ``seconds``, so
+    they expire in the order they opened (a queue, no heap), and one that opens while
+    the thread sleeps expires after the thread wakes: nothing ever wakes it early, and
+    a call costs two short locked sections, not a thread switch. Closed watches leave
+    the queue from its front, as new ones open and as the thread wakes.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._open: dict[int, Callable[[], None]] = {}
+        self._queue: collections.deque[tuple[float, int]] = collections.deque()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def open(self, expire: Callable[[], None]) -> int:
+        """Start watching; returns the key to :meth:`close` the watch with."""
+        key = next(self._ids)
+        with self._lock:
+            self._drop_closed()
+            self._open[key] = expire
+            self._queue.append((time.monotonic() + self._seconds, key))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="embcomp-request-watchdog", daemon=True
+                )
+                self._thread.start()
+        return key
+
+    def close(self, key: int) -> None:
+        with self._lock:
+            self._open.pop(key, None)
+
+    def _drop_closed(self) -> None:
+        while self._queue and self._queue[0][1] not in self._open:
+            self._queue.popleft()
+
+    def _run(self) -> None:
+        idle = False
+        while True:
+            expire = None
+            with self._lock:
+                self._drop_closed()
+                if not self._queue:
+                    if idle:  # nothing to watch for a whole limit
+                        self._thread = None
+                        return
+                    idle, wait = True, self._seconds
+                else:
+                    idle = False
+                    deadline, key = self._queue[0]
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        self._queue.popleft()
+                        expire = self._open.pop(key)
+            if expire is None:
+                time.sleep(wait)
+                continue
+            try:
+                expire()
+            except Exception:  # noqa: BLE001 - one failed cancel must not stop the watchdog
+                logger.exception("cancelling a call whose request did not arrive failed")

@@ -37,15 +37,14 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "max-dims": (int, "widest vectors a codec may take, fitted or imported (default 16384)"),
     "max-workers": (
         int,
-        "service and reflection calls served at once; more get RESOURCE_EXHAUSTED "
-        "(default 16; health checks have 2 threads of their own, which calls whose "
-        "request body never arrives can still take: serve untrusted clients behind a "
-        "proxy with request timeouts)",
+        "service and reflection calls served at once, those whose request is still "
+        "arriving included; more get RESOURCE_EXHAUSTED (default 16; health checks "
+        "have 2 threads of their own)",
     ),
     "stream-idle-seconds": (
         float,
         "end a streaming call whose client sends nothing, or reads no response, for "
-        "this long (default 60)",
+        "this long, and a call whose request has not arrived by then (default 60)",
     ),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
     "cache-bytes": (int, "memory the loaded codecs kept may hold in all (default 1 GiB)"),

@@ -46,17 +46,14 @@ class ServiceConfig(BaseSettings):
     max_dims : widest vectors a codec may take (FitCodec training data, ImportCodec d_in).
     max_workers : calls of the compression service served at once; one more gets
         RESOURCE_EXHAUSTED at once rather than waiting. Server reflection counts as such
-        a call. Health checks have ``SPARE_THREADS`` threads of their own, so calls of
-        the service, however many, do not keep them from answering. Not guarded: gRPC
-        reads a unary call's request on a server thread before any handler (or slot)
-        sees the call, so a client that sends a call's headers but never its body holds
-        a thread until it disconnects, and ``max_workers + SPARE_THREADS`` such calls hold
-        them all, health checks included. Where clients are not trusted, serve behind a
-        proxy that enforces request timeouts.
+        a call, and so does a unary call whose request is still arriving. Health checks
+        have ``SPARE_THREADS`` threads of their own, so calls of the service, however
+        many, do not keep them from answering.
     stream_idle_seconds : a streaming call (FitCodec, EncodeStream, DecodeStream) whose
         client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
         its slot; a response stream whose client reads no response for this long is
-        cancelled (CANCELLED), freeing its slot and threads.
+        cancelled (CANCELLED), freeing its slot and threads; a unary call whose request
+        has not arrived this long after the call started is cancelled (CANCELLED).
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     cache_bytes : memory those codecs may hold in all (their arrays, derived ones included);
         a codec larger than this is loaded for each call instead of kept.

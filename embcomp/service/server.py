@@ -22,7 +22,7 @@ from .._version import __version__
 from ..exceptions import InputError
 from ..v1 import compression_service_pb2, compression_service_pb2_grpc
 from .auth import BearerTokenInterceptor
-from .calls import CallSlots, bidi_stream
+from .calls import CallSlots, RequestArrival, bidi_stream
 from .config import SPARE_THREADS, ServiceConfig
 from .logs import configure_logging, logger
 from .metrics import ServiceMetrics, TrafficInterceptor
@@ -147,16 +147,19 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
         max_artifact_bytes=config.max_stored_artifact_bytes,
     )
     metrics = ServiceMetrics()
+    servicer = CompressionServicer(store, config, metrics)
     token = config.token()
-    interceptors: list[grpc.ServerInterceptor] = [TrafficInterceptor(metrics)]
+    # Last: unary calls read their request under a slot and a time limit (see
+    # RequestArrival), and the interceptors before it see that stream-request shape.
+    interceptors: list[grpc.ServerInterceptor] = [
+        TrafficInterceptor(metrics),
+        RequestArrival(servicer.call_slots, config.stream_idle_seconds, metrics),
+    ]
     if token:
         interceptors.insert(0, BearerTokenInterceptor(token, metrics))
     # Service and reflection calls are limited to max_workers by the servicer's
     # CallSlots; the spare threads are for health checks, and gRPC refuses calls beyond
     # all threads at once (RESOURCE_EXHAUSTED) instead of queueing them behind busy ones.
-    # A call whose headers arrived but whose request body never does holds a thread
-    # before any slot is taken (gRPC reads it first); nothing here bounds that: see
-    # ServiceConfig.max_workers.
     threads = config.max_workers + SPARE_THREADS
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="embcomp-rpc"),
@@ -168,7 +171,6 @@ def create_server(config: ServiceConfig | None = None) -> tuple[EmbcompServer, i
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
         ],
     )
-    servicer = CompressionServicer(store, config, metrics)
     compression_service_pb2_grpc.add_CompressionServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -322,6 +322,94 @@ def test_reflection_streams_take_call_slots_and_end_when_idle(tmp_path):
     _wait_for_no_reader_threads()
 
 
+def _unary_as_stream(channel, method, request_type, response_type):
+    """Service method ``method`` called as a client stream: what a client whose unary
+    request is slow, or never comes, looks like on the wire."""
+    return channel.stream_unary(
+        f"/embcomp.v1.CompressionService/{method}",
+        request_serializer=request_type.SerializeToString,
+        response_deserializer=response_type.FromString,
+    )
+
+
+def test_unary_calls_whose_request_never_arrives_end_and_hold_no_thread_for_long(tmp_path):
+    """gRPC read a unary call's request on a server thread, before any handler or slot,
+    with no time limit: max_workers + 2 clients that sent headers and no body held
+    every thread, health checks' included, for as long as they stayed connected."""
+    release = threading.Event()
+
+    def no_body():
+        release.wait(30)
+        yield from ()
+
+    def slow_body():
+        time.sleep(0.5)
+        yield pb.ListCodecsRequest()
+
+    with running_server(tmp_path / "s", max_workers=2, stream_idle_seconds=1.5) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with grpc.insecure_channel(target) as channel, CompressionClient(target) as client:
+            encode = _unary_as_stream(channel, "Encode", pb.EncodeRequest, pb.EncodeResponse)
+            listing = _unary_as_stream(
+                channel, "ListCodecs", pb.ListCodecsRequest, pb.ListCodecsResponse
+            )
+            try:
+                started = time.monotonic()
+                calls = [encode.future(no_body()) for _ in range(4)]  # as many as threads
+                time.sleep(0.3)
+                refused = [c for c in calls if c.done()]
+                assert len(refused) == 2  # two hold the two slots, two were refused at once
+                for call in refused:
+                    assert call.exception().code() == EXHAUSTED
+                    assert "call slots are busy" in call.exception().details()
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                assert _code(lambda: client.list())[0] == EXHAUSTED
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        call.result(timeout=10)
+                    assert caught.value.code() in (EXHAUSTED, grpc.StatusCode.CANCELLED)
+                assert 1.5 <= time.monotonic() - started < 5  # ended by the server's limit
+            finally:
+                release.set()
+            assert client.list() == []  # the slots are free again
+            # a request that takes a while but arrives within the limit is served
+            assert list(listing(slow_body(), timeout=10).codecs) == []
+            # a unary call must carry exactly one message, as gRPC itself answers
+            with pytest.raises(grpc.RpcError) as caught:
+                listing(iter(()), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "requires exactly one request message" in caught.value.details()
+        errors = srv.metrics.registry.get_sample_value
+        for code in ("CANCELLED", "RESOURCE_EXHAUSTED"):
+            assert errors("embcomp_errors_total", {"method": "Encode", "code": code}) == 2
+
+
+def test_the_request_watchdog_expires_open_watches_in_order():
+    from embcomp.service.calls import _Watchdog
+
+    fired = []
+    watchdog = _Watchdog(0.2)
+    first = watchdog.open(lambda: fired.append(1))
+    watchdog.close(watchdog.open(lambda: fired.append(2)))  # closed in time: never fires
+    third = watchdog.open(lambda: fired.append(3))
+    time.sleep(0.6)
+    assert fired == [1, 3]
+    watchdog.close(first)  # closing an expired watch is harmless
+    watchdog.close(third)
+    watchdog.open(lambda: fired.append(4))  # the sleeping thread finds a new watch
+    time.sleep(0.6)
+    assert fired == [1, 3, 4]
+    deadline = time.monotonic() + 5
+    while watchdog._thread is not None:  # nothing to watch for 0.2 s: the thread ends
+        assert time.monotonic() < deadline, "the idle watchdog thread did not end"
+        time.sleep(0.05)
+    watchdog.open(lambda: fired.append(5))  # and a new watch starts another
+    time.sleep(0.6)
+    assert fired == [1, 3, 4, 5]
+
+
 def test_an_upload_cut_by_its_deadline_stores_nothing(tmp_path, sample):
     """gRPC may end a client stream whose deadline passed as if it were complete; the
     server must not fit (and store) the chunks that arrived before it."""
@@ -549,6 +637,27 @@ def test_auth_accepts_the_token_and_exempts_health(auth_server, sample):
     with CompressionClient(target, token="nope") as client:
         assert _code(client.list)[0] == UNAUTHENTICATED
     assert registry.get_sample_value("embcomp_errors_total", labels) == before + 1
+
+
+def test_auth_refuses_a_call_without_waiting_for_its_request(auth_server):
+    """The rejection used to wait, on a server thread, for a body that might never come."""
+    release = threading.Event()
+
+    def no_body():
+        release.wait(30)
+        yield from ()
+
+    target = f"127.0.0.1:{auth_server.port}"
+    with grpc.insecure_channel(target) as channel:
+        encode = _unary_as_stream(channel, "Encode", pb.EncodeRequest, pb.EncodeResponse)
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                encode(no_body(), timeout=10)
+            assert caught.value.code() == UNAUTHENTICATED
+            assert time.monotonic() - started < 5  # not the 60 s request limit
+        finally:
+            release.set()
 
 
 def test_auth_token_file(tmp_path, sample):
