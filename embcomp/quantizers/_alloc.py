@@ -40,6 +40,7 @@ variance).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -408,21 +409,27 @@ class AllocQuantizer(Quantizer):
         self.order_ = order.astype(np.int64)
         self.mean_ = mean.astype(np.float32)
         self.variance_ = variance.astype(np.float32)
-        Z = np.ascontiguousarray(sample[:, order], dtype=np.float32)
+        def reordered() -> np.ndarray:
+            """The sample in variance order, for _fit_units. ``np.take`` writes it C-ordered
+            at once; ``sample[:, order]`` came out Fortran-ordered and was copied again
+            (2x the sample at once, and 2.1 s instead of 0.06 s for 32,768 x 1,536)."""
+            return np.take(sample, order, axis=1).astype(np.float32, copy=False)
+
         norm_bits = int(self.norm_bits)
-        self._fit_units(Z, weighted[order], variance, mean, 8 * int(self.budget) - norm_bits)
+        bits = 8 * int(self.budget) - norm_bits
+        self._fit_units(reordered(), weighted[order], variance, mean, bits)
         self.norm_levels_ = np.ones(1 << norm_bits, dtype=np.float32)
         self._after_load()
         if not norm_bits:
             return
         sample = np.ascontiguousarray(sample, dtype=np.float32)
-        self._fit_norm_code(sample, Z, weighted[order], variance, mean)
+        self._fit_norm_code(sample, reordered, weighted[order], variance, mean)
         self._after_load()
 
     def _fit_norm_code(
         self,
         sample: np.ndarray,
-        Z: np.ndarray,
+        reordered: Callable[[], np.ndarray],
         weighted: np.ndarray,
         variance: np.ndarray,
         mean: np.ndarray,
@@ -461,13 +468,14 @@ class AllocQuantizer(Quantizer):
             scaled *= scale
             scaled += self.mean_
         with_code = judge.hits(scaled)
+        del plain, scaled  # (one array) before a refit makes the reordered sample again
         gaps = with_code - with_plain
         helps = bool(gaps.mean() >= -2.0 * gaps.std() / np.sqrt(gaps.size))
         if helps and 32 * norm_bits < 8 * int(self.budget):
             self.norm_levels_ = levels
             return
         kept = (self.units_, self.codebooks_)
-        self._fit_units(Z, weighted, variance, mean, 8 * int(self.budget))
+        self._fit_units(reordered(), weighted, variance, mean, 8 * int(self.budget))
         self.norm_levels_ = np.ones(1, dtype=np.float32)
         if helps:
             self._after_load()
