@@ -409,6 +409,7 @@ class AllocQuantizer(Quantizer):
         self.order_ = order.astype(np.int64)
         self.mean_ = mean.astype(np.float32)
         self.variance_ = variance.astype(np.float32)
+
         def reordered() -> np.ndarray:
             """The sample in variance order, for _fit_units. ``np.take`` writes it C-ordered
             at once; ``sample[:, order]`` came out Fortran-ordered and was copied again
