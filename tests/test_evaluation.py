@@ -221,6 +221,18 @@ def test_recall_with_a_large_k_needs_no_k_squared_memory():
     assert peak < 64 << 20  # the (m, k, k) comparison took 1 GiB
 
 
+def test_exact_search_memory_stays_bounded_by_its_blocks():
+    """256 queries x 65,536 base rows at a time took 270 MB at once (scores, their
+    negation and argpartition's int64 indices), whatever the vectors' width."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((100_000, 8)).astype(np.float32)
+    queries = rng.standard_normal((300, 8)).astype(np.float32)
+    (ids, _), peak = peak_bytes(lambda: exact_knn(base, queries, 10))
+    assert peak < 96 << 20
+    expected = np.argsort(-(queries[:5] @ base.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(ids[:5], expected)
+
+
 def test_recall_counts_each_found_id_once_like_a_set_intersection():
     rng = np.random.default_rng(11)
     for _ in range(300):  # duplicates, -1 padding, more found columns than k
