@@ -91,6 +91,18 @@ class Timing:
         }
 
 
+def settle(limit_s: float) -> None:
+    """Wait, at most ``limit_s``, until this process's threads have used no CPU for a
+    millisecond: FAISS's OpenMP threads keep spinning for a few ms after each call and
+    take a core from whatever runs next (``--settle-ms``)."""
+    end = time.perf_counter() + limit_s
+    while time.perf_counter() < end:
+        cpu = time.process_time()
+        time.sleep(0.001)
+        if time.process_time() - cpu < 0.0002:
+            return
+
+
 def calls_per_run(nbytes: int, run_mb: float) -> int:
     """Calls one timed run makes back to back for ``nbytes`` of float32 input: enough to
     handle ``run_mb`` MB (at most 1,000), 1 for inputs that large or when ``run_mb`` is 0.
@@ -333,6 +345,7 @@ def run_shape(
     data: str | None,
     specs_filter: Sequence[str] | None,
     run_mb: float = 0.0,
+    settle_ms: float = 0.0,
 ):
     X = from_file(data, n, d) if data else synthetic(n, d)
     train = np.ascontiguousarray(X[:TRAIN_ROWS])
@@ -358,10 +371,13 @@ def run_shape(
     for _ in range(repeats):
         for index in rng.permutation(len(methods)):
             m = methods[index]
-            m.enc.add(partial(m.encode, X))
-            m.dec.add(partial(m.decode, codes[m.name]))
+            runs = [(m.enc, partial(m.encode, X)), (m.dec, partial(m.decode, codes[m.name]))]
             if m.decode_into is not None:
-                m.deci.add(partial(m.decode_into, codes[m.name], buffers[m.name]))
+                runs.append((m.deci, partial(m.decode_into, codes[m.name], buffers[m.name])))
+            for timing, call in runs:
+                if settle_ms:
+                    settle(settle_ms / 1e3)
+                timing.add(call)
     nbytes = X.nbytes
     by_name = {m.name: m for m in methods}
     rows = []
@@ -619,6 +635,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['environment']['load_average']}); MB/s of float32 input/output, median of "
         f"{record['repeats']} interleaved runs, shuffled each round. "
         + _runs_sentence(record)
+        + _settle_sentence(record)
         + "Ratio = embcomp / counterpart.",
         "",
         blas_sentence(record["environment"]).rstrip(),
@@ -723,6 +740,18 @@ def _runs_sentence(record: dict[str, Any]) -> str:
     )
 
 
+def _settle_sentence(record: dict[str, Any]) -> str:
+    """Whether runs waited for the process to go idle (records before it did not)."""
+    limit = record.get("settle_ms", 0)
+    if not limit:
+        return "Runs follow each other at once. "
+    return (
+        f"Before each run the benchmark waited (at most {limit:g} ms) until no thread of "
+        "the process had used CPU for 1 ms: FAISS's OpenMP threads spin for a few ms "
+        "after its calls and otherwise take a core from the next run. "
+    )
+
+
 def _rounds_text(target: dict[str, Any]) -> str:
     """``0.95-1.06, 7/15 met``: a target's per-round quartiles and hits (older records
     have none)."""
@@ -780,6 +809,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="a timed run repeats each call back to back until it has handled this many "
         "MB of input (0: one call per run; inputs this large are always timed alone)",
     )
+    parser.add_argument(
+        "--settle-ms",
+        type=float,
+        default=0.0,
+        help="before each timed run, wait (at most this long) until no thread of this "
+        "process has used CPU for 1 ms, so FAISS's still-spinning OpenMP threads do not "
+        "take a core from the next run (default 0: runs follow each other at once)",
+    )
     parser.add_argument("--specs", nargs="+", help="only these specs or quantizer names")
     parser.add_argument("--data", help="a .npy float matrix to use instead of synthetic data")
     parser.add_argument(
@@ -813,6 +850,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         raise SystemExit("--repeats must be >= 1")
     if not 0 <= args.run_mb < float("inf"):  # also NaN
         raise SystemExit(f"--run-mb must be a finite number >= 0; got {args.run_mb}")
+    if not 0 <= args.settle_ms < float("inf"):
+        raise SystemExit(f"--settle-ms must be a finite number >= 0; got {args.settle_ms}")
     if args.output is not None and args.output.suffix.lower() != ".json":  # before measuring
         raise SystemExit(f"--output {args.output}: give a .json path (the .md goes beside it)")
     record: dict[str, Any] = {
@@ -820,6 +859,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         "command": " ".join(["python -m bench speed", *argv]),
         "repeats": args.repeats,
         "run_mb": args.run_mb,
+        "settle_ms": args.settle_ms,
         "order_seed": ORDER_SEED,
         "environment": environment(),
         "jit": jit_cost() if args.jit_cost else {"available": _jit.AVAILABLE, "measured": False},
@@ -828,7 +868,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     }
     for n, d in args.shapes:
         print(f"== {n:,} x {d} ({n * d * 4 / 1e6:.0f} MB float32) ==", flush=True)
-        shape = run_shape(n, d, args.repeats, args.data, args.specs, args.run_mb)
+        shape = run_shape(n, d, args.repeats, args.data, args.specs, args.run_mb, args.settle_ms)
         record["shapes"].append(shape)
         print_shape(shape)
     if not args.no_write:

@@ -117,3 +117,42 @@ def test_a_run_repeats_calls_on_small_inputs_until_it_has_handled_run_mb():
     for bad in ("-1", "inf", "nan"):
         with pytest.raises(SystemExit, match=f"--run-mb must be a finite number >= 0; got {bad}"):
             main(["--shapes", "100x8", "--run-mb", bad, "--no-write"])
+
+
+def test_settle_waits_for_spinning_threads_and_is_recorded(tmp_path):
+    import threading
+    import time
+
+    import pytest
+
+    from bench.speed import main, settle
+
+    stop = threading.Event()
+
+    def spin() -> None:  # like an OpenMP thread waiting for work: busy, then asleep
+        end = time.perf_counter() + 0.15
+        while time.perf_counter() < end and not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        started = time.perf_counter()
+        settle(2.0)
+        waited = time.perf_counter() - started
+    finally:
+        stop.set()
+        spinner.join()
+    assert 0.1 <= waited < 1.5  # until the spinning stopped, not the whole limit
+    started = time.perf_counter()
+    settle(2.0)  # nothing running: about a millisecond
+    assert time.perf_counter() - started < 0.5
+    out = tmp_path / "s.json"
+    argv = ["--shapes", "2000x8", "--repeats", "1", "--settle-ms", "20", "--no-jit-cost"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["settle_ms"] == 20
+    assert "at most 20 ms" in out.with_suffix(".md").read_text()
+    for bad in ("-1", "inf", "nan"):
+        refused = f"--settle-ms must be a finite number >= 0; got {bad}"
+        with pytest.raises(SystemExit, match=refused):
+            main(["--shapes", "100x8", "--settle-ms", bad, "--no-write"])
