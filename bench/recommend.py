@@ -256,11 +256,12 @@ def narrower_specs(candidates: list[Candidate], d: int, measured: list[str]) -> 
 
 def second_stage_specs(
     ranked: list[Candidate], d: int, budget_bytes: int | None, seeds: int = _SECOND_STAGE_SEEDS
-) -> list[str]:
+) -> list[tuple[str, Candidate]]:
     """Specs that swap PCA in the best ``seeds`` candidates that reduce with PCA for
-    every other reducer that takes a width (``pca96,fp8`` -> ``mpad96,fp8``)."""
+    every other reducer that takes a width (``pca96,fp8`` -> ``mpad96,fp8``), each with
+    the candidate it swaps PCA in; narrowest reducer first (its fit is the cheapest)."""
     others = [r for r in numbered_reducers() if r != PRIMARY_REDUCER]
-    specs: list[str] = []
+    swaps: list[tuple[str, Candidate]] = []
     from embcomp.spec import parse_spec
 
     def narrowed_by_pca(c: Candidate) -> bool:
@@ -277,9 +278,50 @@ def second_stage_specs(
             except EmbcompError:
                 continue
             fits = budget_bytes is None or parse_spec(canonical).code_size(d) <= budget_bytes
-            if fits and canonical not in specs:
-                specs.append(canonical)
-    return specs
+            if fits and canonical not in [spec for spec, _ in swaps]:
+                swaps.append((canonical, cand))
+    return sorted(swaps, key=lambda swap: _reducer_width(swap[0]))
+
+
+def _reducer_width(spec: str) -> int:
+    from embcomp.spec import parse_spec
+
+    reducer = parse_spec(spec).reducer
+    return reducer.arg if reducer is not None and reducer.arg is not None else 0
+
+
+def _measure_swaps(
+    swaps: list[tuple[str, Candidate]],
+    measure: Callable[[list[str]], list[Candidate]],
+    log: Callable[[str], None],
+) -> list[Candidate]:
+    """Measure the second stage's reducer swaps, narrowest first. A reducer whose first
+    swap does not beat the recall@10 of the PCA candidate it replaced is not tried again:
+    its wider fits are the slow ones (MPAD on 19,000 x 1,536: 47 s at 192 dims, minutes
+    at 1,283), and they did not pay where its cheapest one did not."""
+    from embcomp.spec import parse_spec
+
+    measured: list[Candidate] = []
+    tried: set[str] = set()
+    losing: dict[str, str] = {}
+    for spec, replaced in swaps:
+        reducer = parse_spec(spec).reducer
+        assert reducer is not None
+        if reducer.name in losing:
+            log(f"skipped {spec}: {losing[reducer.name]}")
+            continue
+        got = measure([spec])
+        measured += got
+        if reducer.name in tried or not got:
+            continue
+        tried.add(reducer.name)
+        mine, theirs = got[0].results["recall_at_10"], replaced.results["recall_at_10"]
+        if mine <= theirs:
+            losing[reducer.name] = (
+                f"{reducer.name} did not beat {PRIMARY_REDUCER} in its first trial here "
+                f"({spec} recall@10 {mine:.4f}, {replaced.spec} {theirs:.4f})"
+            )
+    return measured
 
 
 def recommend(
@@ -373,10 +415,15 @@ def recommend(
     ranked = _rank(candidates, budget_bytes, min_recall)
     if not ranked:  # for min_recall: seed the second stage with the best recalls
         ranked = sorted(candidates, key=lambda c: -c.results["recall_at_10"])
-    extra = second_stage_specs(ranked, dataset.d, budget_bytes)
-    if extra:
-        log(f"recommend: {len(extra)} more with other reducers: {', '.join(extra)}")
-        candidates += _measure(extra, dataset, train, truth, settings, seed, progress, log)
+    swaps = second_stage_specs(ranked, dataset.d, budget_bytes)
+    if swaps:
+        names = ", ".join(spec for spec, _ in swaps)
+        log(f"recommend: up to {len(swaps)} more with other reducers: {names}")
+        candidates += _measure_swaps(
+            swaps,
+            lambda specs: _measure(specs, dataset, train, truth, settings, seed, progress, log),
+            log,
+        )
     feasible = _rank(candidates, budget_bytes, min_recall)
     if not feasible:
         if not candidates:

@@ -494,6 +494,44 @@ def test_recommend_prefers_a_cheaper_codec_only_within_the_noise():
     assert ranked[0] is small and "8 fewer bytes per vector" in note
 
 
+def test_recommend_stops_trying_a_reducer_whose_cheapest_swap_lost_to_pca():
+    """On 19,000 x 1,536 vectors the swaps took minutes (mpad1283,alloc192 alone ~5 min)
+    after mpad192,int8 had already trailed pca192,int8."""
+    from types import SimpleNamespace
+
+    from bench.recommend import _measure_swaps, second_stage_specs
+    from embcomp.spec import parse_spec
+
+    def seed(spec, recall):
+        cand = _candidate(spec, [recall] * 10, 8, 1.0)
+        cand.method.codec = SimpleNamespace(spec=parse_spec(spec))
+        return cand
+
+    seeds = [seed("pca24,alloc8", 0.9), seed("pca8,int8", 0.8), seed("pca8,fp8", 0.79)]
+    swaps = second_stage_specs(seeds, 32, 8)
+    assert [spec for spec, _ in swaps] == ["mpad8,int8", "mpad8,fp8", "mpad24,alloc8"]
+    assert swaps[0][1] is seeds[1]  # each swap knows the PCA candidate it replaces
+
+    def run(first_recall):
+        asked, logged = [], []
+
+        def measure(specs):
+            asked.extend(specs)
+            return [_candidate(specs[0], [first_recall if not asked[1:] else 0.5] * 10, 8, 9.0)]
+
+        return [c.spec for c in _measure_swaps(swaps, measure, logged.append)], asked, logged
+
+    measured, asked, logged = run(0.75)  # below pca8,int8's 0.8: MPAD is not tried again
+    assert measured == asked == ["mpad8,int8"]
+    assert logged == [
+        f"skipped {spec}: mpad did not beat pca in its first trial here "
+        "(mpad8,int8 recall@10 0.7500, pca8,int8 0.8000)"
+        for spec in ("mpad8,fp8", "mpad24,alloc8")
+    ]
+    measured, asked, logged = run(0.85)  # ahead: every swap is measured, whatever follows
+    assert measured == asked == ["mpad8,int8", "mpad8,fp8", "mpad24,alloc8"] and not logged
+
+
 def test_harness_argument_mistakes_stop_before_any_work(tmp_path, capsys):
     from bench import frontier, speed
 
