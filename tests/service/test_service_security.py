@@ -376,6 +376,12 @@ def test_unary_calls_whose_request_never_arrives_end_and_hold_no_thread_for_long
             assert client.list() == []  # the slots are free again
             # a request that takes a while but arrives within the limit is served
             assert list(listing(slow_body(), timeout=10).codecs) == []
+            # a server-streaming method (health's Watch) still answers through the same path
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
             # a unary call must carry exactly one message, as gRPC itself answers
             with pytest.raises(grpc.RpcError) as caught:
                 listing(iter(()), timeout=10)
