@@ -44,11 +44,15 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "stream-idle-seconds": (
         float,
         "end a streaming call whose client sends nothing, or reads no response, for "
-        "this long, and a call whose request has not arrived by then (default 60)",
+        "this long, and a call whose request has not arrived by then (default 60, at "
+        "most 604800: a week)",
     ),
     "cache-size": (int, "loaded codecs kept in memory (default 32)"),
     "cache-bytes": (int, "memory the loaded codecs kept may hold in all (default 1 GiB)"),
-    "grace-seconds": (float, "on SIGTERM, time in-flight calls get to finish (default 10)"),
+    "grace-seconds": (
+        float,
+        "on SIGTERM, time in-flight calls get to finish (default 10, at most 604800)",
+    ),
     "log-level": (str.upper, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     "log-format": (str, "json or text (default json)"),
 }

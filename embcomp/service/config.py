@@ -22,6 +22,10 @@ MiB = 1 << 20
 ENVELOPE_BYTES = 1024
 # Server threads beyond max_workers: for health checks only (reflection takes a call slot).
 SPARE_THREADS = 2
+# The longest stream_idle_seconds and grace_seconds: a week. Waits far longer overflow
+# the platform's timeouts (1e12 s made every FitCodec fail with INTERNAL, and gRPC's stop
+# crash a thread); inf is refused like them.
+MAX_WAIT_SECONDS = 7 * 86400.0
 
 
 class ServiceConfig(BaseSettings):
@@ -53,7 +57,8 @@ class ServiceConfig(BaseSettings):
         client sends no message for this long is ended with DEADLINE_EXCEEDED, freeing
         its slot; a response stream whose client reads no response for this long is
         cancelled (CANCELLED), freeing its slot and threads; a unary call whose request
-        has not arrived this long after the call started is cancelled (CANCELLED).
+        has not arrived this long after the call started is cancelled (CANCELLED). At
+        most a week (``MAX_WAIT_SECONDS``).
     cache_size : fitted codecs kept loaded in memory (least recently used evicted).
     cache_bytes : memory those codecs may hold in all (their arrays, derived ones included);
         a codec larger than this is loaded for each call instead of kept.
@@ -62,7 +67,7 @@ class ServiceConfig(BaseSettings):
         metadata ``authorization: Bearer <token>``. The file form keeps the token out of
         the environment and process list; surrounding whitespace is stripped.
     metrics_port : serve Prometheus metrics over HTTP on this port (off when unset).
-    grace_seconds : on SIGTERM, in-flight calls get this long to finish.
+    grace_seconds : on SIGTERM, in-flight calls get this long to finish (at most a week).
     log_level, log_format : logging threshold and ``json`` (one object per line) or ``text``.
     access_log : one INFO line per finished RPC (method, status, duration, request id).
     """
@@ -80,7 +85,7 @@ class ServiceConfig(BaseSettings):
     max_eval_k: int = Field(default=1024, ge=1)
     max_dims: int = Field(default=16384, ge=1)
     max_workers: int = Field(default=16, ge=1)
-    stream_idle_seconds: float = Field(default=60.0, gt=0)
+    stream_idle_seconds: float = Field(default=60.0, gt=0, le=MAX_WAIT_SECONDS)
     cache_size: int = Field(default=32, ge=1)
     cache_bytes: int = Field(default=1 << 30, ge=0)
     tls_cert: Path | None = None
@@ -88,7 +93,7 @@ class ServiceConfig(BaseSettings):
     auth_token: SecretStr | None = None
     auth_token_file: Path | None = None
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    grace_seconds: float = Field(default=10.0, ge=0)
+    grace_seconds: float = Field(default=10.0, ge=0, le=MAX_WAIT_SECONDS)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = True

@@ -392,6 +392,26 @@ def test_unary_calls_whose_request_never_arrives_end_and_hold_no_thread_for_long
             assert errors("embcomp_errors_total", {"method": "Encode", "code": code}) == 2
 
 
+def test_waits_are_at_most_a_week_and_a_week_works(tmp_path, sample):
+    """1e12 s (or inf) overflowed the platform's timeouts: as the idle limit every
+    FitCodec failed with INTERNAL and the request watchdog's thread died; as the grace
+    period gRPC's stop crashed a thread."""
+    from pydantic import ValidationError
+
+    from embcomp.service.config import MAX_WAIT_SECONDS, ServiceConfig
+
+    for setting in ("stream_idle_seconds", "grace_seconds"):
+        for bad in (float("inf"), 1e12, MAX_WAIT_SECONDS + 1):
+            with pytest.raises(ValidationError, match="less than or equal to 604800"):
+                ServiceConfig(**{setting: bad})
+    week = {"stream_idle_seconds": MAX_WAIT_SECONDS, "grace_seconds": MAX_WAIT_SECONDS}
+    with running_server(tmp_path / "s", **week) as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}") as client:
+            info = client.fit("int8", sample[0][:200])
+            assert client.encode(info.id, sample[0][:3]).shape == (3, 384)
+            assert [c.id for c in client.list()] == [info.id]
+
+
 def test_the_request_watchdog_expires_open_watches_in_order():
     from embcomp.service.calls import _Watchdog
 
