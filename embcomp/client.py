@@ -45,6 +45,11 @@ from .v1 import types_pb2
 
 __all__ = ["CodecInfo", "CompressionClient", "Evaluation", "ServiceError"]
 
+# The longest per-call timeout: a week. gRPC turns a deadline past ~2**63 ns since the
+# epoch (a timeout of 1e10 s) into an immediate DEADLINE_EXCEEDED, as it does inf and
+# NaN; those are refused instead.
+_MAX_TIMEOUT = 7 * 86400.0
+
 MiB = 1 << 20
 _METRICS = {"ip": types_pb2.METRIC_INNER_PRODUCT, "l2": types_pb2.METRIC_L2}
 _EVALUATION_METRICS = {**_METRICS, "cos": types_pb2.METRIC_COSINE}
@@ -174,7 +179,7 @@ class CompressionClient:
     token : bearer token, sent as ``authorization: Bearer <token>`` on every call.
     tls : ``None`` for plaintext; ``True`` for TLS with the system roots; a PEM root
         certificate (path or bytes) to trust; or ready ``grpc.ChannelCredentials``.
-    timeout : seconds per call (``None``: no deadline).
+    timeout : seconds per call (``None``: no deadline), at most a week.
     message_bytes : payload per request message; larger arrays are streamed in chunks.
     max_rows_per_message : rows per request message at most (match the server's
         ``EMBCOMP_MAX_ROWS_PER_REQUEST``, 262,144 by default): narrow vectors reach it
@@ -195,6 +200,11 @@ class CompressionClient:
     ) -> None:
         if max_rows_per_message < 1 or message_bytes < 1:
             raise InputError("message_bytes and max_rows_per_message must be >= 1")
+        if timeout is not None and not 0 < timeout <= _MAX_TIMEOUT:  # also NaN
+            raise InputError(
+                f"timeout must be None (no deadline) or seconds > 0 and at most "
+                f"{_MAX_TIMEOUT:.0f} (a week); got {timeout}"
+            )
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -403,3 +403,14 @@ def test_failed_fit_leaves_a_copied_store_byte_identical(tmp_path, server, rows)
         with pytest.raises(ServiceError):
             client.import_codec(b"EMBCODEC garbage")
     assert store_snapshot(copy) == before
+
+
+def test_the_client_refuses_a_timeout_grpc_would_turn_into_an_instant_failure(tmp_path):
+    """timeout=inf, NaN, 0, -1 or 1e10 s all ended every call at once with
+    DEADLINE_EXCEEDED (gRPC's deadline overflows past ~2**63 ns since the epoch)."""
+    for bad in (float("inf"), float("nan"), 0.0, -1.0, 1e10):
+        with pytest.raises(embcomp.InputError, match=r"timeout must be None .*\(a week\); got"):
+            CompressionClient("127.0.0.1:1", timeout=bad)
+    with running_server(tmp_path / "s") as srv:
+        with CompressionClient(f"127.0.0.1:{srv.port}", timeout=7 * 86400) as client:
+            assert client.list() == []
