@@ -120,10 +120,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     codec = load_codec(args.codec)
     if args.k < 1:
         raise InputError(f"--k must be >= 1; got {args.k}")
-    base = to_float32(check_matrix(read_vectors(args.base), name="base"), name="base")
-    queries = to_float32(check_matrix(read_vectors(args.queries), name="queries"), name="queries")
+    d = codec.d_in
+    base = to_float32(check_matrix(read_vectors(args.base), name="base", d=d), name="base")
+    queries = check_matrix(read_vectors(args.queries), name="queries", d=d)
+    queries = to_float32(queries, name="queries")
     check_finite(base, name="base")
     check_finite(queries, name="queries")
+    if args.k > base.shape[0]:
+        raise InputError(
+            f"--k {args.k} is more than the {base.shape[0]} base vectors; "
+            f"choose a k of at most {base.shape[0]}"
+        )
     # A codec that normalizes is for cosine search: judge it by cosine unless told.
     metric = args.metric or ("cos" if codec.spec.normalize else "ip")
     decoded = codec.decode(codec.encode(base))

@@ -74,6 +74,29 @@ def test_fit_encode_decode_inspect_eval(files, rng_data, capsys):
     assert "bytes/vector       16" in out and "recall@5" in out
 
 
+def test_eval_names_a_k_beyond_the_base_and_a_width_the_codec_does_not_take(tmp_path, capsys):
+    """--k above the base rows failed with recall_at_k's internal shapes; a base of the
+    wrong width was called "X"."""
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 16)).astype(np.float32))
+    np.save(tmp_path / "w.npy", rng.standard_normal((50, 9)).astype(np.float32))
+    codec = tmp_path / "c.codec"
+    fit = ["fit", "--spec", "int8", "--train", str(tmp_path / "x.npy")]
+    assert main([*fit, "-o", str(codec)]) == 0
+    for base, queries, extra, message in (
+        ("x", "x", ["--k", "51"], "--k 51 is more than the 50 base vectors"),
+        ("w", "x", [], "base has 9 dims but the codec was fitted on 16-dim vectors"),
+        ("x", "w", [], "queries has 9 dims but the codec was fitted on 16-dim vectors"),
+    ):
+        capsys.readouterr()
+        argv = ["eval", "-c", str(codec), "--base", str(tmp_path / f"{base}.npy")]
+        assert main([*argv, "--queries", str(tmp_path / f"{queries}.npy"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    argv = ["eval", "-c", str(codec), "--base", str(tmp_path / "x.npy")]
+    assert main([*argv, "--queries", str(tmp_path / "x.npy"), "--k", "50"]) == 0
+
+
 def test_eval_judges_a_normalizing_codec_by_cosine(tmp_path, capsys):
     """Vectors with norms 10-100: an l2norm codec keeps directions, so by inner product
     (which the norms dominate) its recall looks poor; eval uses cosine for it unless
