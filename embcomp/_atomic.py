@@ -98,6 +98,11 @@ def atomic_output(
     :func:`remove_stale_temporaries`) are removed first.
     """
     final = Path(path)
+    if final.is_dir():  # os.replace would fail only after the whole file was written
+        raise InputError(
+            f"output {str(path)!r} is a directory; give a file path inside it, "
+            f"e.g. {str(final / 'out')!r}"
+        )
     directory = final.parent if str(final.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"output directory {str(directory)!r} does not exist; create it first")

@@ -216,3 +216,20 @@ def test_a_signal_just_after_the_temporary_is_created_leaves_nothing(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "codes.npy"]
     assert other.read_bytes() == b"another writer's"
     assert (tmp_path / "codes.npy").read_bytes() == b"kept"
+
+
+def test_an_output_that_is_a_directory_is_refused_before_anything_is_written(tmp_path):
+    """save_codec(codec, "/tmp") wrote the whole artifact to a temporary in /, then failed
+    in os.replace with a bare IsADirectoryError naming that temporary."""
+    import embcomp
+    from embcomp.exceptions import InputError
+
+    codec = embcomp.make_codec("int8").fit(
+        np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    )
+    (tmp_path / "out").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match="is a directory; give a file path inside it"):
+        embcomp.save_codec(codec, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert list((tmp_path / "out").iterdir()) == []

@@ -255,7 +255,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
         "0 values": ["fit", "--spec", "int8", "--train", str(tmp_path / "zero.npy"), "-o", codec],
         "whiten='False'": [*fit, "-o", codec, "--option", "whiten=False"],
         "percentile='abc'": [*fit, "-o", codec, "--option", "percentile=abc"],
-        "Is a directory": [*fit, "-o", str(tmp_path / "a_dir")],
+        "a_dir' is a directory; give a file path inside it": [*fit, "-o", str(tmp_path / "a_dir")],
         "not a readable .npy file of codes": [
             "decode",
             "-c",
