@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from embcomp.exceptions import EmbcompError, InputError
+from embcomp.spec import parse_spec
 
 from .datasets import Dataset, load_dataset, train_rows, with_metric
 from .methods import (
@@ -87,8 +88,6 @@ def candidate_specs(
             continue
         if canonical in valid:
             continue
-        from embcomp.spec import parse_spec
-
         if budget_bytes is not None and parse_spec(canonical).code_size(d) > budget_bytes:
             continue
         valid.append(canonical)
@@ -262,7 +261,6 @@ def second_stage_specs(
     the candidate it swaps PCA in; narrowest reducer first (its fit is the cheapest)."""
     others = [r for r in numbered_reducers() if r != PRIMARY_REDUCER]
     swaps: list[tuple[str, Candidate]] = []
-    from embcomp.spec import parse_spec
 
     def narrowed_by_pca(c: Candidate) -> bool:
         reducer = c.method.codec.spec.reducer
@@ -284,8 +282,6 @@ def second_stage_specs(
 
 
 def _reducer_width(spec: str) -> int:
-    from embcomp.spec import parse_spec
-
     reducer = parse_spec(spec).reducer
     return reducer.arg if reducer is not None and reducer.arg is not None else 0
 
@@ -299,8 +295,6 @@ def _measure_swaps(
     swap does not beat the recall@10 of the PCA candidate it replaced is not tried again:
     its wider fits are the slow ones (MPAD on 19,000 x 1,536: 47 s at 192 dims, minutes
     at 1,283), and they did not pay where its cheapest one did not."""
-    from embcomp.spec import parse_spec
-
     measured: list[Candidate] = []
     tried: set[str] = set()
     losing: dict[str, str] = {}
@@ -363,7 +357,6 @@ def recommend(
             f"recommend scores recall@10 among the base vectors: it needs at least 100 to "
             f"tell codecs apart; got {dataset.n_base}"
         )
-    from embcomp.spec import parse_spec
 
     if metric is not None:
         dataset = with_metric(dataset, metric)

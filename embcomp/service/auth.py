@@ -14,12 +14,11 @@ from typing import Any
 
 import grpc
 
+from .calls import HEALTH_METHODS
 from .logs import logger
 from .metrics import ServiceMetrics
 
 __all__ = ["BearerTokenInterceptor"]
-
-_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -35,7 +34,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method.startswith(_EXEMPT_PREFIXES):
+        if method.startswith(HEALTH_METHODS):
             return continuation(handler_call_details)
         provided = None
         for key, value in handler_call_details.invocation_metadata or ():

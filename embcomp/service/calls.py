@@ -38,6 +38,8 @@ __all__ = [
     "watched_responses",
 ]
 
+# Health checks: no call slot (the server's spare threads are theirs) and no bearer token.
+HEALTH_METHODS = ("/grpc.health.v1.Health/",)
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -404,7 +406,7 @@ class RequestArrival(grpc.ServerInterceptor):
         slots: CallSlots,
         seconds: float,
         metrics: ServiceMetrics,
-        exempt: tuple[str, ...] = ("/grpc.health.v1.Health/",),
+        exempt: tuple[str, ...] = HEALTH_METHODS,
     ) -> None:
         self._slots, self._seconds, self._metrics = slots, seconds, metrics
         self._exempt = exempt
