@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import embcomp  # noqa: E402
-from bench.speed import blas_environment, blas_sentence  # noqa: E402
+from bench.speed import blas_environment, blas_sentence, cpu_description, cpu_words  # noqa: E402
 from embcomp._atomic import atomic_output, atomic_write_bytes  # noqa: E402
 from embcomp.evaluation import exact_knn, load_qrels, ndcg_at_k, recall_at_k  # noqa: E402
 from embcomp.search import search_codes, two_stage_search  # noqa: E402
@@ -802,8 +802,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "environment": {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-            f"load average {os.getloadavg()[0]:.1f} at start",
+            "machine": f"{platform.machine()}, {cpu_words(cpu_description())}, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cache": bool(args.cache),

@@ -529,11 +529,6 @@ def environment() -> dict[str, Any]:
     from embcomp._blocks import can_limit_blas, default_threads
 
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "")
-    except OSError:
-        cpu = platform.processor()
-    try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -544,7 +539,7 @@ def environment() -> dict[str, Any]:
     except OSError:
         commit = ""
     return {
-        "cpu": cpu,
+        **cpu_description(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "embcomp_threads": default_threads(),
@@ -558,6 +553,53 @@ def environment() -> dict[str, Any]:
         "git_commit": commit,
         **blas_environment(),
     }
+
+
+def cpu_description() -> dict[str, Any]:
+    """``cpu`` (the model name) and ``cpu_detail``: family/model, widest vector
+    instructions and L2 per core, which tell apart machines that share a model name
+    (two "AMD EPYC" VMs here: a Zen 5 with AVX-512 and a Zen 3 without)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cpu": platform.processor(), "cpu_detail": {}}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in _VECTOR_ISA if flag in flags), "")
+    detail: dict[str, Any] = {"vector_isa": isa}
+    for key in ("cpu family", "model"):
+        if fields.get(key, "").isdigit():
+            detail[key.replace(" ", "_")] = int(fields[key])
+    for cache in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (cache / "level").read_text().strip() == "2":
+                detail["l2_per_core"] = (cache / "size").read_text().strip()
+                break
+        except OSError:
+            continue
+    return {"cpu": fields.get("model name", platform.processor()), "cpu_detail": detail}
+
+
+_VECTOR_ISA = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
+def cpu_words(environment: dict[str, Any]) -> str:
+    """'AMD EPYC (family 25 model 1, AVX2, L2 512K per core)'; records written before
+    ``cpu_detail`` existed give the model name alone."""
+    detail = environment.get("cpu_detail") or {}
+    words = []
+    if "cpu_family" in detail and "model" in detail:
+        words.append(f"family {detail['cpu_family']} model {detail['model']}")
+    if detail.get("vector_isa"):
+        words.append(detail["vector_isa"])
+    if detail.get("l2_per_core"):
+        words.append(f"L2 {detail['l2_per_core']} per core")
+    return environment["cpu"] + (f" ({', '.join(words)})" if words else "")
 
 
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
@@ -630,8 +672,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         "# embcomp encode/decode speed vs FAISS",
         "",
-        f"`{record['command']}` on {record['environment']['cpu']} "
-        f"({record['environment']['cpus_usable']} CPUs, load average at start "
+        f"`{record['command']}` on {cpu_words(record['environment'])}, "
+        f"{record['environment']['cpus_usable']} CPUs (load average at start "
         f"{record['environment']['load_average']}); MB/s of float32 input/output, median of "
         f"{record['repeats']} interleaved runs, shuffled each round. "
         + _runs_sentence(record)

@@ -55,6 +55,10 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     owners = {lib["owner"]: lib for lib in record["environment"]["blas"]}
     assert {"numpy", "faiss"} <= set(owners) and owners["faiss"]["architecture"]
     assert "BLAS: " in out.with_suffix(".md").read_text()
+    # which CPU: model name plus what tells apart machines of the same name
+    detail = record["environment"]["cpu_detail"]
+    if detail.get("vector_isa"):  # read from /proc/cpuinfo's flags (x86)
+        assert f"{detail['vector_isa']}" in out.with_suffix(".md").read_text().splitlines()[2]
 
     if jit.AVAILABLE:  # the numpy path is timed alongside, and numba's cost is measured
         assert all("numpy_path" in row for spec, row in rows.items() if spec != "fp32")
@@ -156,3 +160,15 @@ def test_settle_waits_for_spinning_threads_and_is_recorded(tmp_path):
         refused = f"--settle-ms must be a finite number >= 0; got {bad}"
         with pytest.raises(SystemExit, match=refused):
             main(["--shapes", "100x8", "--settle-ms", bad, "--no-write"])
+
+
+def test_cpu_words_name_the_cpu_with_what_tells_machines_apart():
+    from bench.speed import cpu_words
+
+    detail = {"cpu_family": 25, "model": 1, "vector_isa": "AVX2", "l2_per_core": "512K"}
+    assert (
+        cpu_words({"cpu": "AMD EPYC", "cpu_detail": detail})
+        == "AMD EPYC (family 25 model 1, AVX2, L2 512K per core)"
+    )
+    # records written before cpu_detail existed: the model name alone
+    assert cpu_words({"cpu": "AMD EPYC"}) == "AMD EPYC"
