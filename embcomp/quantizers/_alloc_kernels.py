@@ -407,7 +407,7 @@ def encode_alloc(  # type: ignore[no-untyped-def]
             # order): inf or NaN if it reaches the exponent mask.
             top = _U(0)
             for j in range(d):
-                top = max(top, np.float32(X[i, j]).view(np.uint32) & _U(0x7FFFFFFF))
+                top = _U(max(top, _U(np.float32(X[i, j]).view(np.uint32) & _U(0x7FFFFFFF))))
             tops[r] = top
             if top >= _EXP:  # the caller raises; codes of NaN would index out of bounds
                 bad = _U(1)

@@ -79,11 +79,13 @@ def _row_is_finite(X, i):  # type: ignore[no-untyped-def]
     """Whether row ``i`` of ``X`` holds no inf or NaN (a max over the exponent bits).
 
     A loop of its own before each row's encoding loop: both vectorize, where one loop
-    doing both does not (2-3x slower).
+    doing both does not (2-3x slower). The max is cast back to 32 bits: left to numba's
+    64-bit integers it ran 2.5x slower on AVX2 (a Zen 3: 70 vs 28 us for 1,000 x 384,
+    half of a bf16 encode's time).
     """
     top = _U(0)
     for j in range(X.shape[1]):
-        top = max(top, np.float32(X[i, j]).view(np.uint32) & _EXP)
+        top = _U(max(top, _U(np.float32(X[i, j]).view(np.uint32) & _EXP)))
     return top != _EXP
 
 
