@@ -799,11 +799,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             datasets.append(make_powerlaw())
     import faiss  # noqa: F401 - loaded now, so that blas_environment lists its BLAS
 
+    cpu = cpu_description()
     report: dict[str, Any] = {
         "environment": {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {cpu_words(cpu_description())}, "
+            "machine": f"{platform.machine()}, {cpu_words(cpu)}, "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start",
+            **cpu,
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cache": bool(args.cache),

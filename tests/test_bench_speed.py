@@ -58,7 +58,7 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
     # which CPU: model name plus what tells apart machines of the same name
     detail = record["environment"]["cpu_detail"]
     if detail.get("vector_isa"):  # read from /proc/cpuinfo's flags (x86)
-        assert f"{detail['vector_isa']}" in out.with_suffix(".md").read_text().splitlines()[2]
+        assert detail["vector_isa"] in out.with_suffix(".md").read_text().splitlines()[2]
 
     if jit.AVAILABLE:  # the numpy path is timed alongside, and numba's cost is measured
         assert all("numpy_path" in row for spec, row in rows.items() if spec != "fp32")
