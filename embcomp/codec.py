@@ -213,8 +213,8 @@ class Codec:
         check_finite(X32, name="training vectors")
         if reducer is not None:
             self._check_given_reducer(reducer, X32.shape[1])
-        if self.spec.normalize:
-            X32 = normalize_rows(X32.copy())
+        if self.spec.normalize:  # in place, but never in the caller's array
+            X32 = normalize_rows(X32.copy() if np.may_share_memory(X32, X) else X32)
         # Stages are fitted as copies and swapped in together: a fit that fails part way
         # leaves the codec as it was, never a new reducer before an old quantizer.
         given = reducer is not None

@@ -100,6 +100,17 @@ def test_encode_leaves_input_unchanged(fitted, rng_data):
     np.testing.assert_array_equal(rng_data, before)
 
 
+def test_fit_leaves_input_unchanged_whatever_its_dtype(fitted, rng_data):
+    as32 = rng_data.astype(np.float32)  # a float32 array is used without a copy
+    as64 = rng_data.astype(np.float64)  # a float64 one is converted (normalized in place)
+    before32, before64 = as32.copy(), as64.copy()
+    codec32 = make_codec(str(fitted.spec)).fit(as32)
+    codec64 = make_codec(str(fitted.spec)).fit(as64)
+    np.testing.assert_array_equal(as32, before32)
+    np.testing.assert_array_equal(as64, before64)
+    assert codec_to_bytes(codec64) == codec_to_bytes(codec32)
+
+
 def test_not_fitted():
     codec = make_codec("pca8,int8")
     for call in (
