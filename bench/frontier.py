@@ -24,7 +24,7 @@ far faster, rather than FAISS's default 4). FAISS codecs use FAISS's default tra
 Timings are from a shared 2-core machine: read the ratios against FAISS in the same
 run, not the absolute values.
 
-    python bench/frontier.py                 # both datasets (hours: FAISS PQ/OPQ training)
+    python bench/frontier.py                 # both datasets (over an hour: FAISS PQ/OPQ fits)
     python bench/frontier.py --quick --out /tmp/fq  # small synthetic data, a few codecs
     python bench/frontier.py --cache /tmp/fc # reuse measured runs across invocations
 
