@@ -216,6 +216,14 @@ def test_a_stream_whose_client_reads_no_responses_is_cancelled_and_frees_its_slo
         with grpc.insecure_channel(target, options=options) as channel:
             responses = pb_grpc.CompressionServiceStub(channel).DecodeStream(requests())
             try:
+                # The stream starts on its own thread: until it has sent a response it may
+                # not hold the slot yet, and a list() that got there first took it.
+                deadline = time.monotonic() + 10
+                while not srv.metrics.registry.get_sample_value(
+                    "embcomp_sent_bytes_total", {"method": "DecodeStream"}
+                ):
+                    assert time.monotonic() < deadline, "the stream sent nothing"
+                    time.sleep(0.01)
                 with CompressionClient(target) as client:
                     deadline = time.monotonic() + 10
                     while True:  # refused while the stream holds the only slot
