@@ -149,7 +149,8 @@ class EmbcompMethod(Method):
 
     Options the spec's stages do not take are dropped (a sweep gives one option set to
     a whole family, e.g. MPAD's ``max_iter``, and only MPAD specs take it), so the
-    recorded options are exactly the ones used.
+    recorded options are exactly the ones used. A codec with a ``metric`` option
+    (``alloc``) is fitted for the search it is measured by, unless the options say.
 
     Fitted reducers are shared between specs with the same reducer stage, options and
     training rows (``pca96,int8`` and ``pca96,fp8`` fit PCA once). Codecs with a reducer
@@ -190,6 +191,8 @@ class EmbcompMethod(Method):
 
     def fit(self, train: np.ndarray, metric: str = "ip") -> None:
         self.metric, self.d = metric, train.shape[1]
+        if "metric" in self.codec.options and "metric" not in self.options:
+            self.options["metric"] = metric  # alloc weighs its errors for this search
         codec = embcomp.make_codec(self.codec.spec, **self.options)
         key = self._reducer_key(codec, train)
         if key is None or codec.reducer is None:

@@ -219,6 +219,7 @@ class Codec:
         # leaves the codec as it was, never a new reducer before an old quantizer.
         given = reducer is not None
         reducer = copy.copy(reducer if given else self.reducer)
+        origin = None
         if reducer is not None:
             lo, hi = column_range(X32)
             if (lo == hi).all():
@@ -236,7 +237,9 @@ class Codec:
                     f"training row {_first_nonfinite_row(X32)} becomes inf after the reducer: "
                     "its values are too large for float32 arithmetic; rescale the vectors"
                 )
-        quantizer = copy.copy(self.quantizer).fit(X32)
+            # where the input's origin lands: inner-product queries are measured from it
+            origin = reducer.transform(np.zeros((1, X.shape[1]), dtype=np.float32))[0]
+        quantizer = copy.copy(self.quantizer).fit(X32, origin=origin)
         self.reducer, self.quantizer, self.d_in = reducer, quantizer, X.shape[1]
         return self
 

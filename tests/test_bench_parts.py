@@ -225,6 +225,21 @@ def test_family_options_reach_only_the_specs_that_take_them():
     assert method.options == {}
 
 
+def test_alloc_codecs_are_fitted_for_the_metric_they_are_measured_by():
+    X = unit_rows(400, 24, 6)
+    for metric in ("ip", "l2"):
+        method = methods.make_method("embcomp:pca,alloc6", {"kmeans_iters": 2})
+        method.fit(X, metric)
+        assert method.codec.options["metric"] == method.options["metric"] == metric
+        assert method.describe()["options"]["metric"] == metric
+    given = methods.make_method("embcomp:alloc6", {"metric": "l2", "kmeans_iters": 2})
+    given.fit(X, "ip")  # the sweep's own option wins
+    assert given.codec.quantizer.metric == "l2"
+    plain = methods.make_method("embcomp:pca12,int8")
+    plain.fit(X, "l2")
+    assert "metric" not in plain.options and "metric" not in plain.codec.options
+
+
 def test_shared_reducer_fit_gives_the_codec_a_fresh_fit_gives():
     X = unit_rows(400, 24, 6)
     first = methods.make_method("embcomp:pca12,int8")
@@ -248,9 +263,9 @@ def test_reused_reducer_counts_only_the_reducers_own_fit_time(monkeypatch):
     monkeypatch.setattr(methods.EmbcompMethod, "_reducer_cache", {})
     real_fit = IntQuantizer.fit
 
-    def slow_fit(self, X):
+    def slow_fit(self, X, **kwargs):
         time.sleep(0.3)
-        return real_fit(self, X)
+        return real_fit(self, X, **kwargs)
 
     monkeypatch.setattr(IntQuantizer, "fit", slow_fit)
     X = unit_rows(400, 24, 16)

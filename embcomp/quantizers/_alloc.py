@@ -7,10 +7,17 @@ bits per vector where the variance is (reverse water-filling):
 
 1. Rates. Each component gets a target rate ``r_i = clip(0.5 log2(v_i / theta), 0, 8)``
    bits, with the water level ``theta`` set so the rates sum to the budget. ``v_i`` is
-   the component's variance times a weight ``variance_i ** weight``: the error that
+   the component's variance times a weight ``energy_i ** weight``: the error that
    matters for search is the error of inner products with queries, and queries have
    most of their energy where the data has it (``weight=1`` assumes queries distributed
-   like the data, ``weight=0`` plain MSE; the default 0.5 sits between the two).
+   like the data, ``weight=0`` plain MSE; the default 0.5 sits between the two). For
+   inner-product (and cosine) search (``metric="ip"``, the default) a query's energy
+   along a component is its variance plus its squared mean, the data's mean seen from
+   the origin of the codec's input space: embeddings often sit in a narrow cone, and
+   the components along the cone's axis vary little while every query weighs them
+   heavily (synthetic 1536-d cone data, ``pca,alloc768``: recall@10 0.80 by variance
+   alone, 0.86 with the mean; MiniLM: unchanged). ``metric="l2"`` leaves the mean out:
+   L2 distances between vectors do not see it.
 2. Scalar part. Components with ``r_i >= vq_below`` bits each get their own quantizer
    with an integer width (0..8 bits) chosen by greedy marginal gain on the *measured*
    distortion of that component at every width (uniform levels with an MSE-optimal
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +70,7 @@ __all__ = ["AllocQuantizer", "greedy_bits", "water_fill"]
 
 MAX_BITS = 8  # per scalar component and per codebook
 _LEVEL_CHUNK = 64  # columns fitted together
+_METRICS = ("ip", "l2")  # the searches a fit can weigh its errors for
 _BATCH_UNITS = 16  # k-means units encoded by one batched matmul
 _VQ_ROWS = 128  # rows per distance block of a batch
 # k-means scores products and squares of values in float32: exact (no underflow, no
@@ -136,6 +145,18 @@ def greedy_bits(
         if bits[i] < max_bits:
             heapq.heappush(heap, (-float(gain[i, bits[i]]), i))
     return bits
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a fit allocates bits by: ``weighted`` (the variance times ``importance``, the
+    weight of a component's error) in variance order; ``variance`` and ``mean``, float64,
+    in input order."""
+
+    weighted: np.ndarray
+    importance: np.ndarray
+    variance: np.ndarray
+    mean: np.ndarray
 
 
 class _SampleRecall:
@@ -283,8 +304,11 @@ class AllocQuantizer(Quantizer):
         Bytes per encoded vector (``code_size``), from the spec (``alloc96`` -> 96).
     levels : ``"lloyd"`` (default), ``"uniform"`` or ``"float"``; the scalar levels.
     weight : float in [0, 1]
-        Exponent of the variance weighting of each component's error (see the module
-        docstring); default 0.5.
+        Exponent of the query-energy weighting of each component's error (see the
+        module docstring); default 0.5.
+    metric : ``"ip"`` (default; also for cosine) or ``"l2"``, the search the codes
+        are for: whether the data's mean counts in the queries' energy (see the module
+        docstring).
     vq_below : float
         Components whose target rate is below this many bits (default 3) go to k-means
         groups; ``0`` makes every coded component scalar, ``9`` everything
@@ -316,6 +340,7 @@ class AllocQuantizer(Quantizer):
     units_: np.ndarray | None = None
     codebooks_: np.ndarray | None = None
     norm_levels_: np.ndarray | None = None
+    _origin: np.ndarray | None = None  # only during fit
 
     def __init__(
         self,
@@ -323,6 +348,7 @@ class AllocQuantizer(Quantizer):
         *,
         levels: str = "lloyd",
         weight: float = 0.5,
+        metric: str = "ip",
         vq_below: float = 3.0,
         vq_bits: int = 8,
         norm_bits: int = 4,
@@ -333,6 +359,7 @@ class AllocQuantizer(Quantizer):
         self.budget = budget
         self.levels = levels
         self.weight = weight
+        self.metric = metric
         self.vq_below = vq_below
         self.vq_bits = vq_bits
         self.norm_bits = norm_bits
@@ -355,6 +382,17 @@ class AllocQuantizer(Quantizer):
         return int(self.norm_levels_.size).bit_length() - 1
 
     # -- fitting ------------------------------------------------------------------------
+    def fit(self, X: Any, *, origin: Any = None) -> AllocQuantizer:
+        """Fit on training vectors ``X`` (n, d); ``origin`` (d,) is where the codec's input
+        space has its origin in ``X``'s coordinates (``reducer.transform(0)``), for
+        ``metric="ip"``: see :meth:`Quantizer.fit`."""
+        self._origin = None if origin is None else np.asarray(origin, dtype=np.float64)
+        try:
+            super().fit(X)
+        finally:
+            self._origin = None
+        return self
+
     def _check_params(self, d: int) -> None:
         numbers = {"budget": int, "weight": float, "vq_below": float, "vq_bits": int}
         numbers.update(norm_bits=int, kmeans_iters=int, train_sample=int, seed=int)
@@ -366,6 +404,15 @@ class AllocQuantizer(Quantizer):
                 raise SpecError(f"{name} must be {what}; got {value!r}")
         if self.levels not in LEVEL_KINDS:
             raise SpecError(f"levels must be one of {LEVEL_KINDS}; got {self.levels!r}")
+        if self.metric not in _METRICS:
+            raise SpecError(f"metric must be one of {_METRICS}; got {self.metric!r}")
+        if self._origin is not None and (
+            self._origin.shape != (d,) or not np.isfinite(self._origin).all()
+        ):
+            raise InputError(
+                f"origin must be {d} finite values (the input space's origin after the "
+                f"reducer); got shape {self._origin.shape}"
+            )
         if not 0.0 <= float(self.weight) <= 1.0:
             raise SpecError(f"weight must be in [0, 1]; got {self.weight!r}")
         if not 1 <= int(self.vq_bits) <= MAX_BITS:
@@ -404,7 +451,8 @@ class AllocQuantizer(Quantizer):
             sample = X[np.sort(rng.choice(n, int(self.train_sample), replace=False))]
         mean = X.mean(axis=0, dtype=np.float64)
         variance = _column_variance(X, mean)
-        weighted = variance * np.power(variance, float(self.weight))
+        importance = np.power(self._query_energy(mean, variance), float(self.weight))
+        weighted = variance * importance
         order = np.argsort(-weighted, kind="stable")
         self.order_ = order.astype(np.int64)
         self.mean_ = mean.astype(np.float32)
@@ -418,22 +466,26 @@ class AllocQuantizer(Quantizer):
 
         norm_bits = int(self.norm_bits)
         bits = 8 * int(self.budget) - norm_bits
-        self._fit_units(reordered(), weighted[order], variance, mean, bits)
+        plan = _Plan(weighted[order], importance[order], variance, mean)
+        self._fit_units(reordered(), plan, bits)
         self.norm_levels_ = np.ones(1 << norm_bits, dtype=np.float32)
         self._after_load()
         if not norm_bits:
             return
         sample = np.ascontiguousarray(sample, dtype=np.float32)
-        self._fit_norm_code(sample, reordered, weighted[order], variance, mean)
+        self._fit_norm_code(sample, reordered, plan)
         self._after_load()
 
+    def _query_energy(self, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+        """Per input dimension, the second moment of queries distributed like the data
+        (``metric="ip"``: about the input space's origin) or their variance (``"l2"``)."""
+        if self.metric == "l2":
+            return variance
+        offset = mean if self._origin is None else mean - self._origin
+        return variance + offset * offset
+
     def _fit_norm_code(
-        self,
-        sample: np.ndarray,
-        reordered: Callable[[], np.ndarray],
-        weighted: np.ndarray,
-        variance: np.ndarray,
-        mean: np.ndarray,
+        self, sample: np.ndarray, reordered: Callable[[], np.ndarray], plan: _Plan
     ) -> None:
         """Fit the norm code's levels, or leave the code out and give its bits to the
         components (``_fit_units`` again), by recall@10 on the training sample itself
@@ -476,7 +528,7 @@ class AllocQuantizer(Quantizer):
             self.norm_levels_ = levels
             return
         kept = (self.units_, self.codebooks_)
-        self._fit_units(reordered(), weighted, variance, mean, 8 * int(self.budget))
+        self._fit_units(reordered(), plan, 8 * int(self.budget))
         self.norm_levels_ = np.ones(1, dtype=np.float32)
         if helps:
             self._after_load()
@@ -485,22 +537,14 @@ class AllocQuantizer(Quantizer):
                 self.units_, self.codebooks_ = kept
                 self.norm_levels_ = levels
 
-    def _fit_units(
-        self,
-        Z: np.ndarray,
-        weighted: np.ndarray,
-        variance: np.ndarray,
-        mean: np.ndarray,
-        component_bits: int,
-    ) -> None:
+    def _fit_units(self, Z: np.ndarray, plan: _Plan, component_bits: int) -> None:
         """Plan the units for ``component_bits`` bits and fit their levels and codebooks
-        (``units_``, ``codebooks_``) on ``Z``, the sample in variance order (``weighted``
-        in that order too; ``variance`` and ``mean``, float64, in input order)."""
+        (``units_``, ``codebooks_``) on ``Z``, the sample in variance order."""
         assert self.order_ is not None
         order = self.order_
-        weights = np.power(variance[order], self.weight)
-        units, tables = self._plan(Z, weighted, weights, component_bits)
-        self._check_offsets(mean, variance, [order[f : f + g] for f, g, _ in units if g > 1])
+        units, tables = self._plan(Z, plan.weighted, plan.importance, component_bits)
+        dims = [order[f : f + g] for f, g, _ in units if g > 1]
+        self._check_offsets(plan.mean, plan.variance, dims)
         codebooks: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(units)
         groups = []
         for index, (first, size, bits) in enumerate(units):

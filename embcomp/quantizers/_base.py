@@ -52,8 +52,14 @@ class Quantizer(FittedStage):
         assert self.d_ is not None
         return (self.d_ * self.bits + 7) // 8
 
-    def fit(self, X: Any) -> Quantizer:
-        """Fit scales/ranges on training vectors ``X`` (n, d) float; returns ``self``."""
+    def fit(self, X: Any, *, origin: Any = None) -> Quantizer:
+        """Fit scales/ranges on training vectors ``X`` (n, d) float; returns ``self``.
+
+        ``origin``: where the codec's input space has its origin in ``X``'s coordinates
+        (``reducer.transform(0)`` after a reducer; None: ``X``'s own origin). A quantizer
+        that weighs its errors by how inner-product queries see them uses it (alloc's
+        ``metric="ip"``); the others ignore it.
+        """
         X = check_matrix(X, name="training vectors")
         need = self._min_fit_rows()
         if X.shape[0] < need:
