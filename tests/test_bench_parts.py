@@ -604,3 +604,25 @@ def test_frontier_gives_faiss_opq_at_every_ratio_from_8x():
     for d in (384, 768):
         names = set(frontier.headline_methods(d, quick=False))
         assert {f"faiss:OPQ{d // r},PQ{d // r}" for r in (2, 4, 8)} <= names
+
+
+def test_alloc_metric_study_measures_both_metrics_and_faiss_pq(tmp_path):
+    pytest.importorskip("faiss")
+    from bench import alloc_metric
+
+    data = alloc_metric.make_cone(d=32, n_base=1200, n_queries=40)
+    assert data.train.shape == (1200, 32) and data.queries.shape == (40, 32)
+    np.testing.assert_allclose(np.linalg.norm(data.base, axis=1), 1.0, rtol=1e-5)
+    assert float(data.base.mean(axis=0) @ data.base.mean(axis=0)) > 0.5  # a narrow cone
+    rows = alloc_metric.measure(data, [8], [0, 1], lambda row: None)
+    assert [(r["method"], r["metric"], r["seed"]) for r in rows] == [
+        ("pca,alloc8", "ip", 0),
+        ("pca,alloc8", "ip", 1),
+        ("pca,alloc8", "l2", 0),
+        ("pca,alloc8", "l2", 1),
+        ("FAISS PQ8", "", None),
+    ]
+    assert all(0.0 < r["recall_at_10"] <= 1.0 for r in rows)
+    report = {"embcomp": "x", "minutes": 0.1, "datasets": {data.name: {"note": "n", "rows": rows}}}
+    text = alloc_metric.markdown(report)
+    assert "| 8 | " in text and f"{rows[-1]['recall_at_10']:.4f} |" in text
