@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import embcomp  # noqa: E402
-from bench.frontier import Data, _recall, load_wordnet  # noqa: E402
+from bench.frontier import Data, _recall, load_wordnet, synthetic_data  # noqa: E402
 from bench.methods import make_method  # noqa: E402
 from embcomp._atomic import atomic_write_bytes  # noqa: E402
 from embcomp.evaluation import exact_knn  # noqa: E402
@@ -56,17 +56,12 @@ def make_cone(d: int = 1536, n_base: int = 25000, n_queries: int = 500) -> Data:
         x = x / np.sqrt(np.sum(scales**2)) + 1.2 * axis
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    base, queries = draw(n_base), draw(n_queries)
-    truth, _ = exact_knn(base, queries, K)
-    return Data(
-        name=f"synthetic-cone-{d}",
-        train=base[:10000],
-        base=base,
-        queries=queries,
-        truth=truth,
-        qrels=None,
-        note=f"unit vectors about a common axis, variances ~i**-0.5, {d}-d; fit on "
-        f"base[:10000], search {n_base:,} with {n_queries} queries",
+    return synthetic_data(
+        f"synthetic-cone-{d}",
+        draw(n_base),
+        draw(n_queries),
+        10000,
+        f"unit vectors about a common axis, variances ~i**-0.5, {d}-d",
     )
 
 

@@ -122,17 +122,29 @@ def make_powerlaw(d: int = 768, n_base: int = 30000, n_queries: int = 500) -> Da
         x = z @ basis.T + offset
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    base, queries = draw(n_base, 1), draw(n_queries, 2)
+    return synthetic_data(
+        f"synthetic-powerlaw-{d}",
+        draw(n_base, 1),
+        draw(n_queries, 2),
+        20000,
+        f"clustered, variances ~1/i, {d}-d, unit norm",
+    )
+
+
+def synthetic_data(
+    name: str, base: np.ndarray, queries: np.ndarray, fit_rows: int, what: str
+) -> Data:
+    """Seeded synthetic vectors as a dataset: fitted on ``base[:fit_rows]``, the exact
+    top-10 by inner product as the truth, no relevance labels."""
     truth, _ = exact_knn(base, queries, K)
     return Data(
-        name=f"synthetic-powerlaw-{d}",
-        train=base[:20000],
+        name=name,
+        train=base[:fit_rows],
         base=base,
         queries=queries,
         truth=truth,
         qrels=None,
-        note=f"clustered, variances ~1/i, {d}-d, unit norm; fit on base[:20000], "
-        f"search {n_base:,} with {n_queries} queries",
+        note=f"{what}; fit on base[:{fit_rows}], search {len(base):,} with {len(queries)} queries",
     )
 
 
