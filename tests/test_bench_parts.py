@@ -622,7 +622,24 @@ def test_alloc_metric_study_measures_both_metrics_and_faiss_pq(tmp_path):
         ("pca,alloc8", "l2", 1),
         ("FAISS PQ8", "", None),
     ]
-    assert all(0.0 < r["recall_at_10"] <= 1.0 for r in rows)
+    assert all(0.0 < r["recall_at_10"] <= 1.0 and r["fit_s"] >= 0.0 for r in rows)
+    assert rows[-1]["fit_s"] > 0.0  # FAISS's fit is timed too
     report = {"embcomp": "x", "minutes": 0.1, "datasets": {data.name: {"note": "n", "rows": rows}}}
     text = alloc_metric.markdown(report)
     assert "| 8 | " in text and f"{rows[-1]['recall_at_10']:.4f} |" in text
+
+
+def test_alloc_metric_study_names_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys):
+    from bench import alloc_metric
+
+    monkeypatch.setattr(alloc_metric, "WORDNET", tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit_info:
+        alloc_metric.main(["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "MiniLM data is not at" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        alloc_metric.main(["--skip-wordnet", "--out", str(a_file)])
+    assert "is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "x" and not (tmp_path / "out").exists()
