@@ -102,8 +102,12 @@ class Method(ABC):
     def encode(self, X: np.ndarray) -> np.ndarray:
         """``X`` (n, d) float32 -> uint8 codes (n, code_size)."""
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """uint8 codes (n, code_size) -> float32 (n, d). Only when ``decodes``."""
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 codes (n, code_size) -> float32 (n, d). Only when ``decodes``.
+
+        ``out``: a float32 C-contiguous (n, d) buffer to write into and return (both
+        families can: ``Codec.decode(out=)``, FAISS ``sa_decode(codes, x)``).
+        """
         raise InputError(f"{self.name} does not decode to vectors; it searches its own codes")
 
     def search(
@@ -227,8 +231,8 @@ class EmbcompMethod(Method):
     def encode(self, X: np.ndarray) -> np.ndarray:
         return self.codec.encode(X)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self.codec.decode(codes)
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.codec.decode(codes, out=out)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -314,10 +318,10 @@ class FaissMethod(Method):
     def encode(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.index.sa_encode(np.ascontiguousarray(X, dtype=np.float32)))
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if not self.decodes:
-            return super().decode(codes)
-        return np.asarray(self.index.sa_decode(np.ascontiguousarray(codes)))
+            return super().decode(codes, out)
+        return np.asarray(self.index.sa_decode(np.ascontiguousarray(codes), out))
 
     def search(
         self, codes: np.ndarray, queries: np.ndarray, k: int, decoded: np.ndarray | None = None

@@ -339,7 +339,12 @@ def _settings_line(runs: Sequence[dict[str, Any]]) -> str:
         f"Every codec fitted on {rows}, seed {st.get('seed', 0)}; exact top-{st.get('k')} "
         "truth; "
         + (f"rescoring re-ranks the top {rescore * 10}; " if rescore else "")
-        + f"throughput = median of {st.get('timing_repeats')} timings."
+        + f"throughput = median of {st.get('timing_repeats')} timings"
+        + (
+            ", decode into one reused float32 buffer (no page faults of fresh memory)."
+            if any(r["results"].get("decode_into") == "reused buffer" for r in runs)
+            else "."
+        )
     )
 
 
