@@ -186,24 +186,32 @@ def fresh_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def check_output(out: Any, shape: tuple[int, int], codes: np.ndarray) -> np.ndarray:
-    """Decode's output: a new float32 array of ``shape`` when ``out`` is None (see
+def check_output(
+    out: Any, shape: tuple[int, int], source: np.ndarray, *, dtype: Any = np.float32
+) -> np.ndarray:
+    """The output of a decode (``dtype`` float32, ``source`` the codes) or an encode
+    (uint8, ``source`` the vectors): a new array of ``shape`` when ``out`` is None (see
     :func:`fresh_array`), else the caller's buffer once checked (a writeable,
-    C-contiguous float32 ndarray of exactly ``shape`` that does not overlap ``codes``)."""
+    C-contiguous ndarray of ``dtype`` and exactly ``shape`` that does not overlap
+    ``source``)."""
     if out is None:
-        return fresh_array(shape, np.float32)
+        return fresh_array(shape, dtype)
+    decoding = dtype == np.float32
+    work, source_name, done = (
+        ("decoding", "codes", "decoded") if decoding else ("encoding", "vectors", "encoded")
+    )
     if not isinstance(out, np.ndarray):
         raise InputError(f"out must be a numpy array; got {type(out).__name__}")
-    if out.dtype != np.float32:
-        raise InputError(f"out must be float32; got dtype {out.dtype}")
+    if out.dtype != dtype:
+        raise InputError(f"out must be {np.dtype(dtype).name}; got dtype {out.dtype}")
     if out.shape != shape:
         raise DimensionMismatchError(
-            f"out has shape {out.shape}; decoding these codes needs {shape}"
+            f"out has shape {out.shape}; {work} these {source_name} needs {shape}"
         )
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise InputError("out must be C-contiguous and writeable")
-    if np.shares_memory(out, codes):
-        raise InputError("out overlaps the codes being decoded; pass a separate buffer")
+    if np.shares_memory(out, source):
+        raise InputError(f"out overlaps the {source_name} being {done}; pass a separate buffer")
     return out
 
 

@@ -26,7 +26,6 @@ from ._validation import (
     check_matrix,
     check_output,
     column_range,
-    fresh_array,
     normalize_rows,
     to_float32,
 )
@@ -283,15 +282,18 @@ class Codec:
         np.subtract(z, reducer._offset, out=z)
         return z
 
-    def encode(self, X: Any) -> np.ndarray:
+    def encode(self, X: Any, *, out: np.ndarray | None = None) -> np.ndarray:
         """Encode ``X`` (n, d_in) float -> uint8 codes (n, code_size).
 
         Works block by block on all cores (normalize, reduce, quantize fused per block),
         so memory beyond the output is a few blocks per thread whatever ``n`` is.
+        ``out``: a uint8 (n, code_size) C-contiguous buffer to write into and return
+        (like FAISS's ``sa_encode(x, codes)``); reusing one skips the page faults of
+        fresh memory. If encoding fails (a non-finite row), ``out`` is partly written.
         """
         d_in = self._check_fitted()
         X = check_matrix(X, d=d_in, allow_empty=True)
-        out = fresh_array((X.shape[0], self.code_size), np.uint8)
+        out = check_output(out, (X.shape[0], self.code_size), X, dtype=np.uint8)
         transformed = self.spec.normalize or self.reducer is not None
 
         def work(start: int, stop: int, scratch: Scratch) -> None:

@@ -169,6 +169,54 @@ def test_decode_refuses_a_bad_buffer_and_leaves_it_alone():
         np.testing.assert_array_equal(np.asarray(buf), before)
 
 
+@pytest.mark.parametrize(
+    "spec", ["int8", "int4", "bf16", "fp8", "fp4", "bin", "pca8,int8", "l2norm,fp16", "pca,alloc6"]
+)
+def test_encode_into_a_callers_buffer(spec):
+    """``encode(X, out=buf)`` writes the same codes into buf and returns it, on every
+    path (plain, reduced, normalized, float64 input, empty input)."""
+    X = np.random.default_rng(43).standard_normal((300, 16)).astype(np.float32)
+    codec = make_codec(spec).fit(X)
+    for rows in (X, X.astype(np.float64), X[:0]):
+        want = codec.encode(rows)
+        buf = np.full(want.shape, 0xA5, dtype=np.uint8)
+        assert codec.encode(rows, out=buf) is buf
+        np.testing.assert_array_equal(buf, want)
+    reduced = codec.reducer.transform(X) if codec.reducer is not None else X
+    if not codec.spec.normalize:
+        buf = np.empty((300, codec.code_size), np.uint8)
+        assert codec.quantizer.encode(reduced, out=buf) is buf
+        np.testing.assert_array_equal(buf, codec.encode(X))
+
+
+def test_encode_refuses_a_bad_buffer_and_leaves_it_alone():
+    from embcomp import DimensionMismatchError
+
+    X = np.random.default_rng(44).standard_normal((50, 8)).astype(np.float32)
+    codec = make_codec("fp32").fit(X)
+    cases = [
+        (np.zeros((50, 32), np.int8), InputError, "uint8"),
+        (
+            np.zeros((49, 32), np.uint8),
+            DimensionMismatchError,
+            r"encoding these vectors needs \(50, 32\)",
+        ),
+        (np.zeros((50, 32), np.uint8, order="F"), InputError, "C-contiguous"),
+        ([[0] * 32] * 50, InputError, "numpy array"),
+        (X.view(np.uint8), InputError, "overlaps the vectors being encoded"),
+    ]
+    readonly = np.zeros((50, 32), np.uint8)
+    readonly.flags.writeable = False
+    cases.append((readonly, InputError, "writeable"))
+    for buf, error, words in cases:
+        before = np.array(buf, copy=True)
+        with pytest.raises(error, match=words):
+            codec.encode(X, out=buf)
+        np.testing.assert_array_equal(np.asarray(buf), before)
+    with pytest.raises(InputError, match="overlaps"):
+        codec.quantizer.encode(X, out=X.view(np.uint8))
+
+
 def test_standalone_quantizers_check_their_parameter_types():
     from embcomp import SpecError
     from embcomp.quantizers import AllocQuantizer

@@ -16,7 +16,6 @@ from .._validation import (
     check_matrix,
     check_output,
     column_range,
-    fresh_array,
     to_float32,
 )
 from ..exceptions import ArtifactError, InputError
@@ -92,11 +91,15 @@ class Quantizer(FittedStage):
         the data (as PCA needs two), one where a single vector calibrates nothing."""
         return 2
 
-    def encode(self, X: Any) -> np.ndarray:
-        """Encode ``X`` (n, d_) float -> uint8 codes (n, code_size)."""
+    def encode(self, X: Any, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Encode ``X`` (n, d_) float -> uint8 codes (n, code_size).
+
+        ``out``: a uint8 (n, code_size) C-contiguous buffer to write into and return
+        (like FAISS's ``sa_encode(x, codes)``), which skips the page faults of fresh memory.
+        """
         self._check_fitted()
         X = check_matrix(X, d=self.d_, allow_empty=True)
-        out = fresh_array((X.shape[0], self.code_size), np.uint8)
+        out = check_output(out, (X.shape[0], self.code_size), X, dtype=np.uint8)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block, owned = float32_block(X, start, stop, scratch)
