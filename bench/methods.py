@@ -71,6 +71,7 @@ class Method(ABC):
 
     family: ClassVar[str]
     decodes: bool = True
+    writes_into: bool = True  # encode/decode take out= (the paper's procedures do not)
 
     def __init__(self, ref: str, options: Mapping[str, Any] | None = None) -> None:
         self.ref = ref
@@ -99,8 +100,12 @@ class Method(ABC):
         """Fit on ``train`` (n, d) float32 for searches by ``metric`` ("ip" or "l2")."""
 
     @abstractmethod
-    def encode(self, X: np.ndarray) -> np.ndarray:
-        """``X`` (n, d) float32 -> uint8 codes (n, code_size)."""
+    def encode(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``X`` (n, d) float32 -> uint8 codes (n, code_size).
+
+        ``out``: a uint8 C-contiguous (n, code_size) buffer to write into and return,
+        where ``writes_into`` (``Codec.encode(out=)``, FAISS ``sa_encode(x, codes)``).
+        """
 
     def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 codes (n, code_size) -> float32 (n, d). Only when ``decodes``.
@@ -228,8 +233,8 @@ class EmbcompMethod(Method):
         self.fit_s = self.reducer_fit_s + (time.perf_counter() - start)
         self.codec = codec
 
-    def encode(self, X: np.ndarray) -> np.ndarray:
-        return self.codec.encode(X)
+    def encode(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.codec.encode(X, out=out)
 
     def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self.codec.decode(codes, out=out)
@@ -315,8 +320,9 @@ class FaissMethod(Method):
         if not self.index.is_trained:
             self.index.train(np.ascontiguousarray(train, dtype=np.float32))
 
-    def encode(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.index.sa_encode(np.ascontiguousarray(X, dtype=np.float32)))
+    def encode(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        return np.asarray(self.index.sa_encode(X, out))
 
     def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if not self.decodes:
@@ -418,6 +424,7 @@ class PaperMethod(Method):
 
     family = "paper"
     decodes = False
+    writes_into = False
 
     def __init__(self, ref: str, options: Mapping[str, Any] | None = None) -> None:
         ref = ref.strip().lower()
@@ -463,7 +470,9 @@ class PaperMethod(Method):
         X = np.ascontiguousarray(X, dtype=np.float32)
         return self.pca.transform(X) if self.pca is not None else X
 
-    def encode(self, X: np.ndarray) -> np.ndarray:
+    def encode(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None:
+            raise InputError(f"{self.name} allocates its codes; it takes no out=")
         Z = self._project(X)
         if self.kind == "fp8":
             import ml_dtypes

@@ -341,8 +341,9 @@ def _settings_line(runs: Sequence[dict[str, Any]]) -> str:
         + (f"rescoring re-ranks the top {rescore * 10}; " if rescore else "")
         + f"throughput = median of {st.get('timing_repeats')} timings"
         + (
-            ", decode into one reused float32 buffer (no page faults of fresh memory)."
-            if any(r["results"].get("decode_into") == "reused buffer" for r in runs)
+            ", encode and decode into reused buffers (no page faults of fresh memory; the "
+            "paper's procedures allocate)."
+            if any(r["results"].get("encode_into") == "reused buffer" for r in runs)
             else "."
         )
     )

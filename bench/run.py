@@ -299,6 +299,12 @@ def tie_aware_recall(
     return float(sum(v * n for v, n in values) / found.shape[0])
 
 
+def _written(buffer: np.ndarray) -> np.ndarray:
+    """``buffer`` with every page written once (no page faults left for a timed call)."""
+    buffer.fill(0)
+    return buffer
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     """Result of the last call and the median wall time of ``repeats`` calls."""
     times, result = [], None
@@ -336,9 +342,9 @@ def evaluate(
     -------
     dict with ``bytes_per_vector`` (``code_size``), ``compression_ratio``,
     ``recall_at_{1,10,100}`` (ties count), nDCG@10 and its retention when the dataset
-    has qrels, ``fit_s``, ``encode_vectors_per_s``, ``decode_vectors_per_s`` (into a
-    reused buffer, as ``decode_into`` says), ``search_s`` and, with rescoring on, the
-    rescored numbers and their extra bytes.
+    has qrels, ``fit_s``, ``encode_vectors_per_s``, ``decode_vectors_per_s`` (into
+    reused buffers where the method can, as ``encode_into``/``decode_into`` say),
+    ``search_s`` and, with rescoring on, the rescored numbers and their extra bytes.
     """
     start = time.perf_counter()
     method.fit(train, dataset.metric)
@@ -351,8 +357,17 @@ def evaluate(
     warm = method.encode(base[: min(256, dataset.n_base)])
     if method.decodes:
         method.decode(warm)
-    codes, encode_s = _timed(lambda: method.encode(base), settings.timing_repeats)
+    # Encode and decode write into buffers written once beforehand (where the method
+    # can): a fresh output's page faults cost what the kernel's free 2 MiB pages
+    # decide (11 ms or 40-53 ms for the same 77 MB on one VM), which would swamp the
+    # codecs' own differences.
+    into = "reused buffer" if method.writes_into else "fresh array"
     code_size = method.code_size
+    code_buffer = _written(np.empty((dataset.n_base, code_size), dtype=np.uint8))
+    codes, encode_s = _timed(
+        lambda: method.encode(base, out=code_buffer if method.writes_into else None),
+        settings.timing_repeats,
+    )
     if codes.shape != (dataset.n_base, code_size) or codes.dtype != np.uint8:
         raise EmbcompError(
             f"{method.name}: encode returned {codes.dtype} {codes.shape}, expected uint8 "
@@ -360,13 +375,10 @@ def evaluate(
         )
     decoded, decode_s = None, None
     if method.decodes:
-        # Into one buffer, written once beforehand: a fresh output's page faults cost
-        # what the kernel's free 2 MiB pages decide (11 ms or 40-53 ms for the same
-        # 77 MB on one VM), which would swamp the codecs' own difference.
-        buffer = np.empty((dataset.n_base, dataset.d), dtype=np.float32)
-        buffer.fill(0.0)
+        buffer = _written(np.empty((dataset.n_base, dataset.d), dtype=np.float32))
         decoded, decode_s = _timed(
-            lambda: method.decode(codes, out=buffer), settings.timing_repeats
+            lambda: method.decode(codes, out=buffer if method.writes_into else None),
+            settings.timing_repeats,
         )
     depth = max(settings.k, settings.rescore * 10)
     depth = min(depth, dataset.n_base)
@@ -382,7 +394,8 @@ def evaluate(
         "encode_vectors_per_s": dataset.n_base / encode_s if encode_s > 0 else None,
         "decode_s": decode_s,
         "decode_vectors_per_s": (dataset.n_base / decode_s) if decode_s else None,
-        "decode_into": "reused buffer" if decode_s else None,
+        "encode_into": into,
+        "decode_into": into if decode_s else None,
         "search_s": search_s,
         "search_queries": dataset.n_queries,
         "search_depth": depth,

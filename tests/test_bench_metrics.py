@@ -11,6 +11,7 @@ import pytest
 from bench import run as bench_run
 from bench.datasets import Dataset
 from bench.methods import make_method
+from embcomp.exceptions import InputError
 from embcomp.sample import load_sample
 
 
@@ -110,26 +111,36 @@ def test_faiss_and_embcomp_agree_on_the_same_codec(sample, faiss_name, embcomp_n
 @pytest.mark.parametrize(
     "name", ["embcomp:int8", "embcomp:pca64,fp8", "faiss:SQ8", "faiss:PCA64,SQ8"]
 )
-def test_decode_timed_into_a_reused_buffer_gives_the_same_vectors(sample, name):
-    """The sweep times decode into one buffer (no fresh-memory page faults); what the
-    buffer holds afterwards is what a fresh decode returns, and the record says so."""
+def test_timed_into_reused_buffers_gives_the_same_codes_and_vectors(sample, name):
+    """The sweep times encode and decode into buffers (no fresh-memory page faults);
+    what they hold afterwards is what fresh calls return, and the record says so."""
     dataset, truth, settings, train = sample
     method = make_method(name)
     method.fit(train)
     codes = method.encode(dataset.base)
+    code_buffer = np.full_like(codes, 0xA5)
+    assert method.encode(dataset.base, out=code_buffer) is code_buffer
+    np.testing.assert_array_equal(code_buffer, codes)
     buffer = np.full((dataset.n_base, dataset.d), np.nan, dtype=np.float32)
     assert method.decode(codes, out=buffer) is buffer
     np.testing.assert_array_equal(buffer, method.decode(codes))
     result = bench_run.evaluate(make_method(name), dataset, train, truth, settings)["results"]
-    assert result["decode_into"] == "reused buffer"
-    assert result["decode_vectors_per_s"] > 0
+    assert result["encode_into"] == result["decode_into"] == "reused buffer"
+    assert result["encode_vectors_per_s"] > 0 and result["decode_vectors_per_s"] > 0
 
 
-def test_search_only_methods_record_no_decode_timing(sample):
+def test_methods_that_cannot_write_into_buffers_are_timed_as_they_are(sample):
     dataset, truth, settings, train = sample
-    result = bench_run.evaluate(make_method("faiss:LSH"), dataset, train, truth, settings)
-    assert result["results"]["decode_vectors_per_s"] is None
-    assert result["results"]["decode_into"] is None
+    lsh = bench_run.evaluate(make_method("faiss:LSH"), dataset, train, truth, settings)
+    assert lsh["results"]["encode_into"] == "reused buffer"
+    assert lsh["results"]["decode_vectors_per_s"] is None
+    assert lsh["results"]["decode_into"] is None
+    paper = make_method("paper:int8")
+    paper.fit(train)
+    with pytest.raises(InputError, match="paper:int8 allocates its codes"):
+        paper.encode(dataset.base, out=np.empty((dataset.n_base, paper.code_size), np.uint8))
+    result = bench_run.evaluate(make_method("paper:int8"), dataset, train, truth, settings)
+    assert result["results"]["encode_into"] == "fresh array"
 
 
 def test_paper_int8_truncates_and_wraps_like_an_unclipped_uint8_cast():

@@ -171,7 +171,7 @@ def test_summary_csv_markdown_and_plots(smoke):
     md = (out / "summary.md").read_text()
     assert "Best recall@10 within each byte budget" in md
     assert "| 4x |" in md and "| 32x |" in md
-    assert "decode into one reused float32 buffer" in md
+    assert "encode and decode into reused buffers" in md
     for stem in ("recall_vs_bytes", "ndcg_retention_vs_ratio", "encode_throughput"):
         png = out / "plots" / "dir-toy-32" / f"{stem}.png"
         svg = png.with_suffix(".svg")
