@@ -146,27 +146,37 @@ def test_decode_into_a_callers_buffer(spec):
     np.testing.assert_array_equal(quantizer_buf, reduced)
 
 
-def test_decode_refuses_a_bad_buffer_and_leaves_it_alone():
+def _bad_buffers(shape, dtype, wrong_dtype, overlapping, needs):
+    """(buffer, error, message) for every way an ``out=`` buffer can be wrong."""
     from embcomp import DimensionMismatchError
 
-    X = np.random.default_rng(42).standard_normal((50, 8)).astype(np.float32)
-    codec = make_codec("fp32").fit(X)
-    codes = codec.encode(X)
-    cases = [
-        (np.zeros((50, 8), np.float64), InputError, "float32"),
-        (np.zeros((49, 8), np.float32), DimensionMismatchError, r"\(50, 8\)"),
-        (np.zeros((50, 8), np.float32, order="F"), InputError, "C-contiguous"),
-        ([[0.0] * 8] * 50, InputError, "numpy array"),
-        (codes.view(np.float32), InputError, "overlaps"),  # fp32 codes are the floats
-    ]
-    readonly = np.zeros((50, 8), np.float32)
+    readonly = np.zeros(shape, dtype)
     readonly.flags.writeable = False
-    cases.append((readonly, InputError, "writeable"))
+    return [
+        (np.zeros(shape, wrong_dtype), InputError, np.dtype(dtype).name),
+        (np.zeros((shape[0] - 1, shape[1]), dtype), DimensionMismatchError, needs),
+        (np.zeros(shape, dtype, order="F"), InputError, "C-contiguous"),
+        (np.zeros(shape).tolist(), InputError, "numpy array"),
+        (overlapping, InputError, "overlaps"),
+        (readonly, InputError, "writeable"),
+    ]
+
+
+def _assert_refused_and_untouched(call, cases):
     for buf, error, words in cases:
         before = np.array(buf, copy=True)
         with pytest.raises(error, match=words):
-            codec.decode(codes, out=buf)
+            call(buf)
         np.testing.assert_array_equal(np.asarray(buf), before)
+
+
+def test_decode_refuses_a_bad_buffer_and_leaves_it_alone():
+    X = np.random.default_rng(42).standard_normal((50, 8)).astype(np.float32)
+    codec = make_codec("fp32").fit(X)
+    codes = codec.encode(X)
+    # fp32 codes are the floats themselves: a view of them overlaps
+    cases = _bad_buffers((50, 8), np.float32, np.float64, codes.view(np.float32), r"\(50, 8\)")
+    _assert_refused_and_untouched(lambda buf: codec.decode(codes, out=buf), cases)
 
 
 @pytest.mark.parametrize(
@@ -190,30 +200,12 @@ def test_encode_into_a_callers_buffer(spec):
 
 
 def test_encode_refuses_a_bad_buffer_and_leaves_it_alone():
-    from embcomp import DimensionMismatchError
-
     X = np.random.default_rng(44).standard_normal((50, 8)).astype(np.float32)
     codec = make_codec("fp32").fit(X)
-    cases = [
-        (np.zeros((50, 32), np.int8), InputError, "uint8"),
-        (
-            np.zeros((49, 32), np.uint8),
-            DimensionMismatchError,
-            r"encoding these vectors needs \(50, 32\)",
-        ),
-        (np.zeros((50, 32), np.uint8, order="F"), InputError, "C-contiguous"),
-        ([[0] * 32] * 50, InputError, "numpy array"),
-        (X.view(np.uint8), InputError, "overlaps the vectors being encoded"),
-    ]
-    readonly = np.zeros((50, 32), np.uint8)
-    readonly.flags.writeable = False
-    cases.append((readonly, InputError, "writeable"))
-    for buf, error, words in cases:
-        before = np.array(buf, copy=True)
-        with pytest.raises(error, match=words):
-            codec.encode(X, out=buf)
-        np.testing.assert_array_equal(np.asarray(buf), before)
-    with pytest.raises(InputError, match="overlaps"):
+    needs = r"encoding these vectors needs \(50, 32\)"
+    cases = _bad_buffers((50, 32), np.uint8, np.int8, X.view(np.uint8), needs)
+    _assert_refused_and_untouched(lambda buf: codec.encode(X, out=buf), cases)
+    with pytest.raises(InputError, match="overlaps the vectors being encoded"):
         codec.quantizer.encode(X, out=X.view(np.uint8))
 
 
