@@ -299,8 +299,12 @@ def tie_aware_recall(
     return float(sum(v * n for v, n in values) / found.shape[0])
 
 
-def _written(buffer: np.ndarray) -> np.ndarray:
-    """``buffer`` with every page written once (no page faults left for a timed call)."""
+def _buffer(shape: tuple[int, int], dtype: Any, wanted: bool) -> np.ndarray | None:
+    """An output buffer with every page written once (no page faults left for a timed
+    call), or None where the method cannot write into one."""
+    if not wanted:
+        return None
+    buffer = np.empty(shape, dtype=dtype)
     buffer.fill(0)
     return buffer
 
@@ -363,11 +367,8 @@ def evaluate(
     # codecs' own differences.
     into = "reused buffer" if method.writes_into else "fresh array"
     code_size = method.code_size
-    code_buffer = _written(np.empty((dataset.n_base, code_size), dtype=np.uint8))
-    codes, encode_s = _timed(
-        lambda: method.encode(base, out=code_buffer if method.writes_into else None),
-        settings.timing_repeats,
-    )
+    code_buffer = _buffer((dataset.n_base, code_size), np.uint8, method.writes_into)
+    codes, encode_s = _timed(lambda: method.encode(base, out=code_buffer), settings.timing_repeats)
     if codes.shape != (dataset.n_base, code_size) or codes.dtype != np.uint8:
         raise EmbcompError(
             f"{method.name}: encode returned {codes.dtype} {codes.shape}, expected uint8 "
@@ -375,10 +376,9 @@ def evaluate(
         )
     decoded, decode_s = None, None
     if method.decodes:
-        buffer = _written(np.empty((dataset.n_base, dataset.d), dtype=np.float32))
+        buffer = _buffer((dataset.n_base, dataset.d), np.float32, method.writes_into)
         decoded, decode_s = _timed(
-            lambda: method.decode(codes, out=buffer if method.writes_into else None),
-            settings.timing_repeats,
+            lambda: method.decode(codes, out=buffer), settings.timing_repeats
         )
     depth = max(settings.k, settings.rescore * 10)
     depth = min(depth, dataset.n_base)

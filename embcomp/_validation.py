@@ -187,23 +187,23 @@ def fresh_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 
 def check_output(
-    out: Any, shape: tuple[int, int], source: np.ndarray, *, dtype: Any = np.float32
+    out: Any, shape: tuple[int, int], source: np.ndarray, *, encoding: bool = False
 ) -> np.ndarray:
-    """The output of a decode (``dtype`` float32, ``source`` the codes) or an encode
-    (uint8, ``source`` the vectors): a new array of ``shape`` when ``out`` is None (see
-    :func:`fresh_array`), else the caller's buffer once checked (a writeable,
-    C-contiguous ndarray of ``dtype`` and exactly ``shape`` that does not overlap
+    """The output of a decode (float32; ``source`` the codes) or, with ``encoding``, of
+    an encode (uint8; ``source`` the vectors): a new array of ``shape`` when ``out`` is
+    None (see :func:`fresh_array`), else the caller's buffer once checked (a writeable,
+    C-contiguous ndarray of that dtype and exactly ``shape`` that does not overlap
     ``source``)."""
+    dtype = np.dtype(np.uint8 if encoding else np.float32)
     if out is None:
         return fresh_array(shape, dtype)
-    decoding = dtype == np.float32
     work, source_name, done = (
-        ("decoding", "codes", "decoded") if decoding else ("encoding", "vectors", "encoded")
+        ("encoding", "vectors", "encoded") if encoding else ("decoding", "codes", "decoded")
     )
     if not isinstance(out, np.ndarray):
         raise InputError(f"out must be a numpy array; got {type(out).__name__}")
     if out.dtype != dtype:
-        raise InputError(f"out must be {np.dtype(dtype).name}; got dtype {out.dtype}")
+        raise InputError(f"out must be {dtype.name}; got dtype {out.dtype}")
     if out.shape != shape:
         raise DimensionMismatchError(
             f"out has shape {out.shape}; {work} these {source_name} needs {shape}"

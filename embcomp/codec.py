@@ -293,7 +293,7 @@ class Codec:
         """
         d_in = self._check_fitted()
         X = check_matrix(X, d=d_in, allow_empty=True)
-        out = check_output(out, (X.shape[0], self.code_size), X, dtype=np.uint8)
+        out = check_output(out, (X.shape[0], self.code_size), X, encoding=True)
         transformed = self.spec.normalize or self.reducer is not None
 
         def work(start: int, stop: int, scratch: Scratch) -> None:

@@ -96,10 +96,11 @@ class Quantizer(FittedStage):
 
         ``out``: a uint8 (n, code_size) C-contiguous buffer to write into and return
         (like FAISS's ``sa_encode(x, codes)``), which skips the page faults of fresh memory.
+        If encoding fails (a non-finite row), ``out`` is partly written.
         """
         self._check_fitted()
         X = check_matrix(X, d=self.d_, allow_empty=True)
-        out = check_output(out, (X.shape[0], self.code_size), X, dtype=np.uint8)
+        out = check_output(out, (X.shape[0], self.code_size), X, encoding=True)
 
         def work(start: int, stop: int, scratch: Scratch) -> None:
             block, owned = float32_block(X, start, stop, scratch)
