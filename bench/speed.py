@@ -14,8 +14,10 @@ method always runs right after the same neighbour):
   pca{d/2},fp8 is compared with PCA{d/2},SQ8 too);
 * the naive ml_dtypes cast (``X.astype(float8_e4m3fn)`` and back) for the float8 and
   float4 formats;
-* decode into a reused output buffer, embcomp ``decode(codes, out=buf)`` against FAISS
-  ``sa_decode(codes, x)`` (fresh output memory costs page faults on both sides).
+* encode and decode into reused output buffers, embcomp ``encode(X, out=codes)`` and
+  ``decode(codes, out=buf)`` against FAISS ``sa_encode(x, codes)`` and
+  ``sa_decode(codes, x)`` (fresh output memory costs page faults on both sides, which
+  can hide or invent a difference between the codecs themselves).
 
 Throughput is MB/s of float32 vectors (``n * d * 4`` bytes) per wall-clock second, the
 median of ``--repeats`` runs; the CPU seconds of each run are recorded too. For inputs
@@ -131,10 +133,13 @@ class Method:
     family: str  # "embcomp", "faiss" or "naive"
     encode: Callable[[np.ndarray], np.ndarray]
     decode: Callable[[np.ndarray], np.ndarray]
-    # decode into a caller's buffer (no fresh memory, so no page faults), if it has one
+    # encode and decode into a caller's buffer (no fresh memory, so no page faults), if
+    # it can: (input, out) -> out
+    encode_into: Callable[[np.ndarray, np.ndarray], Any] | None = None
     decode_into: Callable[[np.ndarray, np.ndarray], Any] | None = None
     enc: Timing = field(default_factory=Timing)
     dec: Timing = field(default_factory=Timing)
+    enci: Timing = field(default_factory=Timing)
     deci: Timing = field(default_factory=Timing)
 
 
@@ -252,6 +257,10 @@ def jit_cost() -> dict[str, Any]:
     }
 
 
+def _encode_into(codec: Any, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return codec.encode(X, out=out)  # type: ignore[no-any-return]
+
+
 def _decode_into(codec: Any, codes: np.ndarray, out: np.ndarray) -> np.ndarray:
     return codec.decode(codes, out=out)  # type: ignore[no-any-return]
 
@@ -296,6 +305,7 @@ def build_methods(X: np.ndarray, train: np.ndarray, specs: Sequence[str]) -> lis
                 "embcomp",
                 codec.encode,
                 codec.decode,
+                partial(_encode_into, codec),
                 partial(_decode_into, codec),
             )
         )
@@ -316,7 +326,7 @@ def build_methods(X: np.ndarray, train: np.ndarray, specs: Sequence[str]) -> lis
             index = faiss.index_factory(d, factory)
             index.train(train)
             faiss_built[factory] = Method(
-                factory, "faiss", index.sa_encode, index.sa_decode, index.sa_decode
+                factory, "faiss", index.sa_encode, index.sa_decode, index.sa_encode, index.sa_decode
             )
             methods.append(faiss_built[factory])
         if spec in NAIVE_CAST:
@@ -358,11 +368,13 @@ def run_shape(
         specs = [s for s in specs if s in specs_filter or s.split(",")[-1] in specs_filter]
     methods = build_methods(X, train, specs)
     codes = {m.name: m.encode(X) for m in methods}  # warm-up; decode input
-    # decode_into's buffers: one per method, already written once (no page faults left)
+    # the buffers of encode_into and decode_into: one each per method, already written
+    # once (no page faults left)
+    code_buffers = {m.name: m.encode(X) for m in methods if m.encode_into}
     buffers = {m.name: m.decode(codes[m.name]) for m in methods if m.decode_into}
     calls = calls_per_run(X.nbytes, run_mb)
     for m in methods:
-        m.enc.calls = m.dec.calls = m.deci.calls = calls
+        m.enc.calls = m.dec.calls = m.enci.calls = m.deci.calls = calls
     # Interleaved: each run of every method sees the same load. Shuffled each round
     # (seeded): what runs just before a method matters (a big array freed just before
     # makes the next fresh output's page faults cheaper), so no method always follows
@@ -372,6 +384,8 @@ def run_shape(
         for index in rng.permutation(len(methods)):
             m = methods[index]
             runs = [(m.enc, partial(m.encode, X)), (m.dec, partial(m.decode, codes[m.name]))]
+            if m.encode_into is not None:
+                runs.append((m.enci, partial(m.encode_into, X, code_buffers[m.name])))
             if m.decode_into is not None:
                 runs.append((m.deci, partial(m.decode_into, codes[m.name], buffers[m.name])))
             for timing, call in runs:
@@ -406,12 +420,14 @@ def run_shape(
             row["decode_cpu_ratio"] = round(
                 ours.dec.mb_per_cpu_s(nbytes) / theirs.dec.mb_per_cpu_s(nbytes), 3
             )
-            if ours.decode_into is not None and theirs.decode_into is not None:
-                row["decode_into"] = ours.deci.record(nbytes)
-                row["faiss"]["decode_into"] = theirs.deci.record(nbytes)
-                row["decode_into_ratio"] = round(
-                    ours.deci.mb_per_s(nbytes) / theirs.deci.mb_per_s(nbytes), 3
-                )
+            for op, mine, their, can in (
+                ("encode_into", ours.enci, theirs.enci, ours.encode_into and theirs.encode_into),
+                ("decode_into", ours.deci, theirs.deci, ours.decode_into and theirs.decode_into),
+            ):
+                if can:
+                    row[op] = mine.record(nbytes)
+                    row["faiss"][op] = their.record(nbytes)
+                    row[f"{op}_ratio"] = round(mine.mb_per_s(nbytes) / their.mb_per_s(nbytes), 3)
         plain = by_name.get(f"{spec} (numpy)")
         if plain is not None:
             row["numpy_path"] = {
@@ -505,14 +521,15 @@ def targets(rows: list[dict[str, Any]], sq8: dict[str, Any], half: int) -> list[
         for op in ("encode", "decode"):
             if "faiss" in row and not spec.endswith(",fp8"):
                 add(f"{spec} {op} >= 1.0x FAISS {row['faiss']['factory']}", row, op, None, 1.0)
-        if "decode_into" in row and not spec.endswith(",fp8"):
-            add(
-                f"{spec} decode into a buffer >= 1.0x FAISS {row['faiss']['factory']}",
-                row,
-                "decode_into",
-                None,
-                1.0,
-            )
+        for op in ("encode", "decode"):
+            if f"{op}_into" in row and not spec.endswith(",fp8"):
+                add(
+                    f"{spec} {op} into a buffer >= 1.0x FAISS {row['faiss']['factory']}",
+                    row,
+                    f"{op}_into",
+                    None,
+                    1.0,
+                )
         if spec in ("fp8", "fp4"):
             for op in ("encode", "decode"):
                 add(f"{spec} {op} >= FAISS SQ8 encode", row, op, sq8, 1.0)
@@ -741,8 +758,9 @@ def markdown(record: dict[str, Any]) -> str:
             f"FAISS SQ8 encode: {shape['faiss_sq8_encode_mb_per_s']} MB/s "
             f"({shape['faiss_sq8_encode_mb_per_cpu_s']} MB per CPU-second). "
             + _floor_sentence(shape)
-            + "'Decode into a buffer' reuses one output buffer on both sides (embcomp "
-            "`decode(codes, out=buf)`, FAISS `sa_decode(codes, x)`).",
+            + "'Encode/decode into a buffer' reuses one output buffer on both sides "
+            "(embcomp `encode(X, out=codes)` and `decode(codes, out=buf)`, FAISS "
+            "`sa_encode(x, codes)` and `sa_decode(codes, x)`).",
             "",
         ]
         lines += [

@@ -31,16 +31,18 @@ def test_speed_benchmark_writes_a_complete_record(tmp_path, capsys):
         "int8 encode >= 1.0x FAISS SQ8",
         "fp8 encode >= FAISS SQ8 encode",
         "pca8,fp8 encode >= 1.5x FAISS PCA8,SQ8",
+        "int8 encode into a buffer >= 1.0x FAISS SQ8",
         "int8 decode into a buffer >= 1.0x FAISS SQ8",
     }
     assert all(t["rounds"]["of"] == 2 for t in shape["targets"])  # each round's own ratio
     assert " met |" in out.with_suffix(".md").read_text()
     # 3,000 x 16 float32 is 0.192 MB: each run makes 6 calls of every method, FAISS too
     assert record["run_mb"] == 1
-    for op in ("encode", "decode", "decode_into"):
+    for op in ("encode", "decode", "encode_into", "decode_into"):
         assert rows["int8"][op]["calls_per_run"] == rows["int8"]["faiss"][op]["calls_per_run"] == 6
     assert "(6 calls per run here" in out.with_suffix(".md").read_text()
-    assert rows["int8"]["decode_into_ratio"] > 0 and "decode_into" in rows["int8"]["faiss"]
+    for op in ("encode_into", "decode_into"):
+        assert rows["int8"][f"{op}_ratio"] > 0 and op in rows["int8"]["faiss"]
     assert "| int8 |" in out.with_suffix(".md").read_text()
     # the floor under fresh-output decode: page faults alone, timed in the same rounds
     assert len(shape["fresh_output_floor"]["wall_s"]) == 2
