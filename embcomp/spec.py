@@ -63,7 +63,10 @@ STAGES: dict[str, StageInfo] = {
     "int4": StageInfo("quantizer", "none", 4, "4-bit uniform levels, per-dim range, 2 per byte"),
     "bin": StageInfo("quantizer", "none", 1, "1 bit per dim: sign about a fitted center"),
     "alloc": StageInfo(
-        "quantizer", "required", None, "exactly {n} bytes: bits where the variance is + k-means"
+        "quantizer",
+        "required",
+        None,
+        "exactly {n} bytes: bits where queries weigh the data + k-means",
     ),
 }
 

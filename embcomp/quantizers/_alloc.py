@@ -3,7 +3,8 @@
 After a rotation that decorrelates the input (``pca``), component variances differ by
 orders of magnitude, and a fixed bit width per dimension wastes most of its bits on
 components that carry almost nothing. This quantizer spends exactly ``8 * budget``
-bits per vector where the variance is (reverse water-filling):
+bits per vector where the variance is, weighted by what queries see of it (reverse
+water-filling):
 
 1. Rates. Each component gets a target rate ``r_i = clip(0.5 log2(v_i / theta), 0, 8)``
    bits, with the water level ``theta`` set so the rates sum to the budget. ``v_i`` is
