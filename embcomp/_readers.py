@@ -264,6 +264,11 @@ class Source:
         their position in the whole input (see NpySource for codes)."""
         return rows + self.offset
 
+    def position_gap(self) -> str | None:
+        """Why row ``p`` of these codes is not row ``p`` of the input they encode (rows
+        skipped as bad by ``embcomp compress``), or None when it is, or nobody can tell."""
+        return None
+
     def split(self, target_rows: int) -> list[tuple[int, int]]:
         """Row ranges of about ``target_rows`` covering the file (units of parallel work)."""
         step = max(1, target_rows)
@@ -490,6 +495,11 @@ class NpySource(Source):
             return None
         # kept row p is input row p + (number of skipped rows s_i with s_i - i <= p)
         return first_id, np.asarray(skipped, dtype=np.int64) - np.arange(len(skipped))
+
+    def position_gap(self):
+        if self._origin is None or not len(self._origin[1]):
+            return None
+        return _skipped_words(self.meta["result"]["skipped_rows"], self.path.name)
 
     def row_ids(self, rows):
         """Codes ``embcomp compress`` wrote to .npy get the ids of the input rows they
@@ -767,6 +777,33 @@ class ParquetSource(Source):
                 raise InputError(f"{path}: no id column {id_column!r}; columns are {schema.names}")
             self.id_field = schema.field(id_column)
 
+    def position_gap(self):
+        """Codes of an input without ids carry its row numbers in ``id``: a gap between
+        the first and last (from the footer's statistics, else the column) is rows
+        skipped as bad."""
+        if self.kind != "codes" or self.id_field is None or self.n_rows == 0:
+            return None
+        if self.id_field.name != "id" or (self.meta or {}).get("id_column", "") is not None:
+            return None
+        import pyarrow.parquet as pq
+
+        index = pq.read_schema(self.path).get_field_index("id")
+        meta = pq.read_metadata(self.path)
+        stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+        if all(s is not None and s.has_min_max for s in stats):
+            first = min(int(s.min) for s in stats)
+            last = max(int(s.max) for s in stats)
+        else:
+            ids = pq.read_table(self.path, columns=["id"]).column(0).to_numpy()
+            first, last = int(ids.min()), int(ids.max())
+        missing = last - first + 1 - self.n_rows
+        if missing <= 0:
+            return None
+        return (
+            f"its ids (the input's row numbers) run from {first} to {last} but leave out "
+            f"{missing:,} (rows skipped as bad when it was compressed)"
+        )
+
     def _usual_list_length(self) -> int | None:
         """The most common length among the first block's non-null rows (None if none)."""
         pa = require_pyarrow()
@@ -927,6 +964,12 @@ class ParquetSource(Source):
             array.offset * width : (array.offset + n) * width
         ]
         return data.reshape(n, width), reasons
+
+
+def _skipped_words(rows: list[int], name: str) -> str:
+    shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    which = f"row {shown} was" if len(rows) == 1 else f"{len(rows):,} rows ({shown}) were"
+    return f"input {which} skipped as bad when it was compressed (see {name}.skipped.tsv)"
 
 
 def _null_mask(array: Any) -> np.ndarray:

@@ -885,6 +885,40 @@ def test_npy_codes_decompress_to_the_ids_of_the_input_rows_they_encode(tmp_path,
     assert decompress(codec, codes / "s0.npy", tmp_path / "s0.npy").vectors == 8
 
 
+def test_codes_that_skipped_rows_are_not_decompressed_to_npy(tmp_path, X, codec):
+    """Before, they were: row p of the .npy was then not input row p (after skipped rows
+    every later row moved up), and nothing said so. Parquet keeps the input row numbers."""
+    bad = X[:40].copy()
+    bad[[3, 17], 0] = np.nan
+    np.save(tmp_path / "in.npy", bad)
+    write_parquet(tmp_path / "in.parquet", bad, row_group_size=16)
+    for codes, words in (
+        ("c.npy", r"input 2 rows \(3, 17\) were skipped as bad .*see c.npy.skipped.tsv"),
+        ("c.parquet", r"its ids \(the input's row numbers\) run from 0 to 39 but leave out 2"),
+    ):
+        source = tmp_path / ("in" + codes[1:])
+        assert compress(codec, source, tmp_path / codes, on_bad_row="skip").bad_rows == 2
+        with pytest.raises(InputError, match=rf"{codes}: {words}.*use --format parquet"):
+            decompress(codec, tmp_path / codes, tmp_path / "back.npy")
+        assert not (tmp_path / "back.npy").exists()
+        decompress(codec, tmp_path / codes, tmp_path / "back.parquet", overwrite=True)
+        back = pq.read_table(tmp_path / "back.parquet")
+        assert back.column("id").to_pylist() == [i for i in range(40) if i not in (3, 17)]
+    np.save(tmp_path / "one.npy", bad[17:])  # one bad row, at the start
+    compress(codec, tmp_path / "one.npy", tmp_path / "one_codes.npy", on_bad_row="skip")
+    with pytest.raises(InputError, match=r"input row 0 was skipped as bad"):
+        decompress(codec, tmp_path / "one_codes.npy", tmp_path / "back.npy")
+    # rows skipped in one shard refuse the whole job before anything is written
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.save(shards / "a.npy", X[:10])
+    np.save(shards / "b.npy", bad)
+    compress(codec, shards, tmp_path / "codes", on_bad_row="skip")
+    with pytest.raises(InputError, match=r"b.npy: input 2 rows"):
+        decompress(codec, tmp_path / "codes", tmp_path / "vectors", output_format="npy")
+    assert not (tmp_path / "vectors").exists()
+
+
 def test_codes_with_an_id_column_are_not_decompressed_to_npy(tmp_path, X, codec):
     """Before, decompressing Parquet codes with their own ids to .npy dropped the ids
     silently (compress refuses the same case); embcomp's row numbers may go."""

@@ -287,6 +287,12 @@ def plan_job(
                 f"{source.path}: .npy outputs cannot carry the id column "
                 f"{source.id_field.name!r}; use --format parquet"
             )
+        gap = source.position_gap() if fmt == "npy" else None
+        if gap is not None:
+            raise InputError(
+                f"{source.path}: {gap}, so row p of a .npy output would not be input row p; "
+                "use --format parquet, which keeps each row's input row number as its id"
+            )
         if fmt == "parquet" and source.id_field is None and source.unknown_ids is not None:
             raise InputError(
                 f"{source.path}: {source.unknown_ids}, so the ids of its rows are unknown; "
@@ -616,9 +622,10 @@ def decompress(
     carried to Parquet outputs: the id column of Parquet codes; for ``.npy`` codes of
     ``compress``, the numbers of the input rows they encode (from their record, which
     lists the rows skipped as bad). Codes with ids other than row numbers are refused
-    for ``.npy`` outputs, which cannot hold them. A codes file whose record names
-    another codec is refused with ``ArtifactError``. Other parameters as in
-    :func:`compress`.
+    for ``.npy`` outputs, which cannot hold them, and so are codes whose input had rows
+    skipped as bad (row ``p`` of the ``.npy`` would not be input row ``p``). A codes
+    file whose record names another codec is refused with ``ArtifactError``. Other
+    parameters as in :func:`compress`.
     """
     return _run(
         "decompress", codec, input, output, column=column, id_column=id_column,
