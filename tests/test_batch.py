@@ -904,6 +904,12 @@ def test_codes_that_skipped_rows_are_not_decompressed_to_npy(tmp_path, X, codec)
         decompress(codec, tmp_path / codes, tmp_path / "back.parquet", overwrite=True)
         back = pq.read_table(tmp_path / "back.parquet")
         assert back.column("id").to_pylist() == [i for i in range(40) if i not in (3, 17)]
+    # a footer without statistics: the ids themselves are read
+    table = pq.read_table(tmp_path / "c.parquet")
+    pq.write_table(table, tmp_path / "nostats.parquet", write_statistics=False)
+    assert pq.read_metadata(tmp_path / "nostats.parquet").row_group(0).column(0).statistics is None
+    with pytest.raises(InputError, match=r"nostats.parquet: its ids .* leave out 2"):
+        decompress(codec, tmp_path / "nostats.parquet", tmp_path / "back.npy")
     np.save(tmp_path / "one.npy", bad[17:])  # one bad row, at the start
     compress(codec, tmp_path / "one.npy", tmp_path / "one_codes.npy", on_bad_row="skip")
     with pytest.raises(InputError, match=r"input row 0 was skipped as bad"):
