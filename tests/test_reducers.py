@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from embcomp import InputError, NotFittedError, PCAReducer, RandomRotation
+from embcomp import InputError, NotFittedError, PCAReducer, RandomRotation, make_codec
 from embcomp.reducers._base import streamed_mean_cov
 
 
@@ -32,6 +32,41 @@ def test_pca_whitening_gives_unit_variance(rng_data):
     np.testing.assert_allclose(
         pca.inverse_transform(z), plain.inverse_transform(plain.transform(rng_data)), atol=1e-4
     )
+
+
+@pytest.mark.parametrize("spec", ["pca48,int8", "pca48,fp8", "pca,int4", "pca48,bf16"])
+def test_pca_components_the_training_vectors_do_not_span_are_zero(spec):
+    # 40 training vectors span 39 dims (after centring), fewer than the 48 kept. The
+    # other axes are arbitrary, and projections on them are float32 rounding noise: a
+    # quantizer fitted per dimension spread it over all its codes, so codes changed with
+    # how rows were batched (int8: by up to 193 levels). They are zero rows now.
+    rng = np.random.default_rng(11)
+    d = 64
+    train = (rng.standard_normal((40, d)) * 0.05 + 0.3).astype(np.float32)
+    codec = make_codec(spec).fit(train)
+    pca = codec.reducer
+    spanned = 39
+    assert (pca.explained_variance_[:spanned] > 1e-6).all()
+    assert (pca.explained_variance_[spanned:] == 0).all()
+    assert not pca.components_[spanned : pca.n_components_].any()
+    assert np.abs(pca.components_[:spanned]).max(axis=1).min() > 0.1
+    # New vectors project to exactly 0 there, and their codes do not depend on batching.
+    X = (rng.standard_normal((300, d)) * 0.05 + 0.3).astype(np.float32)
+    assert not pca.transform(X)[:, spanned:].any()
+    codes = codec.encode(X)
+    for cut in (1, 77, 150):
+        np.testing.assert_array_equal(
+            np.concatenate([codec.encode(X[:cut]), codec.encode(X[cut:])]), codes
+        )
+    # The spanned axes hold all of the training vectors: nothing was lost.
+    np.testing.assert_allclose(pca.inverse_transform(pca.transform(train)), train, atol=1e-6)
+
+
+def test_pca_of_identical_vectors_keeps_no_axis(rng_data):
+    X = np.repeat(rng_data[:1], 20, axis=0)
+    pca = PCAReducer(4).fit(X)
+    assert not pca.components_.any() and not pca.explained_variance_.any()
+    np.testing.assert_array_equal(pca.inverse_transform(pca.transform(X)), X)
 
 
 def test_streamed_covariance_is_exact_with_a_large_mean():

@@ -8,6 +8,10 @@ from .._stage import expect_array
 from ..exceptions import ArtifactError, DimensionMismatchError, InputError, SpecError
 from ._base import LinearReducer, flip_signs, streamed_mean_cov
 
+# A component whose variance is at most this fraction of the total (its deviation 2**-20
+# of the vectors' own) is one the training vectors do not span (see PCAReducer._fit).
+_NULL_VARIANCE = 2.0**-40
+
 
 class PCAReducer(LinearReducer):
     """Principal component analysis.
@@ -23,7 +27,8 @@ class PCAReducer(LinearReducer):
     Attributes
     ----------
     components_ : ndarray (n_components, d_in) float32
-        Principal axes, by decreasing variance, signs fixed deterministically.
+        Principal axes, by decreasing variance, signs fixed deterministically; zero
+        rows for components the training vectors do not span (variance 0).
     explained_variance_ : ndarray (n_components,) float64 (variances of float32 values
         can exceed float32's range)
     mean_ : ndarray (d_in,) float32
@@ -70,6 +75,17 @@ class PCAReducer(LinearReducer):
         order = np.argsort(eigvals)[::-1][:k]
         components = flip_signs(eigvecs[:, order].T)
         variance = np.maximum(eigvals[order], 0.0)
+        # Directions the training vectors do not span (fewer vectors than components,
+        # or vectors confined to a subspace: 50,000 MiniLM vectors span 381 of 384
+        # dims) have eigenvalues at float64 round-off, ~1e-17 of the total variance
+        # (real ones: 1e-5 and up). eigh returns arbitrary axes there, and a vector's
+        # projection on one is float32 rounding noise that a quantizer fitted per
+        # dimension would spread over all its codes: codes that change with how rows
+        # are batched (up to 193 of int8's 255 levels) and carry nothing. Those rows are
+        # zeroed, so the dimension projects to exactly 0 and gets a constant code.
+        null = variance <= np.trace(cov) * _NULL_VARIANCE
+        components[null] = 0.0
+        variance[null] = 0.0
         self.mean_ = mean.astype(np.float32)
         self.explained_variance_ = variance
         if self.whiten:
