@@ -68,6 +68,7 @@ RATIOS = (4, 8, 16, 32)
 # RaBitQ's query quantization: 8 bits measured within 0.001 recall@10 of float queries
 # (qb=0) on wordnet at 1 bit, and qb=0 searches ~100x slower in FAISS 1.15.
 _RABITQ_QUERY_BITS = 8
+QUICK_D = 64  # the --quick run's width
 
 
 # -- data ------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def synthetic_data(
 
 
 def make_quick() -> Data:
-    data = make_powerlaw(d=64, n_base=3000, n_queries=100)
+    data = make_powerlaw(d=QUICK_D, n_base=3000, n_queries=100)
     data.name = "synthetic-powerlaw-64 (quick)"
     data.train = data.base[:2000]
     data.note = data.note.replace("base[:20000]", "base[:2000]")
@@ -304,6 +305,13 @@ def headline_methods(d: int, quick: bool) -> list[str]:
     if quick:
         faiss = ["SQ4", f"PQ{d // 8}", "RaBitQ", f"OPQ{d // 8},PQ{d // 8}"]
     return [f"embcomp:{s}" for s in embcomp_specs] + [f"faiss:{s}" for s in faiss]
+
+
+def unknown_skips(skip: list[str], widths: list[int], quick: bool) -> list[str]:
+    """The names of ``skip`` (``--skip``) that are no headline method at any of ``widths``:
+    a typo would otherwise be a no-op, noticed an hour later."""
+    known = {name for d in widths for name in headline_methods(d, quick)}
+    return sorted(set(skip) - known)
 
 
 def truncated(runner: Runner, data: Data, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -644,6 +652,11 @@ def markdown(report: dict[str, Any]) -> str:
             if report["environment"].get("speed_remeasured")
             else ""
         )
+        + (
+            f"Left out of this run (`--skip`): {', '.join(report['environment']['skipped'])}. "
+            if report["environment"].get("skipped")
+            else ""
+        )
         + "recall@10 against exact float32 top-10 (ties count); nDCG@10 on the qrels "
         "(wordnet only). Timings come from a shared 2-core machine: compare ratios.",
         "",
@@ -824,6 +837,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cache": bool(args.cache),
+            "skipped": list(args.skip),
             **blas_environment(),
         },
         "datasets": [],
@@ -831,7 +845,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for data in datasets:
         log(f"{data.name}: {data.note}")
         d = data.d
-        rows = [runner.measure(data, name) for name in headline_methods(d, args.quick)]
+        names = [name for name in headline_methods(d, args.quick) if name not in args.skip]
+        rows = [runner.measure(data, name) for name in names]
         rows += truncated(runner, data, rows)
         entry: dict[str, Any] = {
             "name": data.name,
@@ -888,6 +903,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-wordnet", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--silent", action="store_true")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="leave out a method, e.g. 'faiss:OPQ384,PQ384' (repeatable; said in the report)",
+    )
     parser.add_argument("--replot", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument(
         "--speed-only",
@@ -897,6 +919,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick and args.out is None:  # never over the committed full-run results
         parser.error("--quick writes a smoke report: give it an --out directory")
+    widths = (
+        [QUICK_D]
+        if args.quick
+        else [384] * (not args.skip_wordnet) + [768] * (not args.skip_synthetic)
+    )
+    unknown = unknown_skips(args.skip, widths, args.quick)
+    if unknown:
+        choices = sorted({name for d in widths for name in headline_methods(d, args.quick)})
+        parser.error(
+            f"--skip {', '.join(unknown)}: not a method of this run; choose from "
+            + ", ".join(choices)
+        )
     out = Path(args.out or REPO / "bench" / "results")
     if args.replot:
         report = json.loads((out / "frontier.json").read_text(encoding="utf-8"))

@@ -596,6 +596,29 @@ def test_frontier_measures_embcomp_at_rabitqs_real_code_sizes():
     assert {"embcomp:pca,alloc56", "embcomp:pca,alloc116", "embcomp:pca,alloc212"} <= set(names)
 
 
+def test_frontier_skip_leaves_a_method_out_and_a_typo_stops_before_any_work(capsys):
+    # --skip is for a FAISS fit too slow for the machine (OPQ384,PQ384 on 768-d input:
+    # over an hour on 2 cores); a name that is no method of the run would be a no-op
+    # noticed an hour later, so it stops the run at once.
+    from bench import frontier
+
+    assert frontier.unknown_skips(["faiss:OPQ384,PQ384"], [384, 768], quick=False) == []
+    assert frontier.unknown_skips(["faiss:OPQ384,PQ384"], [384], quick=False) == [
+        "faiss:OPQ384,PQ384"
+    ]
+    with pytest.raises(SystemExit):
+        frontier.main(["--skip-wordnet", "--skip", "faiss:OPQ348,PQ348", "--out", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert "--skip faiss:OPQ348,PQ348: not a method of this run" in err
+    assert "faiss:OPQ384,PQ384" in err  # the choices are listed
+    report = {
+        "environment": {"date": "2026-12-05", "machine": "m", "skipped": ["faiss:OPQ384,PQ384"]},
+        "datasets": [],
+        "mpad": "",
+    }
+    assert "Left out of this run (`--skip`): faiss:OPQ384,PQ384." in frontier.markdown(report)
+
+
 def test_frontier_gives_faiss_opq_at_every_ratio_from_8x():
     # The 8x row's best FAISS codec was PQ192 while OPQ192,PQ192 (0.9424 recall@10 on
     # wordnet, fit 15 min) was never measured: it is FAISS's best at that size.
