@@ -307,11 +307,15 @@ def headline_methods(d: int, quick: bool) -> list[str]:
     return [f"embcomp:{s}" for s in embcomp_specs] + [f"faiss:{s}" for s in faiss]
 
 
+def methods_of_run(widths: list[int], quick: bool) -> list[str]:
+    """Every headline method of a run over datasets of ``widths`` dims, sorted."""
+    return sorted({name for d in widths for name in headline_methods(d, quick)})
+
+
 def unknown_skips(skip: list[str], widths: list[int], quick: bool) -> list[str]:
     """The names of ``skip`` (``--skip``) that are no headline method at any of ``widths``:
     a typo would otherwise be a no-op, noticed an hour later."""
-    known = {name for d in widths for name in headline_methods(d, quick)}
-    return sorted(set(skip) - known)
+    return sorted(set(skip) - set(methods_of_run(widths, quick)))
 
 
 def truncated(runner: Runner, data: Data, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -926,10 +930,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     unknown = unknown_skips(args.skip, widths, args.quick)
     if unknown:
-        choices = sorted({name for d in widths for name in headline_methods(d, args.quick)})
         parser.error(
             f"--skip {', '.join(unknown)}: not a method of this run; choose from "
-            + ", ".join(choices)
+            + ", ".join(methods_of_run(widths, args.quick))
         )
     out = Path(args.out or REPO / "bench" / "results")
     if args.replot:
